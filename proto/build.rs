@@ -1,0 +1,25 @@
+//! Compiles `protos/grpc_service.proto` without a system `protoc`: protox parses it into a
+//! descriptor set in pure Rust, prost (and, with the `tonic` feature, tonic) generate the code.
+
+use std::{env, error::Error, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let proto = "protos/grpc_service.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["protos"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+
+    #[cfg(feature = "tonic")]
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .out_dir(&out_dir)
+        .compile_fds(descriptors)?;
+
+    #[cfg(not(feature = "tonic"))]
+    prost_build::Config::new()
+        .out_dir(&out_dir)
+        .compile_fds(descriptors)?;
+
+    Ok(())
+}
