@@ -103,7 +103,10 @@ def he_normal(rng, shape, fan_in):
 
 def weight_and_bias(layer, name):
     """The ONNX initializers `<name>.weight` and `<name>.bias` of a Conv3x3 or Dense layer."""
-    return [numpy_helper.from_array(layer.weight, f"{name}.weight"), numpy_helper.from_array(layer.bias, f"{name}.bias")]
+    return [
+        numpy_helper.from_array(layer.weight, f"{name}.weight"),
+        numpy_helper.from_array(layer.bias, f"{name}.bias"),
+    ]
 
 
 class Conv3x3:

@@ -1,1 +1,28 @@
+//! meshserve's model runtime: a model repository in Triton's layout, ONNX Runtime sessions
+//! through `ort` (the library loaded at run time), and inference over the wire-independent
+//! request and response types of [`meshserve_proto`].
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use meshserve_predictor::{Repository, Runtime, RuntimeOptions};
+//! let runtime = Arc::new(Runtime::init(RuntimeOptions::default())?);
+//! let repository = Repository::open("models/repository", runtime)?;
+//! for error in repository.load_all() {
+//!     eprintln!("{error}");
+//! }
+//! let model = repository.get("mnist_cnn", "")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+mod classification;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod repository;
+pub mod runtime;
+
+pub use config::{ModelConfig, VersionPolicy};
+pub use error::PredictorError;
+pub use model::{ModelVersion, PLATFORM};
+pub use repository::{IndexEntry, ModelState, Repository};
+pub use runtime::{Device, Runtime, RuntimeError, RuntimeOptions};

@@ -1,0 +1,269 @@
+//! The predictor over the real ONNX Runtime library and the repository's generated models,
+//! checked against reference outputs computed by Python onnxruntime.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use meshserve_predictor::{PredictorError, Repository, Runtime, RuntimeOptions};
+use meshserve_proto::{
+    DataType, InferRequest, InputTensor, Parameters, RequestedOutput, TensorData,
+};
+use serde_json::{Value, json};
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn repository() -> &'static Repository {
+    static REPO: OnceLock<Repository> = OnceLock::new();
+    REPO.get_or_init(|| {
+        let runtime = Arc::new(
+            Runtime::init(RuntimeOptions::default()).expect("ONNX Runtime (run scripts/setup.sh)"),
+        );
+        let repo = Repository::open(models_dir().join("repository"), runtime).unwrap();
+        assert!(repo.load_all().is_empty());
+        repo
+    })
+}
+
+fn tensor(v: &Value) -> (String, Vec<i64>, TensorData) {
+    let datatype = DataType::parse(v["datatype"].as_str().unwrap()).unwrap();
+    let shape: Vec<i64> = serde_json::from_value(v["shape"].clone()).unwrap();
+    let data = TensorData::from_json(datatype, &shape, &v["data"]).unwrap();
+    (v["name"].as_str().unwrap().to_owned(), shape, data)
+}
+
+fn close(actual: &TensorData, expected: &TensorData, tolerance: f64) -> bool {
+    let as_f64 = |d: &TensorData| -> Option<Vec<f64>> {
+        match d {
+            TensorData::Fp16(v) => Some(v.iter().map(|x| x.to_f64()).collect()),
+            TensorData::Fp32(v) => Some(v.iter().map(|&x| f64::from(x)).collect()),
+            TensorData::Fp64(v) => Some(v.clone()),
+            _ => None,
+        }
+    };
+    match (as_f64(actual), as_f64(expected)) {
+        (Some(a), Some(e)) => {
+            a.len() == e.len()
+                && a.iter()
+                    .zip(&e)
+                    .all(|(x, y)| (x - y).abs() <= tolerance || x == y)
+        }
+        _ => actual == expected,
+    }
+}
+
+#[test]
+fn every_reference_fixture_matches() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(models_dir().join("reference")).unwrap() {
+        let fixture: Value =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        let model = repository()
+            .get(
+                fixture["model"].as_str().unwrap(),
+                fixture["version"].as_str().unwrap(),
+            )
+            .unwrap();
+        let inputs = fixture["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let (name, shape, data) = tensor(v);
+                InputTensor {
+                    name,
+                    shape,
+                    data,
+                    parameters: Parameters::new(),
+                }
+            })
+            .collect();
+        let response = model
+            .infer(InferRequest {
+                inputs,
+                ..Default::default()
+            })
+            .unwrap();
+        let tolerance = fixture["tolerance"].as_f64().unwrap();
+        for expected in fixture["outputs"].as_array().unwrap() {
+            let (name, shape, data) = tensor(expected);
+            let got = response.outputs.iter().find(|o| o.name == name).unwrap();
+            assert_eq!(got.shape, shape, "{}: {name}", fixture["model"]);
+            assert!(
+                close(&got.data, &data, tolerance),
+                "{}: {name}: {:?} vs {:?}",
+                fixture["model"],
+                got.data,
+                data
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} fixtures");
+}
+
+fn digits_request(rows: i64) -> InferRequest {
+    InferRequest {
+        inputs: vec![InputTensor {
+            name: "input".into(),
+            shape: vec![rows, 64],
+            data: TensorData::Fp32(vec![1.0; (rows * 64) as usize]),
+            parameters: Parameters::new(),
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn requested_outputs_and_parameters() {
+    let model = repository().get("sklearn_digits", "1").unwrap();
+    let mut request = digits_request(2);
+    request.id = Some("abc".into());
+    request.outputs = vec![RequestedOutput::new("label")];
+    request.parameters.insert("trace".into(), json!("x"));
+    request
+        .parameters
+        .insert("binary_data_output".into(), json!(false));
+    let response = model.infer(request).unwrap();
+    assert_eq!(response.id.as_deref(), Some("abc"));
+    assert_eq!(response.outputs.len(), 1);
+    assert_eq!(response.outputs[0].shape, vec![2]);
+    assert_eq!(
+        response.parameters,
+        json!({"trace": "x"}).as_object().unwrap().clone()
+    );
+    assert_eq!(response.model_version, "1");
+}
+
+#[test]
+fn classification_uses_the_labels() {
+    let model = repository().get("mnist_cnn", "").unwrap();
+    let mut output = RequestedOutput::new("probabilities");
+    output.parameters.insert("classification".into(), json!(2));
+    let request = InferRequest {
+        inputs: vec![InputTensor {
+            name: "input".into(),
+            shape: vec![1, 1, 28, 28],
+            data: TensorData::Fp32(vec![0.0; 784]),
+            parameters: Parameters::new(),
+        }],
+        outputs: vec![output],
+        ..Default::default()
+    };
+    let response = model.infer(request).unwrap();
+    let TensorData::Bytes(classes) = &response.outputs[0].data else {
+        panic!("not BYTES")
+    };
+    assert_eq!(response.outputs[0].shape, vec![1, 2]);
+    let first = String::from_utf8(classes[0].clone()).unwrap();
+    let label = first.rsplit(':').next().unwrap();
+    assert!(
+        [
+            "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
+        ]
+        .contains(&label),
+        "{first}"
+    );
+}
+
+#[test]
+fn bad_requests_name_the_problem() {
+    let model = repository().get("sklearn_digits", "").unwrap();
+    let cases: Vec<(InferRequest, &str)> = vec![
+        (InferRequest::default(), "missing input 'input'"),
+        (
+            {
+                let mut r = digits_request(1);
+                r.inputs.push(r.inputs[0].clone());
+                r
+            },
+            "more than once",
+        ),
+        (
+            {
+                let mut r = digits_request(1);
+                r.inputs[0].name = "x".into();
+                r
+            },
+            "unknown input 'x'",
+        ),
+        (
+            {
+                let mut r = digits_request(1);
+                r.inputs[0].data = TensorData::Fp64(vec![1.0; 64]);
+                r
+            },
+            "datatype FP64 does not match the model's FP32",
+        ),
+        (
+            {
+                let mut r = digits_request(1);
+                r.inputs[0].shape = vec![2, 32];
+                r
+            },
+            "shape [2, 32] does not match",
+        ),
+        (
+            {
+                let mut r = digits_request(1);
+                r.outputs = vec![RequestedOutput::new("nope")];
+                r
+            },
+            "unknown output 'nope'",
+        ),
+    ];
+    for (request, needle) in cases {
+        match model.infer(request) {
+            Err(PredictorError::InvalidInput(message)) => {
+                assert!(message.contains(needle), "{message}")
+            }
+            other => panic!("expected InvalidInput containing {needle:?}, got {other:?}"),
+        }
+    }
+    let batch = repository()
+        .get("mnist_cnn", "")
+        .unwrap()
+        .infer(InferRequest {
+            inputs: vec![InputTensor {
+                name: "input".into(),
+                shape: vec![257, 1, 28, 28],
+                data: TensorData::Fp32(vec![0.0; 257 * 784]),
+                parameters: Parameters::new(),
+            }],
+            ..Default::default()
+        });
+    assert!(
+        matches!(batch, Err(PredictorError::InvalidInput(m)) if m.contains("max_batch_size of 256"))
+    );
+}
+
+#[test]
+fn versions_and_unknown_models() {
+    let repo = repository();
+    assert_eq!(repo.versions("sklearn_digits").unwrap(), vec![1, 2]);
+    assert_eq!(repo.get("sklearn_digits", "").unwrap().version(), 2);
+    assert!(matches!(
+        repo.get("sklearn_digits", "7"),
+        Err(PredictorError::VersionNotFound { .. })
+    ));
+    assert!(matches!(
+        repo.get("nope", ""),
+        Err(PredictorError::ModelNotFound(_))
+    ));
+    assert!(matches!(
+        repo.get("../models", ""),
+        Err(PredictorError::ModelNotFound(_))
+    ));
+    assert!(repo.is_ready());
+}
+
+#[test]
+fn a_missing_library_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = Runtime::init(RuntimeOptions {
+        library: Some(dir.path().join("absent.so")),
+        ..Default::default()
+    });
+    assert!(missing.unwrap_err().to_string().contains("no such file"));
+}

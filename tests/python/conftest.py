@@ -1,0 +1,160 @@
+"""Starts one meshserve server for the session and hands its addresses to the client tests.
+
+The binary is target/release/meshserve (override with MESHSERVE_BIN). It listens on
+127.0.0.1 with ports chosen by the OS and announces them on stderr; its output is kept and
+attached to the report of every failing test.
+"""
+
+import http.client
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reference_data import REFERENCE_MODELS, load_reference
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 30.0
+LISTENING = re.compile(r"listening on (http|grpc)=(\S+)")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class OutputCollector:
+    """Reads a process's output on a thread, keeping every line and the addresses it announces."""
+
+    def __init__(self, stream):
+        self._lines: list[str] = []
+        self._addresses: dict[str, str] = {}
+        self._closed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self._changed:
+                self._lines.append(line)
+                for protocol, address in LISTENING.findall(ANSI_ESCAPE.sub("", line)):
+                    self._addresses[protocol] = address
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for_addresses(self, deadline: float) -> dict[str, str] | None:
+        """Both announced addresses, or None if the output ended or the deadline passed first."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: len(self._addresses) == 2 or self._closed,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            return dict(self._addresses) if len(self._addresses) == 2 else None
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+
+@dataclass(frozen=True)
+class Server:
+    http_address: str  # host:port, as tritonclient wants it
+    grpc_address: str
+    output: OutputCollector
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
+
+
+def _server_binary() -> Path:
+    binary = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
+    if not binary.is_file():
+        pytest.fail(f"meshserve binary not found at {binary}: run `cargo build --release` or set MESHSERVE_BIN")
+    return binary
+
+
+def _onnxruntime_library() -> Path:
+    pattern = ".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*"
+    libraries = sorted(path for path in REPO_ROOT.glob(pattern) if not path.is_symlink())
+    if not libraries:
+        pytest.fail(f"no ONNX Runtime library matches {REPO_ROOT / pattern}; set ORT_DYLIB_PATH")
+    return libraries[-1]
+
+
+def _is_ready(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=1)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _fail_startup(reason: str, output: OutputCollector):
+    pytest.fail(f"meshserve {reason}; its output:\n{output.text()}", pytrace=False)
+
+
+def _wait_until_ready(process: subprocess.Popen, output: OutputCollector) -> Server:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    addresses = output.wait_for_addresses(deadline)
+    if addresses is None:
+        _fail_startup(f"did not announce its http and grpc addresses within {STARTUP_TIMEOUT_S:.0f} s", output)
+    while not _is_ready(addresses["http"]):
+        if process.poll() is not None:
+            _fail_startup(f"exited with status {process.returncode}", output)
+        if time.monotonic() > deadline:
+            _fail_startup(f"was not ready within {STARTUP_TIMEOUT_S:.0f} s", output)
+        time.sleep(0.05)
+    return Server(http_address=addresses["http"], grpc_address=addresses["grpc"], output=output)
+
+
+@pytest.fixture(scope="session")
+def server():
+    env = dict(os.environ, NO_COLOR="1")
+    env.setdefault("ORT_DYLIB_PATH", str(_onnxruntime_library()))
+    command = [
+        _server_binary(),
+        "serve",
+        "--model-repository",
+        REPO_ROOT / "models" / "repository",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    try:
+        yield _wait_until_ready(process, OutputCollector(process.stdout))
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item):
+    report = yield
+    server = getattr(item, "funcargs", {}).get("server")
+    if report.failed and server is not None:
+        report.sections.append(("meshserve output", server.output.text()))
+    return report
+
+
+@pytest.fixture(params=REFERENCE_MODELS, ids=[f"{model}_v{version}" for model, version in REFERENCE_MODELS])
+def reference(request):
+    return load_reference(*request.param)
