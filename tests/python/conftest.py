@@ -105,7 +105,11 @@ def _wait_until_ready(process: subprocess.Popen, output: OutputCollector) -> Ser
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     addresses = output.wait_for_addresses(deadline)
     if addresses is None:
-        _fail_startup(f"did not announce its http and grpc addresses within {STARTUP_TIMEOUT_S:.0f} s", output)
+        try:
+            status = process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            _fail_startup(f"did not announce its http and grpc addresses within {STARTUP_TIMEOUT_S:.0f} s", output)
+        _fail_startup(f"exited with status {status} before announcing its addresses", output)
     while not _is_ready(addresses["http"]):
         if process.poll() is not None:
             _fail_startup(f"exited with status {process.returncode}", output)

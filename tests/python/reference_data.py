@@ -2,8 +2,8 @@
 
 A fixture holds one request and the outputs Python onnxruntime computed for it:
 {"model", "version", "inputs": [{"name", "datatype", "shape", "data"}], "outputs": [...],
-"tolerance", optional "expected_labels"}, with "data" flattened in row-major order and
-BYTES elements as UTF-8 strings.
+"tolerance" (absolute), optional "expected_labels"}, with "data" flattened in row-major order
+and BYTES elements as UTF-8 strings.
 """
 
 import json
@@ -83,7 +83,7 @@ def _tensor(document: dict) -> Tensor:
 
 
 def assert_tensor_close(actual: np.ndarray | None, expected: np.ndarray, tolerance: float = 0.0):
-    """Floats within `tolerance` (absolute and relative), everything else exactly equal.
+    """Floats within the absolute `tolerance` (0: exact), everything else exactly equal.
 
     BYTES elements compare as bytes: clients give back `str` for JSON data and `bytes` for
     binary data.
@@ -95,7 +95,7 @@ def assert_tensor_close(actual: np.ndarray | None, expected: np.ndarray, toleran
         return
     assert actual.dtype == expected.dtype
     if np.issubdtype(expected.dtype, np.floating):
-        np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance)
     else:
         np.testing.assert_array_equal(actual, expected)
 

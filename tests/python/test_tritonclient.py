@@ -11,10 +11,8 @@ from tritonclient.utils import InferenceServerException
 
 from reference_data import NUMPY_DTYPES, REFERENCE_MODELS, Tensor, assert_tensor_close, load_reference
 
-IDENTITY_TYPES = (
-    "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-    "fp16", "fp32", "fp64", "bool", "bytes",
-)  # fmt: skip
+# identity_all maps input in_<type> to output out_<type>, both [-1, -1], for each of these.
+IDENTITY_TYPES = "uint8 uint16 uint32 uint64 int8 int16 int32 int64 fp16 fp32 fp64 bool bytes".split()
 
 # Model metadata as OIP reports it: {"inputs"|"outputs": {tensor name: (datatype, shape)}}.
 SIGNATURES = {
@@ -66,9 +64,8 @@ def triton(request, http_client, grpc_client):
 
 def infer_inputs(module: ModuleType, tensors: list[Tensor], **data_options):
     return [
-        module.InferInput(tensor.name, list(tensor.array.shape), tensor.datatype).set_data_from_numpy(
-            tensor.array, **data_options
-        )
+        module.InferInput(tensor.name, list(tensor.array.shape), tensor.datatype)
+        .set_data_from_numpy(tensor.array, **data_options)
         for tensor in tensors
     ]
 
@@ -83,7 +80,9 @@ def identity_array(kind: str) -> np.ndarray:
     if kind == "bool":
         return np.array([[True, False, True], [False, False, True]])
     if kind == "bytes":
-        return np.array([[b"", b"ascii", "h\u00e9llo".encode()], [b"\x00\xff raw", b"x" * 300, b"\n"]], dtype=np.object_)
+        # ONNX string tensors hold UTF-8 text without NUL characters.
+        texts = [["", "ascii", "h\u00e9llo"], ["\u65e5\u672c \U0001f642", "x" * 300, "line\nbreak"]]
+        return np.array([[text.encode() for text in row] for row in texts], dtype=np.object_)
     dtype = NUMPY_DTYPES[kind.upper()]
     if np.issubdtype(dtype, np.integer):
         limits = np.iinfo(dtype)

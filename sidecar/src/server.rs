@@ -1,0 +1,153 @@
+//! Binds the REST and gRPC listeners, serves until told to stop, then drains: the server
+//! reports not ready, stops accepting, lets in-flight requests finish (up to a deadline), exits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use meshserve_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::grpc::GrpcService;
+use crate::rest;
+use crate::service::Service;
+
+/// Where to listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    /// How long in-flight requests get to finish after a stop signal.
+    pub drain_timeout: Duration,
+}
+
+/// A running server: its bound addresses, and a handle to stop it.
+#[derive(Debug)]
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds both listeners (port 0 picks a free port) and starts serving.
+    pub async fn start(service: Arc<Service>, config: ListenConfig) -> std::io::Result<Server> {
+        let http = TcpListener::bind(config.http).await?;
+        let grpc = TcpListener::bind(config.grpc).await?;
+        let http_addr = http.local_addr()?;
+        let grpc_addr = grpc.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+
+        let http_task = tokio::spawn(serve_http(http, Arc::clone(&service), stopped.clone(), config.drain_timeout));
+        let grpc_task = tokio::spawn(serve_grpc(grpc, Arc::clone(&service), stopped.clone()));
+        let done = tokio::spawn(async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+            service.start_draining();
+            if tokio::time::timeout(config.drain_timeout, service.drained()).await.is_err() {
+                tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with requests still in flight");
+            }
+            let _ = tokio::join!(http_task, grpc_task);
+        });
+        Ok(Server { http_addr, grpc_addr, stop, done })
+    }
+
+    /// Stops accepting, drains, and returns when both servers are down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Serves until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        tracing::info!("stop requested: draining in-flight requests");
+        self.shutdown().await;
+        tracing::info!("stopped");
+    }
+}
+
+async fn serve_http(listener: TcpListener, service: Arc<Service>, mut stopped: watch::Receiver<bool>, drain: Duration) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = Arc::clone(&service);
+                let connection = builder.serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |request| rest::handle(Arc::clone(&service), request)),
+                );
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                });
+            }
+            _ = stopped.wait_for(|s| *s) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP connections still open at the drain deadline; closing them");
+    }
+}
+
+async fn serve_grpc(listener: TcpListener, service: Arc<Service>, mut stopped: watch::Receiver<bool>) {
+    let limit = service.limits().max_request_bytes;
+    let grpc = GrpcInferenceServiceServer::new(GrpcService::new(service))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,130 @@
+//! What both front ends share: the repository, the limits, admission control, and running a
+//! request on the blocking pool so ONNX Runtime never stalls the async workers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use meshserve_predictor::{ModelVersion, Repository};
+use meshserve_proto::{InferRequest, InferResponse};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
+
+/// Named limits, each with a default and a `meshserve serve` flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest request body (REST) or message (gRPC) accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Inference requests running or waiting at once; beyond it, 429 / RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_request_bytes: 64 * 1024 * 1024, max_in_flight: 256 }
+    }
+}
+
+/// The server's name and version, as `GET /v2` and ServerMetadata report them.
+pub const SERVER_NAME: &str = "meshserve";
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Protocol extensions served.
+pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "classification", "model_repository"];
+
+#[derive(Debug)]
+pub struct Service {
+    repository: Arc<Repository>,
+    limits: Limits,
+    in_flight: Arc<Semaphore>,
+    draining: AtomicBool,
+}
+
+impl Service {
+    pub fn new(repository: Arc<Repository>, limits: Limits) -> Service {
+        Service { repository, limits, in_flight: Arc::new(Semaphore::new(limits.max_in_flight)), draining: AtomicBool::new(false) }
+    }
+
+    pub fn repository(&self) -> &Arc<Repository> {
+        &self.repository
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn is_live(&self) -> bool {
+        true
+    }
+
+    /// Ready: every model loaded and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.repository.is_ready()
+    }
+
+    /// From now on the server reports not ready, so load balancers stop sending.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until every admitted inference request has finished.
+    pub async fn drained(&self) {
+        let all = u32::try_from(self.limits.max_in_flight).unwrap_or(u32::MAX);
+        // Acquiring every permit means nothing is in flight; the semaphore is never closed.
+        if let Ok(permits) = self.in_flight.acquire_many(all).await {
+            drop(permits);
+        }
+    }
+
+    /// Admits one inference request, or refuses at once when the limit is reached.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| {
+            ApiError::Overloaded(format!(
+                "server overloaded: {} inference requests already in flight; retry later",
+                self.limits.max_in_flight
+            ))
+        })
+    }
+
+    /// The model version a request names (`version` `""`: the latest).
+    pub fn model(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ApiError> {
+        Ok(self.repository.get(name, version)?)
+    }
+
+    /// Runs an admitted request on a model version.
+    pub async fn infer(
+        &self,
+        permit: OwnedSemaphorePermit,
+        model: Arc<ModelVersion>,
+        request: InferRequest,
+    ) -> Result<InferResponse, ApiError> {
+        let name = model.name().to_owned();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            span.in_scope(|| model.infer(request))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))?
+        .map_err(|e| {
+            let error = ApiError::from(e);
+            if matches!(error, ApiError::Internal(_)) {
+                tracing::error!(model = %name, error = %error, "inference failed");
+            }
+            error
+        })
+    }
+
+    /// Loads or reloads a model on the blocking pool.
+    pub async fn load(&self, name: &str) -> Result<(), ApiError> {
+        let repository = Arc::clone(&self.repository);
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || repository.load(&name))
+            .await
+            .map_err(|e| ApiError::Internal(format!("load task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+
+    pub fn unload(&self, name: &str) -> Result<(), ApiError> {
+        self.repository.unload(name).map_err(ApiError::from)
+    }
+}
