@@ -249,7 +249,7 @@ impl ModelVersion {
             .data
             .check_shape(&input.shape)
             .map_err(|e| fail(e.to_string()))?;
-        input.data.check_utf8().map_err(|e| fail(e.to_string()))
+        input.data.check_text().map_err(|e| fail(e.to_string()))
     }
 }
 

@@ -75,6 +75,8 @@ pub enum TensorError {
     },
     #[error("BYTES element {index} is not valid UTF-8")]
     InvalidUtf8 { index: usize },
+    #[error("BYTES element {index} contains a NUL byte, which ONNX string tensors cannot hold")]
+    NulInString { index: usize },
 }
 
 /// The number of elements a shape holds, refusing negative dimensions and overflow.
@@ -369,14 +371,19 @@ impl TensorData {
         Some(c)
     }
 
-    /// Checks that BYTES elements are UTF-8 (ONNX string tensors hold text).
-    pub fn check_utf8(&self) -> Result<(), TensorError> {
-        if let TensorData::Bytes(elements) = self
-            && let Some(index) = elements
-                .iter()
-                .position(|e| std::str::from_utf8(e).is_err())
-        {
-            return Err(TensorError::InvalidUtf8 { index });
+    /// Checks that BYTES elements are text that an ONNX string tensor can hold: UTF-8
+    /// without NUL bytes (ONNX Runtime stores C strings).
+    pub fn check_text(&self) -> Result<(), TensorError> {
+        let TensorData::Bytes(elements) = self else {
+            return Ok(());
+        };
+        for (index, element) in elements.iter().enumerate() {
+            if std::str::from_utf8(element).is_err() {
+                return Err(TensorError::InvalidUtf8 { index });
+            }
+            if element.contains(&0) {
+                return Err(TensorError::NulInString { index });
+            }
         }
         Ok(())
     }
@@ -690,15 +697,11 @@ mod tests {
     }
 
     #[test]
-    fn utf8_is_checked_for_bytes() {
-        assert_eq!(
-            TensorData::Bytes(vec![b"ok".to_vec(), vec![0xff]]).check_utf8(),
-            Err(TensorError::InvalidUtf8 { index: 1 })
-        );
-        assert!(
-            TensorData::Bytes(vec!["é".as_bytes().to_vec()])
-                .check_utf8()
-                .is_ok()
-        );
+    fn text_is_checked_for_bytes() {
+        let bad = TensorData::Bytes(vec![b"ok".to_vec(), vec![0xff]]);
+        assert_eq!(bad.check_text(), Err(TensorError::InvalidUtf8 { index: 1 }));
+        let nul = TensorData::Bytes(vec![b"a\0b".to_vec()]);
+        assert_eq!(nul.check_text(), Err(TensorError::NulInString { index: 0 }));
+        assert!(TensorData::Bytes(vec!["é".as_bytes().to_vec()]).check_text().is_ok());
     }
 }

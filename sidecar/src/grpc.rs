@@ -65,11 +65,9 @@ impl GrpcInferenceService for GrpcService {
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let ready = self
-            .service
-            .repository()
-            .is_model_ready(&request.name, &request.version)
-            .map_err(|e| failed(e.into()))?;
+        // An unknown model is simply not ready: clients ask this to poll, and tritonclient
+        // raises on an error status instead of returning false.
+        let ready = self.service.repository().is_model_ready(&request.name, &request.version).unwrap_or(false);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 

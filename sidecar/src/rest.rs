@@ -2,6 +2,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
+//! | GET | `/` | `{"status": "alive"}` (KServe V1 liveness) |
 //! | GET | `/v2/health/live`, `/v2/health/ready` | `{"live": true}`, `{"ready": true}` (503 when not ready) |
 //! | GET | `/v2` | server metadata |
 //! | GET | `/v2/models/<m>[/versions/<v>]` | model metadata |
@@ -34,6 +35,8 @@ use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
 /// An endpoint, parsed from the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
+    /// `GET /`: KServe's V1 liveness (`{"status": "alive"}`).
+    Root,
     Live,
     Ready,
     ServerMetadata,
@@ -50,6 +53,9 @@ enum Route {
 
 impl Route {
     fn parse(path: &str) -> Option<Route> {
+        if path == "/" {
+            return Some(Route::Root);
+        }
         let segments: Vec<String> = path
             .strip_prefix('/')?
             .split('/')
@@ -154,6 +160,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
     }
     let repository = service.repository();
     match route {
+        Route::Root => Ok(json_response(StatusCode::OK, to_json(&json!({"status": "alive"})))),
         Route::Live => Ok(json_response(StatusCode::OK, to_json(&json!({"live": service.is_live()})))),
         Route::Ready => {
             let ready = service.is_ready();
@@ -394,7 +401,8 @@ mod tests {
             ("/v2/models/a/other", None),
             ("/v2/models/a%zz", None),
             ("/v2/models/a%ff", None),
-            ("/", None),
+            ("/", Some(Route::Root)),
+            ("//", None),
             ("", None),
         ];
         for (path, expected) in cases {
