@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every test: set up, then the Rust unit and end-to-end tests, the wasm32-wasip1 build of
+# meshserve-proto, formatting and lints, and the third-party client tests (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+ORT_DYLIB_PATH=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)
+export ORT_DYLIB_PATH
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if cargo fmt --version >/dev/null 2>&1; then
+    say "cargo fmt --check"
+    cargo fmt --all -- --check
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+    say "cargo clippy"
+    cargo clippy --release --locked --workspace --all-targets --quiet -- -D warnings
+fi
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+    say "meshserve-proto builds for wasm32-wasip1"
+    cargo build --release --locked -p meshserve-proto --target wasm32-wasip1 --quiet
+fi
+
+say "cargo test"
+cargo test --release --locked --workspace
+
+# kserve and tritonclient register the same protobuf names (kserve/kserve#3099), so their
+# tests run in separate interpreters. pytest exit 5 means "no tests collected": a failure here.
+for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.py; do
+    say "pytest $suite"
+    .venv/bin/python -m pytest -q "$suite"
+done
