@@ -702,6 +702,10 @@ mod tests {
         assert_eq!(bad.check_text(), Err(TensorError::InvalidUtf8 { index: 1 }));
         let nul = TensorData::Bytes(vec![b"a\0b".to_vec()]);
         assert_eq!(nul.check_text(), Err(TensorError::NulInString { index: 0 }));
-        assert!(TensorData::Bytes(vec!["é".as_bytes().to_vec()]).check_text().is_ok());
+        assert!(
+            TensorData::Bytes(vec!["é".as_bytes().to_vec()])
+                .check_text()
+                .is_ok()
+        );
     }
 }

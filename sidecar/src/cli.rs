@@ -91,11 +91,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     tracing::info!(library = %runtime.library().display(), device = %runtime.device(), "ONNX Runtime loaded");
     let repository = Arc::new(Repository::open(&args.model_repository, Arc::new(runtime))?);
     let loader = Arc::clone(&repository);
-    let failures = tokio::task::spawn_blocking(move || loader.load_all()).await.unwrap_or_default();
+    let failures = tokio::task::spawn_blocking(move || loader.load_all())
+        .await
+        .unwrap_or_default();
     if !failures.is_empty() {
-        tracing::warn!(failed = failures.len(), "some models failed to load; the server is not ready until they load");
+        tracing::warn!(
+            failed = failures.len(),
+            "some models failed to load; the server is not ready until they load"
+        );
     }
-    let limits = Limits { max_request_bytes: args.max_request_bytes, max_in_flight: args.max_in_flight };
+    let limits = Limits {
+        max_request_bytes: args.max_request_bytes,
+        max_in_flight: args.max_in_flight,
+    };
     let service = Arc::new(Service::new(repository, limits));
     let server = Server::start(
         service,

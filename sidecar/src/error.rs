@@ -50,10 +50,14 @@ impl ApiError {
     pub fn to_status(&self) -> tonic::Status {
         let message = self.to_string();
         match self {
-            ApiError::BadRequest(_) | ApiError::UnsupportedMediaType(_) => tonic::Status::invalid_argument(message),
+            ApiError::BadRequest(_) | ApiError::UnsupportedMediaType(_) => {
+                tonic::Status::invalid_argument(message)
+            }
             ApiError::NotFound(_) => tonic::Status::not_found(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
-            ApiError::TooLarge(_) | ApiError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            ApiError::TooLarge(_) | ApiError::Overloaded(_) => {
+                tonic::Status::resource_exhausted(message)
+            }
             ApiError::MethodNotAllowed(_) => tonic::Status::unimplemented(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
         }
@@ -64,8 +68,12 @@ impl From<PredictorError> for ApiError {
     fn from(e: PredictorError) -> Self {
         let message = e.to_string();
         match e {
-            PredictorError::InvalidInput(_) | PredictorError::Load { .. } => ApiError::BadRequest(message),
-            PredictorError::ModelNotFound(_) | PredictorError::VersionNotFound { .. } => ApiError::NotFound(message),
+            PredictorError::InvalidInput(_) | PredictorError::Load { .. } => {
+                ApiError::BadRequest(message)
+            }
+            PredictorError::ModelNotFound(_) | PredictorError::VersionNotFound { .. } => {
+                ApiError::NotFound(message)
+            }
             PredictorError::ModelNotReady { .. } => ApiError::Unavailable(message),
             PredictorError::Runtime(_) => ApiError::Internal(message),
         }
@@ -85,19 +93,54 @@ mod tests {
     #[test]
     fn each_kind_maps_to_one_status_and_one_code() {
         let cases = [
-            (PredictorError::InvalidInput("x".into()), 400, tonic::Code::InvalidArgument),
-            (PredictorError::ModelNotFound("m".into()), 404, tonic::Code::NotFound),
-            (PredictorError::VersionNotFound { model: "m".into(), version: "9".into() }, 404, tonic::Code::NotFound),
-            (PredictorError::ModelNotReady { model: "m".into(), reason: "r".into() }, 503, tonic::Code::Unavailable),
-            (PredictorError::Runtime("boom".into()), 500, tonic::Code::Internal),
+            (
+                PredictorError::InvalidInput("x".into()),
+                400,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                PredictorError::ModelNotFound("m".into()),
+                404,
+                tonic::Code::NotFound,
+            ),
+            (
+                PredictorError::VersionNotFound {
+                    model: "m".into(),
+                    version: "9".into(),
+                },
+                404,
+                tonic::Code::NotFound,
+            ),
+            (
+                PredictorError::ModelNotReady {
+                    model: "m".into(),
+                    reason: "r".into(),
+                },
+                503,
+                tonic::Code::Unavailable,
+            ),
+            (
+                PredictorError::Runtime("boom".into()),
+                500,
+                tonic::Code::Internal,
+            ),
         ];
         for (error, status, code) in cases {
             let api = ApiError::from(error);
             assert_eq!(api.status().as_u16(), status, "{api:?}");
             assert_eq!(api.to_status().code(), code, "{api:?}");
         }
-        assert_eq!(ApiError::Overloaded("busy".into()).status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(ApiError::Overloaded("busy".into()).to_status().code(), tonic::Code::ResourceExhausted);
-        assert_eq!(ApiError::TooLarge("big".into()).status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            ApiError::Overloaded("busy".into()).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            ApiError::Overloaded("busy".into()).to_status().code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            ApiError::TooLarge("big".into()).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 }

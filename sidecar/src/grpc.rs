@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
+use meshserve_proto::TensorSpec;
 use meshserve_proto::grpc::{request_from_grpc, response_to_grpc};
 use meshserve_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use meshserve_proto::inference::model_metadata_response::TensorMetadata;
 use meshserve_proto::inference::repository_index_response::ModelIndex;
 use meshserve_proto::inference::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
-    ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
-    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
+    RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use meshserve_proto::TensorSpec;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
@@ -32,7 +33,11 @@ impl GrpcService {
 fn metadata(specs: &[TensorSpec]) -> Vec<TensorMetadata> {
     specs
         .iter()
-        .map(|s| TensorMetadata { name: s.name.clone(), datatype: s.datatype.as_str().to_owned(), shape: s.shape.clone() })
+        .map(|s| TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype.as_str().to_owned(),
+            shape: s.shape.clone(),
+        })
         .collect()
 }
 
@@ -55,19 +60,36 @@ fn failed(error: ApiError) -> Status {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcService {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: self.service.is_live() }))
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse {
+            live: self.service.is_live(),
+        }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.service.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.service.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
         // An unknown model is simply not ready: clients ask this to poll, and tritonclient
         // raises on an error status instead of returning false.
-        let ready = self.service.repository().is_model_ready(&request.name, &request.version).unwrap_or(false);
+        let ready = self
+            .service
+            .repository()
+            .is_model_ready(&request.name, &request.version)
+            .unwrap_or(false);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -88,8 +110,12 @@ impl GrpcInferenceService for GrpcService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
         let repository = self.service.repository();
-        let model = repository.get(&request.name, &request.version).map_err(|e| failed(e.into()))?;
-        let versions = repository.versions(&request.name).map_err(|e| failed(e.into()))?;
+        let model = repository
+            .get(&request.name, &request.version)
+            .map_err(|e| failed(e.into()))?;
+        let versions = repository
+            .versions(&request.name)
+            .map_err(|e| failed(e.into()))?;
         Ok(Response::new(ModelMetadataResponse {
             name: request.name,
             versions: versions.iter().map(u64::to_string).collect(),
@@ -99,11 +125,19 @@ impl GrpcInferenceService for GrpcService {
         }))
     }
 
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         let permit = self.service.admit().map_err(failed)?;
-        let (model, version, request) = request_from_grpc(request.into_inner()).map_err(|e| failed(e.into()))?;
+        let (model, version, request) =
+            request_from_grpc(request.into_inner()).map_err(|e| failed(e.into()))?;
         let found = self.service.model(&model, &version).map_err(failed)?;
-        let response = self.service.infer(permit, found, request).await.map_err(failed)?;
+        let response = self
+            .service
+            .infer(permit, found, request)
+            .await
+            .map_err(failed)?;
         Ok(Response::new(response_to_grpc(response)))
     }
 
@@ -116,7 +150,12 @@ impl GrpcInferenceService for GrpcService {
             .repository()
             .index(request.into_inner().ready)
             .into_iter()
-            .map(|e| ModelIndex { name: e.name, version: e.version, state: e.state, reason: e.reason })
+            .map(|e| ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state,
+                reason: e.reason,
+            })
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
@@ -126,7 +165,11 @@ impl GrpcInferenceService for GrpcService {
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         let request = request.into_inner();
-        if let Some(key) = request.parameters.keys().find(|k| *k == "config" || k.starts_with("file:")) {
+        if let Some(key) = request
+            .parameters
+            .keys()
+            .find(|k| *k == "config" || k.starts_with("file:"))
+        {
             return Err(Status::invalid_argument(format!(
                 "load parameter '{key}' is not supported: edit the model repository instead"
             )));

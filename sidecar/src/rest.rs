@@ -23,8 +23,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use meshserve_proto::rest::{
-    INFERENCE_HEADER_CONTENT_LENGTH, ModelMetadata, RepositoryIndexEntry, ServerMetadata, encode_infer_response,
-    error_body, parse_infer_request, to_json, wants_binary,
+    INFERENCE_HEADER_CONTENT_LENGTH, ModelMetadata, RepositoryIndexEntry, ServerMetadata,
+    encode_infer_response, error_body, parse_infer_request, to_json, wants_binary,
 };
 use meshserve_proto::v1;
 use serde_json::{Value, json};
@@ -40,9 +40,18 @@ enum Route {
     Live,
     Ready,
     ServerMetadata,
-    ModelMetadata { model: String, version: String },
-    ModelReady { model: String, version: String },
-    Infer { model: String, version: String },
+    ModelMetadata {
+        model: String,
+        version: String,
+    },
+    ModelReady {
+        model: String,
+        version: String,
+    },
+    Infer {
+        model: String,
+        version: String,
+    },
     RepositoryIndex,
     Load(String),
     Unload(String),
@@ -68,8 +77,12 @@ impl Route {
             ["v2", "health", "ready"] => Route::Ready,
             ["v2"] | ["v2", ""] => Route::ServerMetadata,
             ["v2", "repository", "index"] => Route::RepositoryIndex,
-            ["v2", "repository", "models", m, "load"] if !m.is_empty() => Route::Load((*m).to_owned()),
-            ["v2", "repository", "models", m, "unload"] if !m.is_empty() => Route::Unload((*m).to_owned()),
+            ["v2", "repository", "models", m, "load"] if !m.is_empty() => {
+                Route::Load((*m).to_owned())
+            }
+            ["v2", "repository", "models", m, "unload"] if !m.is_empty() => {
+                Route::Unload((*m).to_owned())
+            }
             ["v2", "models", m, rest @ ..] if !m.is_empty() => {
                 let (version, tail) = match rest {
                     ["versions", v, tail @ ..] if !v.is_empty() => (*v, tail),
@@ -96,9 +109,11 @@ impl Route {
 
     fn method(&self) -> Method {
         match self {
-            Route::Infer { .. } | Route::RepositoryIndex | Route::Load(_) | Route::Unload(_) | Route::V1Predict(_) => {
-                Method::POST
-            }
+            Route::Infer { .. }
+            | Route::RepositoryIndex
+            | Route::Load(_)
+            | Route::Unload(_)
+            | Route::V1Predict(_) => Method::POST,
             _ => Method::GET,
         }
     }
@@ -128,7 +143,10 @@ fn percent_decode(segment: &str) -> Option<String> {
 type HttpResponse = Response<Full<Bytes>>;
 
 /// Answers one request; never fails: errors become `{"error"}` responses.
-pub async fn handle(service: Arc<Service>, request: Request<Incoming>) -> Result<HttpResponse, std::convert::Infallible> {
+pub async fn handle(
+    service: Arc<Service>,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, std::convert::Infallible> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = match dispatch(&service, request).await {
@@ -146,8 +164,13 @@ pub async fn handle(service: Arc<Service>, request: Request<Incoming>) -> Result
 }
 
 async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpResponse, ApiError> {
-    let route = Route::parse(request.uri().path())
-        .ok_or_else(|| ApiError::NotFound(format!("no endpoint at {} {}", request.method(), request.uri().path())))?;
+    let route = Route::parse(request.uri().path()).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no endpoint at {} {}",
+            request.method(),
+            request.uri().path()
+        ))
+    })?;
     let allowed = route.method();
     let method = request.method();
     let head_of_get = method == Method::HEAD && allowed == Method::GET;
@@ -160,11 +183,20 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
     }
     let repository = service.repository();
     match route {
-        Route::Root => Ok(json_response(StatusCode::OK, to_json(&json!({"status": "alive"})))),
-        Route::Live => Ok(json_response(StatusCode::OK, to_json(&json!({"live": service.is_live()})))),
+        Route::Root => Ok(json_response(
+            StatusCode::OK,
+            to_json(&json!({"status": "alive"})),
+        )),
+        Route::Live => Ok(json_response(
+            StatusCode::OK,
+            to_json(&json!({"live": service.is_live()})),
+        )),
         Route::Ready => {
             let ready = service.is_ready();
-            Ok(json_response(ready_status(ready), to_json(&json!({"ready": ready}))))
+            Ok(json_response(
+                ready_status(ready),
+                to_json(&json!({"ready": ready})),
+            ))
         }
         Route::ServerMetadata => Ok(json_response(
             StatusCode::OK,
@@ -176,7 +208,11 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
         )),
         Route::ModelMetadata { model, version } => {
             let found = repository.get(&model, &version)?;
-            let versions = repository.versions(&model)?.iter().map(u64::to_string).collect();
+            let versions = repository
+                .versions(&model)?
+                .iter()
+                .map(u64::to_string)
+                .collect();
             Ok(json_response(
                 StatusCode::OK,
                 to_json(&ModelMetadata {
@@ -190,7 +226,10 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
         }
         Route::ModelReady { model, version } => {
             let ready = repository.is_model_ready(&model, &version)?;
-            Ok(json_response(ready_status(ready), to_json(&json!({"name": model, "ready": ready}))))
+            Ok(json_response(
+                ready_status(ready),
+                to_json(&json!({"name": model, "ready": ready})),
+            ))
         }
         Route::Infer { model, version } => {
             let found = service.model(&model, &version)?;
@@ -203,13 +242,18 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let parameters = request.parameters.clone();
             let requested = request.outputs.clone();
             let response = service.infer(permit, found, request).await?;
-            let encoded = encode_infer_response(&response, |name| wants_binary(&parameters, &requested, name));
+            let encoded = encode_infer_response(&response, |name| {
+                wants_binary(&parameters, &requested, name)
+            });
             Ok(match encoded.header_length {
                 None => json_response(StatusCode::OK, encoded.body),
                 Some(n) => {
                     let mut response = Response::new(Full::new(Bytes::from(encoded.body)));
                     let headers = response.headers_mut();
-                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                    headers.insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
                     headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
                     response
                 }
@@ -217,11 +261,19 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
         }
         Route::RepositoryIndex => {
             let (_, body) = read_body(request, service.limits().max_request_bytes).await?;
-            let ready_only = optional_json(&body)?.get("ready").and_then(Value::as_bool).unwrap_or(false);
+            let ready_only = optional_json(&body)?
+                .get("ready")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let index: Vec<RepositoryIndexEntry> = repository
                 .index(ready_only)
                 .into_iter()
-                .map(|e| RepositoryIndexEntry { name: e.name, version: e.version, state: e.state, reason: e.reason })
+                .map(|e| RepositoryIndexEntry {
+                    name: e.name,
+                    version: e.version,
+                    state: e.state,
+                    reason: e.reason,
+                })
                 .collect();
             Ok(json_response(StatusCode::OK, to_json(&index)))
         }
@@ -236,21 +288,26 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(json_response(StatusCode::OK, b"{}".to_vec()))
         }
         Route::V1Models => {
-            let models: Vec<String> = repository
-                .index(true)
-                .into_iter()
-                .map(|e| e.name)
-                .fold(Vec::new(), |mut names, name| {
+            let models: Vec<String> = repository.index(true).into_iter().map(|e| e.name).fold(
+                Vec::new(),
+                |mut names, name| {
                     if names.last() != Some(&name) {
                         names.push(name);
                     }
                     names
-                });
-            Ok(json_response(StatusCode::OK, to_json(&json!({"models": models}))))
+                },
+            );
+            Ok(json_response(
+                StatusCode::OK,
+                to_json(&json!({"models": models})),
+            ))
         }
         Route::V1Model(model) => {
             let ready = repository.is_model_ready(&model, "")?;
-            Ok(json_response(ready_status(ready), to_json(&json!({"name": model, "ready": ready}))))
+            Ok(json_response(
+                ready_status(ready),
+                to_json(&json!({"name": model, "ready": ready})),
+            ))
         }
         Route::V1Predict(model) => {
             let found = service.model(&model, "")?;
@@ -268,13 +325,19 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
 }
 
 fn ready_status(ready: bool) -> StatusCode {
-    if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -284,9 +347,14 @@ fn error_response(error: &ApiError) -> HttpResponse {
 
 /// Reads the body up to `limit` bytes; a longer one is refused with 413 before it is read
 /// whole when `Content-Length` says so, else as soon as the limit is crossed.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<(HeaderMap, Bytes), ApiError> {
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<(HeaderMap, Bytes), ApiError> {
     let too_large = |size: String| {
-        ApiError::TooLarge(format!("request body of {size} bytes is over the limit of {limit} bytes (--max-request-bytes)"))
+        ApiError::TooLarge(format!(
+            "request body of {size} bytes is over the limit of {limit} bytes (--max-request-bytes)"
+        ))
     };
     let (parts, body) = request.into_parts();
     if let Some(length) = parts
@@ -322,7 +390,14 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(CONTENT_TYPE) else {
         return Ok(());
     };
-    let media_type = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media_type = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match media_type.as_str() {
         "application/json"
         | "application/octet-stream"
@@ -339,9 +414,14 @@ fn inference_header_length(headers: &HeaderMap) -> Result<Option<usize>, ApiErro
     headers
         .get(INFERENCE_HEADER_CONTENT_LENGTH)
         .map(|v| {
-            v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-                ApiError::BadRequest("Inference-Header-Content-Length must be a non-negative integer".to_owned())
-            })
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Inference-Header-Content-Length must be a non-negative integer".to_owned(),
+                    )
+                })
         })
         .transpose()
 }
@@ -353,7 +433,9 @@ fn optional_json(body: &[u8]) -> Result<Value, ApiError> {
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(value @ Value::Object(_)) => Ok(value),
-        Ok(_) => Err(ApiError::BadRequest("the request body must be a JSON object".to_owned())),
+        Ok(_) => Err(ApiError::BadRequest(
+            "the request body must be a JSON object".to_owned(),
+        )),
         Err(e) => Err(ApiError::BadRequest(format!("malformed JSON: {e}"))),
     }
 }
@@ -364,7 +446,10 @@ fn reject_load_parameters(body: &Value) -> Result<(), ApiError> {
     let Some(parameters) = body.get("parameters").and_then(Value::as_object) else {
         return Ok(());
     };
-    match parameters.keys().find(|k| *k == "config" || k.starts_with("file:")) {
+    match parameters
+        .keys()
+        .find(|k| *k == "config" || k.starts_with("file:"))
+    {
         Some(key) => Err(ApiError::BadRequest(format!(
             "load parameter '{key}' is not supported: edit the model repository instead"
         ))),
@@ -383,14 +468,50 @@ mod tests {
             ("/v2/health/live", Some(Route::Live)),
             ("/v2/health/ready", Some(Route::Ready)),
             ("/v2", Some(Route::ServerMetadata)),
-            ("/v2/models/a", Some(Route::ModelMetadata { model: m("a", "").0, version: String::new() })),
-            ("/v2/models/a/versions/3", Some(Route::ModelMetadata { model: "a".into(), version: "3".into() })),
-            ("/v2/models/a/versions/3/ready", Some(Route::ModelReady { model: "a".into(), version: "3".into() })),
-            ("/v2/models/a/infer", Some(Route::Infer { model: "a".into(), version: String::new() })),
-            ("/v2/models/a%2Fb/infer", Some(Route::Infer { model: "a/b".into(), version: String::new() })),
+            (
+                "/v2/models/a",
+                Some(Route::ModelMetadata {
+                    model: m("a", "").0,
+                    version: String::new(),
+                }),
+            ),
+            (
+                "/v2/models/a/versions/3",
+                Some(Route::ModelMetadata {
+                    model: "a".into(),
+                    version: "3".into(),
+                }),
+            ),
+            (
+                "/v2/models/a/versions/3/ready",
+                Some(Route::ModelReady {
+                    model: "a".into(),
+                    version: "3".into(),
+                }),
+            ),
+            (
+                "/v2/models/a/infer",
+                Some(Route::Infer {
+                    model: "a".into(),
+                    version: String::new(),
+                }),
+            ),
+            (
+                "/v2/models/a%2Fb/infer",
+                Some(Route::Infer {
+                    model: "a/b".into(),
+                    version: String::new(),
+                }),
+            ),
             ("/v2/repository/index", Some(Route::RepositoryIndex)),
-            ("/v2/repository/models/a/load", Some(Route::Load("a".into()))),
-            ("/v2/repository/models/a/unload", Some(Route::Unload("a".into()))),
+            (
+                "/v2/repository/models/a/load",
+                Some(Route::Load("a".into())),
+            ),
+            (
+                "/v2/repository/models/a/unload",
+                Some(Route::Unload("a".into())),
+            ),
             ("/v1/models", Some(Route::V1Models)),
             ("/v1/models/a", Some(Route::V1Model("a".into()))),
             ("/v1/models/a:predict", Some(Route::V1Predict("a".into()))),
@@ -420,8 +541,14 @@ mod tests {
         assert!(check_content_type(&HeaderMap::new()).is_ok());
         assert!(check_content_type(&with(CONTENT_TYPE, "application/json; charset=utf-8")).is_ok());
         assert!(check_content_type(&with(CONTENT_TYPE, "application/octet-stream")).is_ok());
-        assert!(matches!(check_content_type(&with(CONTENT_TYPE, "text/plain")), Err(ApiError::UnsupportedMediaType(_))));
-        assert!(matches!(check_content_type(&with(CONTENT_ENCODING, "gzip")), Err(ApiError::UnsupportedMediaType(_))));
+        assert!(matches!(
+            check_content_type(&with(CONTENT_TYPE, "text/plain")),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
+        assert!(matches!(
+            check_content_type(&with(CONTENT_ENCODING, "gzip")),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
     }
 
     #[test]
@@ -429,6 +556,8 @@ mod tests {
         assert!(reject_load_parameters(&json!({})).is_ok());
         assert!(reject_load_parameters(&json!({"parameters": {"x": 1}})).is_ok());
         assert!(reject_load_parameters(&json!({"parameters": {"config": "{}"}})).is_err());
-        assert!(reject_load_parameters(&json!({"parameters": {"file:1/model.onnx": "..."}})).is_err());
+        assert!(
+            reject_load_parameters(&json!({"parameters": {"file:1/model.onnx": "..."}})).is_err()
+        );
     }
 }

@@ -45,18 +45,31 @@ impl Server {
         let grpc_addr = grpc.local_addr()?;
         let (stop, stopped) = watch::channel(false);
 
-        let http_task = tokio::spawn(serve_http(http, Arc::clone(&service), stopped.clone(), config.drain_timeout));
+        let http_task = tokio::spawn(serve_http(
+            http,
+            Arc::clone(&service),
+            stopped.clone(),
+            config.drain_timeout,
+        ));
         let grpc_task = tokio::spawn(serve_grpc(grpc, Arc::clone(&service), stopped.clone()));
         let done = tokio::spawn(async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
             service.start_draining();
-            if tokio::time::timeout(config.drain_timeout, service.drained()).await.is_err() {
+            if tokio::time::timeout(config.drain_timeout, service.drained())
+                .await
+                .is_err()
+            {
                 tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with requests still in flight");
             }
             let _ = tokio::join!(http_task, grpc_task);
         });
-        Ok(Server { http_addr, grpc_addr, stop, done })
+        Ok(Server {
+            http_addr,
+            grpc_addr,
+            stop,
+            done,
+        })
     }
 
     /// Stops accepting, drains, and returns when both servers are down.
@@ -74,7 +87,12 @@ impl Server {
     }
 }
 
-async fn serve_http(listener: TcpListener, service: Arc<Service>, mut stopped: watch::Receiver<bool>, drain: Duration) {
+async fn serve_http(
+    listener: TcpListener,
+    service: Arc<Service>,
+    mut stopped: watch::Receiver<bool>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
@@ -104,12 +122,19 @@ async fn serve_http(listener: TcpListener, service: Arc<Service>, mut stopped: w
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("HTTP connections still open at the drain deadline; closing them");
     }
 }
 
-async fn serve_grpc(listener: TcpListener, service: Arc<Service>, mut stopped: watch::Receiver<bool>) {
+async fn serve_grpc(
+    listener: TcpListener,
+    service: Arc<Service>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let limit = service.limits().max_request_bytes;
     let grpc = GrpcInferenceServiceServer::new(GrpcService::new(service))
         .max_decoding_message_size(limit)

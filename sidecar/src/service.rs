@@ -21,7 +21,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 64 * 1024 * 1024, max_in_flight: 256 }
+        Limits {
+            max_request_bytes: 64 * 1024 * 1024,
+            max_in_flight: 256,
+        }
     }
 }
 
@@ -41,7 +44,12 @@ pub struct Service {
 
 impl Service {
     pub fn new(repository: Arc<Repository>, limits: Limits) -> Service {
-        Service { repository, limits, in_flight: Arc::new(Semaphore::new(limits.max_in_flight)), draining: AtomicBool::new(false) }
+        Service {
+            repository,
+            limits,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            draining: AtomicBool::new(false),
+        }
     }
 
     pub fn repository(&self) -> &Arc<Repository> {
@@ -77,12 +85,14 @@ impl Service {
 
     /// Admits one inference request, or refuses at once when the limit is reached.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| {
-            ApiError::Overloaded(format!(
-                "server overloaded: {} inference requests already in flight; retry later",
-                self.limits.max_in_flight
-            ))
-        })
+        Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Overloaded(format!(
+                    "server overloaded: {} inference requests already in flight; retry later",
+                    self.limits.max_in_flight
+                ))
+            })
     }
 
     /// The model version a request names (`version` `""`: the latest).

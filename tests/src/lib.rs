@@ -1,1 +1,241 @@
+//! Test harness: runs the real `meshserve` binary on 127.0.0.1 with OS-chosen ports, reads the
+//! bound addresses from its log, keeps its log to print when a test fails, and kills it on drop.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `meshserve` binary: `$MESHSERVE_BIN`, else the workspace's release or debug build.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHSERVE_BIN") {
+        return PathBuf::from(path);
+    }
+    let release = root().join("target/release/meshserve");
+    if release.exists() {
+        release
+    } else {
+        root().join("target/debug/meshserve")
+    }
+}
+
+pub fn model_repository() -> PathBuf {
+    root().join("models/repository")
+}
+
+/// A running `meshserve serve`.
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl Sidecar {
+    /// Starts `meshserve serve` on the demo repository with these extra flags.
+    pub fn start(extra: &[&str]) -> Sidecar {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--model-repository".into(),
+            model_repository().display().to_string(),
+            "--http-port".into(),
+            "0".into(),
+            "--grpc-port".into(),
+            "0".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let (mut child, log) = spawn(&args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+            if let (Some(http), Some(grpc)) = (address(&text, "http"), address(&text, "grpc")) {
+                let sidecar = Sidecar {
+                    child,
+                    log,
+                    http,
+                    grpc,
+                };
+                sidecar.wait_ready();
+                return sidecar;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("meshserve exited ({status}) before listening:\n{text}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("meshserve did not report its addresses within 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Polls `/v2/health/ready` with plain HTTP until 200 (30 s deadline).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_status(self.http, "GET /v2/health/ready") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("meshserve never became ready:\n{}", self.log());
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit (deadline), returning its status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- meshserve log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Runs `meshserve ARGS` to completion (with a deadline) and returns its exit status and log.
+pub fn run_to_exit(args: &[&str], within: Duration) -> (Option<ExitStatus>, String) {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let (mut child, log) = spawn(&args);
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+    (status, text)
+}
+
+fn spawn(args: &[String]) -> (Child, Arc<Mutex<String>>) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (run scripts/setup.sh)",
+                binary().display()
+            )
+        });
+    let log = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut log) = sink.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+    }
+    (child, log)
+}
+
+/// The address in a `listening on <kind>=ADDR` log line.
+fn address(log: &str, kind: &str) -> Option<SocketAddr> {
+    let marker = format!("listening on {kind}=");
+    let start = log.find(&marker)? + marker.len();
+    log[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// The status code of a bodiless request line such as `GET /x`, over a fresh connection.
+pub fn http_status(addr: SocketAddr, request_line: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{request_line} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A reference fixture from `models/reference`.
+pub fn fixtures() -> Vec<serde_json::Value> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(root().join("models/reference"))
+        .expect("models/reference")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).expect("fixture")).expect("fixture JSON"))
+        .collect()
+}
+
+/// Compares flat JSON data of a datatype: numbers within `tolerance`, FP16 and FP32 compared
+/// as the f32 they mean (JSON carries their shortest decimal form), the rest exactly.
+pub fn assert_data_close(
+    datatype: &str,
+    actual: &serde_json::Value,
+    expected: &serde_json::Value,
+    tolerance: f64,
+    what: &str,
+) {
+    let (Some(a), Some(e)) = (actual.as_array(), expected.as_array()) else {
+        panic!("{what}: not arrays: {actual} vs {expected}");
+    };
+    assert_eq!(a.len(), e.len(), "{what}: lengths differ");
+    let single = matches!(datatype, "FP16" | "FP32");
+    for (i, (x, y)) in a.iter().zip(e).enumerate() {
+        match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) if single && (x as f32) == (y as f32) => {}
+            (Some(x), Some(y)) if x.fract() != 0.0 || y.fract() != 0.0 || tolerance > 0.0 => {
+                assert!(
+                    (x - y).abs() <= tolerance || x == y,
+                    "{what}[{i}]: {x} vs {y} (tolerance {tolerance})"
+                )
+            }
+            _ => assert_eq!(x, y, "{what}[{i}]"),
+        }
+    }
+}

@@ -1,0 +1,106 @@
+"""The KServe Python server, for the benchmark: a kserve.Model per ONNX file, run by onnxruntime.
+
+    python bench/kserve_onnx_server.py --bench-http-port P [--bench-grpc-port G] \
+        --bench-model NAME=PATH [--bench-model NAME=PATH ...]
+
+Serves the Open Inference Protocol (V2) REST on 127.0.0.1:P and, with --bench-grpc-port, the
+V2 gRPC service on 127.0.0.1:G (else gRPC is off). One process, one uvicorn worker: KServe's
+defaults, except that the per-request latency log line is off (it writes a log line per request
+otherwise) and the listeners are bound to loopback (KServe 0.21 hard-codes 0.0.0.0 / [::]).
+
+kserve parses sys.argv at import time (parse_known_args), so this script's own flags are
+prefixed with --bench- to stay out of its way.
+"""
+
+import argparse
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+
+ours = argparse.ArgumentParser()
+ours.add_argument("--bench-http-port", type=int, required=True)
+ours.add_argument("--bench-grpc-port", type=int, default=0, help="0: gRPC off")
+ours.add_argument("--bench-model", action="append", required=True, metavar="NAME=PATH")
+options, rest = ours.parse_known_args()
+sys.argv = [sys.argv[0], *rest]  # what kserve's own parser sees
+
+import kserve  # noqa: E402
+import kserve.model_server  # noqa: E402
+import kserve.protocol.grpc.server as kserve_grpc_server  # noqa: E402
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer  # noqa: E402
+from kserve.protocol.rest.server import RESTServer  # noqa: E402
+from kserve.utils.utils import generate_uuid  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+class LoopbackRESTServer(RESTServer):
+    """KServe's REST server (uvicorn + FastAPI), listening on loopback only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config.host = LOOPBACK
+
+
+kserve.model_server.RESTServer = LoopbackRESTServer
+
+
+def _loopback_grpc_server(*args, **kwargs):
+    server = _grpc_aio.server(*args, **kwargs)
+    add_port = server.add_insecure_port
+    server.add_insecure_port = lambda address: add_port(address.replace("[::]", LOOPBACK, 1))
+    return server
+
+
+_grpc_aio = kserve_grpc_server.aio
+kserve_grpc_server.aio = types.SimpleNamespace(server=_loopback_grpc_server)
+
+
+class OnnxModel(Model):
+    """One ONNX file, one onnxruntime session with default options (as meshserve uses)."""
+
+    def __init__(self, name: str, path: str):
+        super().__init__(name)
+        self.path = path
+        self.session = None
+        self.load()
+
+    def load(self) -> bool:
+        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.ready = True
+        return self.ready
+
+    def predict(self, payload: InferRequest, headers=None) -> InferResponse:
+        x = payload.inputs[0].as_numpy()
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        results = self.session.run(self.output_names, {self.input_name: x})
+        outputs = []
+        for name, y in zip(self.output_names, results):
+            output = InferOutput(name=name, shape=list(y.shape), datatype="FP32")
+            output.set_data_from_numpy(y, binary_data=payload.use_binary_outputs)
+            outputs.append(output)
+        return InferResponse(
+            response_id=payload.id or generate_uuid(),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=payload.use_binary_outputs,
+        )
+
+
+if __name__ == "__main__":
+    models = []
+    for spec in options.bench_model:
+        name, _, path = spec.partition("=")
+        models.append(OnnxModel(name, path))
+    ModelServer(
+        http_port=options.bench_http_port,
+        grpc_port=options.bench_grpc_port or 8081,
+        enable_grpc=options.bench_grpc_port != 0,
+        workers=1,
+        enable_latency_logging=False,
+    ).start(models)
