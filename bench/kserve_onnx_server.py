@@ -5,14 +5,17 @@
 
 Serves the Open Inference Protocol (V2) REST on 127.0.0.1:P and, with --bench-grpc-port, the
 V2 gRPC service on 127.0.0.1:G (else gRPC is off). One process, one uvicorn worker: KServe's
-defaults, except that the per-request latency log line is off (it writes a log line per request
-otherwise) and the listeners are bound to loopback (KServe 0.21 hard-codes 0.0.0.0 / [::]).
+defaults, except that the per-request log lines are off (the latency line, the timing
+middleware's kserve.trace lines and uvicorn's access log: three lines per request otherwise,
+which meshserve does not write either) and the listeners are bound to loopback (KServe 0.21
+hard-codes 0.0.0.0 / [::]).
 
 kserve parses sys.argv at import time (parse_known_args), so this script's own flags are
 prefixed with --bench- to stay out of its way.
 """
 
 import argparse
+import logging
 import sys
 import types
 
@@ -97,10 +100,15 @@ if __name__ == "__main__":
     for spec in options.bench_model:
         name, _, path = spec.partition("=")
         models.append(OnnxModel(name, path))
-    ModelServer(
+    server = ModelServer(
         http_port=options.bench_http_port,
         grpc_port=options.bench_grpc_port or 8081,
         enable_grpc=options.bench_grpc_port != 0,
         workers=1,
         enable_latency_logging=False,
-    ).start(models)
+    )
+    # KServe configures logging in ModelServer(); keep its start-up lines but drop the
+    # per-request ones (uvicorn's access log and the timing middleware's kserve.trace lines).
+    for noisy in ("uvicorn.access", "kserve.trace"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    server.start(models)

@@ -142,6 +142,9 @@ async fn serve_grpc(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
         .add_service(grpc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -150,6 +153,22 @@ async fn serve_grpc(
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
+}
+
+/// tonic refuses a message over `max_decoding_message_size` with OUT_OF_RANGE; the gRPC status
+/// code for "larger than the limit" is RESOURCE_EXHAUSTED (what grpc-go and grpc-core send,
+/// and what the REST side's 413 maps to), so clients see one code for one condition.
+fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
