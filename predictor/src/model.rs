@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Mutex;
 
-use meshserve_proto::infer::echoed_parameters;
+use meshserve_proto::infer::{echoed_parameters, quoted_names};
 use meshserve_proto::{
     DataType, InferRequest, InferResponse, InputTensor, OutputTensor, Parameters, RequestedOutput,
     TensorData, TensorSpec,
@@ -169,7 +169,7 @@ impl ModelVersion {
                             "unknown output '{}'; model '{}' has outputs {}",
                             r.name,
                             self.name,
-                            names(&self.outputs)
+                            quoted_names(&self.outputs)
                         ))
                     })?;
                 Ok((spec, r.classification()?))
@@ -192,7 +192,7 @@ impl ModelVersion {
                     "unknown input '{}'; model '{}' has inputs {}",
                     input.name,
                     self.name,
-                    names(&self.inputs)
+                    quoted_names(&self.inputs)
                 )));
             }
         }
@@ -251,14 +251,6 @@ impl ModelVersion {
             .map_err(|e| fail(e.to_string()))?;
         input.data.check_text().map_err(|e| fail(e.to_string()))
     }
-}
-
-fn names(specs: &[TensorSpec]) -> String {
-    specs
-        .iter()
-        .map(|s| format!("'{}'", s.name))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn datatype_of(ty: TensorElementType) -> Option<DataType> {

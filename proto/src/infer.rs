@@ -121,6 +121,15 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
+/// The names of some tensors, quoted, for messages: `'a', 'b'`.
+pub fn quoted_names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| format!("'{}'", s.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl serde::Serialize for DataType {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_str())

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use crate::datatype::DataType;
 use crate::infer::{
     InferRequest, InferResponse, InputTensor, InvalidRequest, OutputTensor, Parameters, TensorSpec,
+    quoted_names,
 };
 use crate::tensor::TensorData;
 
@@ -55,7 +56,7 @@ pub fn request_from_v1(
                 .ok_or_else(|| {
                     InvalidRequest(format!(
                         "unknown input '{name}'; the model's inputs are {}",
-                        names(model_inputs)
+                        quoted_names(model_inputs)
                     ))
                 })?;
             column_to_tensor(spec, value)
@@ -109,21 +110,13 @@ pub fn predictions(response: &InferResponse, select: Option<&str>) -> Value {
     Value::Object(out)
 }
 
-fn names(specs: &[TensorSpec]) -> String {
-    specs
-        .iter()
-        .map(|s| format!("'{}'", s.name))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn single_input(model_inputs: &[TensorSpec]) -> Result<&TensorSpec, InvalidRequest> {
     match model_inputs {
         [only] => Ok(only),
         _ => Err(InvalidRequest(format!(
             "the model has {} inputs ({}): name them, with objects in 'instances' or an object in 'inputs'",
             model_inputs.len(),
-            names(model_inputs)
+            quoted_names(model_inputs)
         ))),
     }
 }

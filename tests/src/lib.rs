@@ -40,12 +40,18 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts `meshserve serve` on the demo repository with these extra flags.
+    /// Starts `meshserve serve` on the demo repository with these extra flags, and waits
+    /// until it is ready.
     pub fn start(extra: &[&str]) -> Sidecar {
+        Sidecar::start_on(&model_repository(), extra, true)
+    }
+
+    /// Starts `meshserve serve` on `repository`; waits for readiness if `wait_ready`.
+    pub fn start_on(repository: &Path, extra: &[&str], wait_ready: bool) -> Sidecar {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--model-repository".into(),
-            model_repository().display().to_string(),
+            repository.display().to_string(),
             "--http-port".into(),
             "0".into(),
             "--grpc-port".into(),
@@ -63,7 +69,9 @@ impl Sidecar {
                     http,
                     grpc,
                 };
-                sidecar.wait_ready();
+                if wait_ready {
+                    sidecar.wait_ready();
+                }
                 return sidecar;
             }
             if let Ok(Some(status)) = child.try_wait() {

@@ -182,32 +182,9 @@ fn a_model_that_fails_to_load_leaves_the_server_unready_with_the_reason() {
     .unwrap();
     std::fs::write(dir.join("misconfigured/config.yaml"), "max_batch_sise: 4\n").unwrap();
 
-    let repo = dir.display().to_string();
-    let mut child = std::process::Command::new(meshserve_e2e::binary())
-        .args([
-            "serve",
-            "--model-repository",
-            &repo,
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = String::new();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let addr: SocketAddr = loop {
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
-            panic!("exited early:\n{log}");
-        }
-        log.push_str(&line);
-        if let Some(rest) = line.split("listening on http=").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
+    let sidecar = Sidecar::start_on(&dir, &[], false);
+    let addr = sidecar.http;
+    let log = sidecar.log();
     assert_eq!(
         http_status(addr, "GET /v2/health/ready"),
         Some(503),
@@ -224,7 +201,6 @@ fn a_model_that_fails_to_load_leaves_the_server_unready_with_the_reason() {
         "{index}"
     );
     assert!(index.contains("unknown field `max_batch_sise`"), "{index}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(sidecar);
     let _ = std::fs::remove_dir_all(dir);
 }
