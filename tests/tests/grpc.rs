@@ -256,6 +256,9 @@ async fn every_fixture_with_raw_and_typed_contents() {
     );
 }
 
+/// A change that spoils a good request.
+type Mutation = Box<dyn Fn(&mut ModelInferRequest)>;
+
 #[tokio::test]
 async fn requested_outputs_parameters_and_errors() {
     let sidecar = Sidecar::start(&[]);
@@ -275,7 +278,7 @@ async fn requested_outputs_parameters_and_errors() {
     assert_eq!(response.outputs[0].name, "label");
     assert!(response.parameters.contains_key("tenant"));
 
-    let cases: Vec<(Box<dyn Fn(&mut ModelInferRequest)>, Code, &str)> = vec![
+    let cases: Vec<(Mutation, Code, &str)> = vec![
         (
             Box::new(|r| r.model_name = "nope".into()),
             Code::NotFound,
