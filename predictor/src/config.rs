@@ -6,6 +6,13 @@
 //! version_policy: {latest: 1}  # or: all, or {specific: [1, 3]}
 //! labels: [zero, one, ...]     # or labels_file: labels.txt (one per line)
 //! v1_output: probabilities     # which output fills V1 `predictions`
+//! instance_count: 2            # sessions running requests in parallel (Triton's instance_group)
+//! intra_op_threads: 1          # ONNX Runtime threads per session (0: runtime default)
+//! dynamic_batching:            # merge queued requests into batches of up to max_batch_size rows
+//!   max_queue_delay_microseconds: 500
+//!   preferred_batch_size: [8, 16]
+//!   max_queue_size: 1024       # requests waiting; beyond, 429 (0: no limit but the server's)
+//!   default_timeout_microseconds: 0   # 0: none; a request can set parameter `timeout`
 //! inputs:                      # override what the ONNX file declares
 //!   - {name: input, datatype: FP32, shape: [-1, 1, 28, 28]}
 //! outputs: []
@@ -101,7 +108,7 @@ pub struct TensorOverride {
     pub shape: Option<Vec<i64>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: Option<String>,
@@ -117,6 +124,73 @@ pub struct ModelConfig {
     pub inputs: Vec<TensorOverride>,
     #[serde(default)]
     pub outputs: Vec<TensorOverride>,
+    /// Sessions that run requests in parallel, each on its own thread.
+    #[serde(default = "one")]
+    pub instance_count: usize,
+    /// ONNX Runtime intra-op threads per session; 0 keeps the server's setting.
+    #[serde(default)]
+    pub intra_op_threads: usize,
+    /// Merge queued requests into batches; absent: every request runs alone.
+    pub dynamic_batching: Option<DynamicBatching>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for ModelConfig {
+    /// What a model without a config file gets: the same as an empty file.
+    fn default() -> Self {
+        ModelConfig {
+            name: None,
+            max_batch_size: 0,
+            version_policy: VersionPolicy::default(),
+            labels: Vec::new(),
+            labels_file: None,
+            v1_output: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            instance_count: 1,
+            intra_op_threads: 0,
+            dynamic_batching: None,
+        }
+    }
+}
+
+/// Triton's `dynamic_batching`, with the same field names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicBatching {
+    /// How long the first request of a batch waits for others.
+    #[serde(default)]
+    pub max_queue_delay_microseconds: u64,
+    /// Batch sizes (rows) worth running at once, without waiting longer.
+    #[serde(default)]
+    pub preferred_batch_size: Vec<u64>,
+    /// Requests waiting at most; beyond it a request is refused at once (0: no limit here,
+    /// the server's in-flight limit still holds).
+    #[serde(default)]
+    pub max_queue_size: usize,
+    /// How long a request may wait in the queue (0: no limit). A request's own `timeout`
+    /// parameter, in microseconds, takes precedence.
+    #[serde(default)]
+    pub default_timeout_microseconds: u64,
+}
+
+impl ModelConfig {
+    /// Applies KServe's `spec.predictor.batcher` (`maxBatchSize` rows, `maxLatency` in
+    /// milliseconds): batching on, with those limits; KServe's defaults are 32 rows and 500 ms.
+    pub fn apply_kserve_batcher(
+        &mut self,
+        max_batch_size: Option<u64>,
+        max_latency_ms: Option<u64>,
+    ) {
+        self.max_batch_size = max_batch_size.unwrap_or(32);
+        let batching = self
+            .dynamic_batching
+            .get_or_insert_with(DynamicBatching::default);
+        batching.max_queue_delay_microseconds = max_latency_ms.unwrap_or(500).saturating_mul(1000);
+    }
 }
 
 impl ModelConfig {
@@ -159,7 +233,34 @@ impl ModelConfig {
             })?;
             config.labels = text.lines().map(str::to_owned).collect();
         }
+        config
+            .check()
+            .map_err(|e| PredictorError::load(model, format!("{}: {e}", path.display())))?;
         Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.instance_count == 0 {
+            return Err("instance_count must be at least 1".into());
+        }
+        if let Some(batching) = &self.dynamic_batching {
+            if self.max_batch_size == 0 {
+                return Err(
+                    "dynamic_batching needs max_batch_size (the most rows in one batch)".into(),
+                );
+            }
+            if let Some(size) = batching
+                .preferred_batch_size
+                .iter()
+                .find(|&&s| s == 0 || s > self.max_batch_size)
+            {
+                return Err(format!(
+                    "preferred_batch_size {size} must be between 1 and max_batch_size ({})",
+                    self.max_batch_size
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -177,6 +278,51 @@ mod tests {
         assert_eq!(
             VersionPolicy::Specific(vec![2, 7]).select(&present),
             vec![2]
+        );
+    }
+
+    #[test]
+    fn kserve_batcher_maps_to_dynamic_batching() {
+        let mut config = ModelConfig::default();
+        config.apply_kserve_batcher(None, None);
+        assert_eq!(config.max_batch_size, 32);
+        assert_eq!(
+            config
+                .dynamic_batching
+                .as_ref()
+                .unwrap()
+                .max_queue_delay_microseconds,
+            500_000
+        );
+        config.apply_kserve_batcher(Some(64), Some(5));
+        assert_eq!(config.max_batch_size, 64);
+        assert_eq!(
+            config
+                .dynamic_batching
+                .unwrap()
+                .max_queue_delay_microseconds,
+            5_000
+        );
+    }
+
+    #[test]
+    fn batching_config_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "max_batch_size: 32\ninstance_count: 2\nintra_op_threads: 1\ndynamic_batching:\n  max_queue_delay_microseconds: 200\n  preferred_batch_size: [8, 16]\n  max_queue_size: 100\n",
+        )
+        .unwrap();
+        let config = ModelConfig::load("m", dir.path()).unwrap();
+        assert_eq!(config.instance_count, 2);
+        assert_eq!(
+            config.dynamic_batching,
+            Some(DynamicBatching {
+                max_queue_delay_microseconds: 200,
+                preferred_batch_size: vec![8, 16],
+                max_queue_size: 100,
+                default_timeout_microseconds: 0
+            })
         );
     }
 
@@ -210,6 +356,13 @@ mod tests {
                 "unknown version_policy 'newest'",
             ),
             ("labels_file: missing.txt\n", "missing.txt"),
+            ("instance_count: 0\n", "at least 1"),
+            ("dynamic_batching: {}\n", "needs max_batch_size"),
+            (
+                "max_batch_size: 8\ndynamic_batching: {preferred_batch_size: [16]}\n",
+                "between 1 and max_batch_size",
+            ),
+            ("dynamic_batching: {max_delay: 3}\n", "unknown field"),
         ] {
             write(text);
             let err = ModelConfig::load("m", dir.path()).unwrap_err().to_string();

@@ -2,7 +2,7 @@
 //! to gRPC codes; messages are written for the client, internal detail goes to the logs.
 
 /// Why a predictor call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PredictorError {
     /// The request does not fit the model: wrong inputs, datatypes, shapes or data.
     #[error("{0}")]
@@ -19,6 +19,12 @@ pub enum PredictorError {
     /// A model (or its configuration) could not be loaded.
     #[error("failed to load model '{model}': {reason}")]
     Load { model: String, reason: String },
+    /// The model's queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The request waited longer than its timeout.
+    #[error("{0}")]
+    Timeout(String),
     /// ONNX Runtime failed while running a request that passed validation.
     #[error("inference failed: {0}")]
     Runtime(String),

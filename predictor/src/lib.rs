@@ -14,15 +14,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod batcher;
 mod classification;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod repository;
 pub mod runtime;
+mod tensors;
 
-pub use config::{ModelConfig, VersionPolicy};
+pub use config::{DynamicBatching, ModelConfig, VersionPolicy};
 pub use error::PredictorError;
+pub use metrics::Metrics;
 pub use model::{ModelVersion, PLATFORM};
 pub use repository::{IndexEntry, ModelState, Repository};
 pub use runtime::{Device, Runtime, RuntimeError, RuntimeOptions};

@@ -1,24 +1,28 @@
-//! One loaded model version: its ONNX Runtime session, the metadata clients see, and
-//! inference: validate the request against the metadata, run, return the requested outputs.
+//! One loaded model version: its metadata, its sessions behind the batcher, and inference:
+//! validate the request against the metadata, queue it, await the answer, post-process.
 
-use std::borrow::Cow;
 use std::path::Path;
-use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use meshserve_proto::infer::{echoed_parameters, quoted_names};
 use meshserve_proto::{
-    DataType, InferRequest, InferResponse, InputTensor, OutputTensor, Parameters, RequestedOutput,
-    TensorData, TensorSpec,
+    DataType, InferRequest, InferResponse, InputTensor, RequestedOutput, TensorSpec,
 };
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::session::Session;
+use ort::value::ValueType;
 
+use crate::batcher::{Batcher, Job, Policy};
 use crate::config::{ModelConfig, TensorOverride};
 use crate::error::{PredictorError, Result};
+use crate::metrics::{FailureReason, Metrics, ModelMetrics};
 use crate::runtime::Runtime;
+use crate::tensors::datatype_of;
 
 /// The platform name reported in model metadata (Triton's name for ONNX Runtime models).
 pub const PLATFORM: &str = "onnxruntime_onnx";
+
+/// Request parameter: how long the request may wait in the queue, in microseconds (Triton's).
+pub const TIMEOUT_PARAMETER: &str = "timeout";
 
 #[derive(Debug)]
 pub struct ModelVersion {
@@ -28,25 +32,33 @@ pub struct ModelVersion {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     config: ModelConfig,
-    session: Mutex<Session>,
+    batcher: Batcher,
+    metrics: ModelMetrics,
 }
 
 impl ModelVersion {
-    /// Loads `<dir>/model.onnx` and works out its metadata, applying the config's overrides.
+    /// Loads `file` into `config.instance_count` sessions, works out the metadata (applying
+    /// the config's overrides), and starts the batcher.
     pub fn load(
         runtime: &Runtime,
         name: &str,
         version: u64,
         file: &Path,
         config: &ModelConfig,
+        metrics: &Metrics,
     ) -> Result<ModelVersion> {
         let fail =
             |reason: String| PredictorError::load(name, format!("version {version}: {reason}"));
-        let session = runtime
-            .session_builder()
-            .map_err(|e| fail(e.to_string()))?
-            .commit_from_file(file)
-            .map_err(|e| fail(format!("{}: {e}", file.display())))?;
+        let sessions = (0..config.instance_count.max(1))
+            .map(|_| {
+                runtime
+                    .session_builder(config.intra_op_threads)
+                    .map_err(|e| fail(e.to_string()))?
+                    .commit_from_file(file)
+                    .map_err(|e| fail(format!("{}: {e}", file.display())))
+            })
+            .collect::<Result<Vec<Session>>>()?;
+        let session = sessions.first().ok_or_else(|| fail("no session".into()))?;
         let inputs = session
             .inputs()
             .iter()
@@ -68,14 +80,48 @@ impl ModelVersion {
                 "v1_output '{v1}' is not an output of the model"
             )));
         }
+        let policy = match &config.dynamic_batching {
+            None => Policy {
+                max_batch: 0,
+                delay: Duration::ZERO,
+                preferred: Vec::new(),
+                max_queue: 0,
+            },
+            Some(batching) => {
+                if let Some(fixed) = inputs
+                    .iter()
+                    .chain(&outputs)
+                    .find(|t| t.shape.first().is_none_or(|&d| d >= 0))
+                {
+                    return Err(fail(format!(
+                        "dynamic_batching needs a variable first dimension on every input and output, but '{}' has shape {:?}",
+                        fixed.name, fixed.shape
+                    )));
+                }
+                Policy {
+                    max_batch: usize::try_from(config.max_batch_size).unwrap_or(usize::MAX),
+                    delay: Duration::from_micros(batching.max_queue_delay_microseconds),
+                    preferred: batching
+                        .preferred_batch_size
+                        .iter()
+                        .filter_map(|&s| usize::try_from(s).ok())
+                        .collect(),
+                    max_queue: batching.max_queue_size,
+                }
+            }
+        };
+        let version_string = version.to_string();
+        let model_metrics = metrics.model(name, &version_string);
+        let batcher = Batcher::start(name, sessions, policy, model_metrics.clone())?;
         Ok(ModelVersion {
             name: name.to_owned(),
             version,
-            version_string: version.to_string(),
+            version_string,
             inputs,
             outputs,
             config: config.clone(),
-            session: Mutex::new(session),
+            batcher,
+            metrics: model_metrics,
         })
     }
 
@@ -99,47 +145,68 @@ impl ModelVersion {
         &self.config
     }
 
-    /// Runs one request: checks it against the metadata, runs the session, and answers with
-    /// the requested outputs (all of them, in the model's order, when none are named).
-    pub fn infer(&self, request: InferRequest) -> Result<InferResponse> {
-        let requested = self.requested_outputs(&request.outputs)?;
-        let ordered = self.validate_inputs(request.inputs)?;
-        let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = ordered
-            .into_iter()
-            .map(|input| {
-                let value = to_ort(input.shape, input.data)
-                    .map_err(|e| PredictorError::invalid(format!("input '{}': {e}", input.name)))?;
-                Ok((Cow::Owned(input.name), SessionInputValue::from(value)))
-            })
-            .collect::<Result<_>>()?;
-
-        let mut session = self
-            .session
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let results = session
-            .run(values)
-            .map_err(|e| PredictorError::Runtime(e.to_string()))?;
-        let mut outputs = Vec::with_capacity(requested.len());
-        for (spec, classification) in requested {
-            let value = results.get(&spec.name).ok_or_else(|| {
-                PredictorError::Runtime(format!("the model did not produce output '{}'", spec.name))
-            })?;
-            let (shape, data) = from_ort(value)
-                .map_err(|e| PredictorError::Runtime(format!("output '{}': {e}", spec.name)))?;
-            let output = OutputTensor {
-                name: spec.name.clone(),
-                shape,
-                data,
-                parameters: Parameters::new(),
-            };
-            outputs.push(match classification {
-                Some(k) => crate::classification::classify(output, k, &self.config.labels)?,
-                None => output,
-            });
+    /// Runs one request: checks it against the metadata, queues it for the model's instances
+    /// (batched with others if configured), and answers with the requested outputs (all of
+    /// them, in the model's order, when none are named).
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let result = self.run(request).await;
+        match &result {
+            Ok(_) => self.metrics.succeeded(),
+            Err(e) => self.metrics.failed(match e {
+                PredictorError::Overloaded(_) => FailureReason::QueueFull,
+                PredictorError::Timeout(_) => FailureReason::Timeout,
+                PredictorError::Runtime(_) => FailureReason::Runtime,
+                _ => FailureReason::InvalidInput,
+            }),
         }
-        drop(results);
-        drop(session);
+        result
+    }
+
+    async fn run(&self, request: InferRequest) -> Result<InferResponse> {
+        let requested = self.requested_outputs(&request.outputs)?;
+        let timeout = self.timeout(&request)?;
+        let inputs = self.validate_inputs(request.inputs)?;
+        let rows = if self.config.dynamic_batching.is_some() {
+            self.batch_rows(&inputs)?
+        } else {
+            1
+        };
+        let job = Job {
+            inputs,
+            rows,
+            outputs: requested
+                .iter()
+                .map(|(spec, _)| spec.name.clone())
+                .collect(),
+            span: tracing::Span::current(),
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let ticket = self.batcher.submit(job)?;
+        let answer = match deadline {
+            None => ticket.answer.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), ticket.answer).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.batcher.cancel(ticket.id);
+                    return Err(PredictorError::Timeout(format!(
+                        "request to model '{}' did not run within its timeout of {} µs",
+                        self.name,
+                        timeout.unwrap_or_default().as_micros()
+                    )));
+                }
+            },
+        };
+        let outputs = answer.map_err(|_| {
+            PredictorError::Runtime(format!("model '{}' was unloaded", self.name))
+        })??;
+        let outputs = outputs
+            .into_iter()
+            .zip(&requested)
+            .map(|(output, (_, classification))| match classification {
+                Some(k) => crate::classification::classify(output, *k, &self.config.labels),
+                None => Ok(output),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(InferResponse {
             model_name: self.name.clone(),
             model_version: self.version_string.clone(),
@@ -147,6 +214,41 @@ impl ModelVersion {
             parameters: echoed_parameters(&request.parameters),
             outputs,
         })
+    }
+
+    /// The queue timeout: the request's `timeout` parameter (µs), else the model's default.
+    fn timeout(&self, request: &InferRequest) -> Result<Option<Duration>> {
+        let micros = match request.parameters.get(TIMEOUT_PARAMETER) {
+            Some(v) => v.as_u64().ok_or_else(|| {
+                PredictorError::invalid(format!(
+                    "parameter 'timeout' must be a whole number of microseconds, got {v}"
+                ))
+            })?,
+            None => self
+                .config
+                .dynamic_batching
+                .as_ref()
+                .map_or(0, |b| b.default_timeout_microseconds),
+        };
+        Ok((micros > 0).then(|| Duration::from_micros(micros)))
+    }
+
+    /// The batch dimension all inputs share.
+    fn batch_rows(&self, inputs: &[InputTensor]) -> Result<usize> {
+        let mut rows = inputs
+            .iter()
+            .map(|i| (i, i.shape.first().copied().unwrap_or(0)));
+        let Some((_, first)) = rows.next() else {
+            return Ok(1);
+        };
+        if let Some((other, dim)) = rows.find(|&(_, d)| d != first) {
+            return Err(PredictorError::invalid(format!(
+                "input '{}' has {dim} rows but input '{}' has {first}: inputs must agree on the batch dimension",
+                other.name,
+                inputs.first().map_or("", |i| i.name.as_str())
+            )));
+        }
+        usize::try_from(first).map_err(|_| PredictorError::invalid("negative batch dimension"))
     }
 
     /// The outputs to return, each with its classification count if asked.
@@ -253,25 +355,6 @@ impl ModelVersion {
     }
 }
 
-fn datatype_of(ty: TensorElementType) -> Option<DataType> {
-    Some(match ty {
-        TensorElementType::Bool => DataType::Bool,
-        TensorElementType::Uint8 => DataType::Uint8,
-        TensorElementType::Uint16 => DataType::Uint16,
-        TensorElementType::Uint32 => DataType::Uint32,
-        TensorElementType::Uint64 => DataType::Uint64,
-        TensorElementType::Int8 => DataType::Int8,
-        TensorElementType::Int16 => DataType::Int16,
-        TensorElementType::Int32 => DataType::Int32,
-        TensorElementType::Int64 => DataType::Int64,
-        TensorElementType::Float16 => DataType::Fp16,
-        TensorElementType::Float32 => DataType::Fp32,
-        TensorElementType::Float64 => DataType::Fp64,
-        TensorElementType::String => DataType::Bytes,
-        _ => return None,
-    })
-}
-
 fn tensor_spec(kind: &str, name: &str, ty: &ValueType) -> Result<TensorSpec, String> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
@@ -329,70 +412,4 @@ fn apply_overrides(
         }
     }
     Ok(specs)
-}
-
-fn to_ort(shape: Vec<i64>, data: TensorData) -> ort::Result<DynValue> {
-    Ok(match data {
-        TensorData::Bool(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Uint8(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Uint16(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Uint32(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Uint64(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Int8(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Int16(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Int32(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Int64(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Fp16(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Fp32(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Fp64(v) => Tensor::from_array((shape, v))?.into_dyn(),
-        TensorData::Bytes(v) => {
-            // UTF-8 was checked in validation; a lossy conversion keeps this total.
-            let strings: Vec<String> = v
-                .into_iter()
-                .map(|b| {
-                    String::from_utf8(b)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-                })
-                .collect();
-            Tensor::from_string_array((shape, &strings[..]))?.into_dyn()
-        }
-    })
-}
-
-fn from_ort(value: &DynValue) -> Result<(Vec<i64>, TensorData), String> {
-    fn take<T: ort::value::PrimitiveTensorElementType + Clone>(
-        value: &DynValue,
-    ) -> ort::Result<(Vec<i64>, Vec<T>)> {
-        let (shape, data) = value.try_extract_tensor::<T>()?;
-        Ok((shape.to_vec(), data.to_vec()))
-    }
-    let ValueType::Tensor { ty, .. } = value.dtype() else {
-        return Err(format!(
-            "the model produced a {}, not a tensor",
-            value.dtype()
-        ));
-    };
-    let datatype =
-        datatype_of(*ty).ok_or_else(|| format!("element type {ty} cannot be returned"))?;
-    let result = match datatype {
-        DataType::Bool => take(value).map(|(s, d)| (s, TensorData::Bool(d))),
-        DataType::Uint8 => take(value).map(|(s, d)| (s, TensorData::Uint8(d))),
-        DataType::Uint16 => take(value).map(|(s, d)| (s, TensorData::Uint16(d))),
-        DataType::Uint32 => take(value).map(|(s, d)| (s, TensorData::Uint32(d))),
-        DataType::Uint64 => take(value).map(|(s, d)| (s, TensorData::Uint64(d))),
-        DataType::Int8 => take(value).map(|(s, d)| (s, TensorData::Int8(d))),
-        DataType::Int16 => take(value).map(|(s, d)| (s, TensorData::Int16(d))),
-        DataType::Int32 => take(value).map(|(s, d)| (s, TensorData::Int32(d))),
-        DataType::Int64 => take(value).map(|(s, d)| (s, TensorData::Int64(d))),
-        DataType::Fp16 => take(value).map(|(s, d)| (s, TensorData::Fp16(d))),
-        DataType::Fp32 => take(value).map(|(s, d)| (s, TensorData::Fp32(d))),
-        DataType::Fp64 => take(value).map(|(s, d)| (s, TensorData::Fp64(d))),
-        DataType::Bytes => value.try_extract_strings().map(|(s, d)| {
-            (
-                s.to_vec(),
-                TensorData::Bytes(d.into_iter().map(String::into_bytes).collect()),
-            )
-        }),
-    };
-    result.map_err(|e| e.to_string())
 }

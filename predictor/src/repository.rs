@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::ModelConfig;
 use crate::error::{PredictorError, Result};
+use crate::metrics::Metrics;
 use crate::model::ModelVersion;
 use crate::runtime::Runtime;
 
@@ -63,6 +64,7 @@ pub struct IndexEntry {
 pub struct Repository {
     root: PathBuf,
     runtime: Arc<Runtime>,
+    metrics: Metrics,
     models: RwLock<BTreeMap<String, ModelEntry>>,
 }
 
@@ -79,6 +81,7 @@ impl Repository {
         Ok(Repository {
             root,
             runtime,
+            metrics: Metrics::new(),
             models: RwLock::new(BTreeMap::new()),
         })
     }
@@ -89,6 +92,11 @@ impl Repository {
 
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    /// The inference metrics of every model loaded from this repository.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The model directories present on disk, sorted.
@@ -297,7 +305,8 @@ impl Repository {
             .into_iter()
             .map(|v| {
                 let file = dir.join(v.to_string()).join(MODEL_FILE);
-                ModelVersion::load(&self.runtime, name, v, &file, &config).map(|m| (v, Arc::new(m)))
+                ModelVersion::load(&self.runtime, name, v, &file, &config, &self.metrics)
+                    .map(|m| (v, Arc::new(m)))
             })
             .collect()
     }

@@ -132,12 +132,21 @@ impl Runtime {
         self.options.device
     }
 
-    /// A session builder with this runtime's device and threading.
-    pub(crate) fn session_builder(&self) -> ort::Result<ort::session::builder::SessionBuilder> {
+    /// A session builder with this runtime's device and threading; `intra_op_threads` > 0
+    /// overrides the runtime's setting for this model.
+    pub(crate) fn session_builder(
+        &self,
+        intra_op_threads: usize,
+    ) -> ort::Result<ort::session::builder::SessionBuilder> {
         let mut builder = ort::session::Session::builder(&self.environment)?
             .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)?;
-        if self.options.intra_op_threads > 0 {
-            builder = builder.with_intra_threads(self.options.intra_op_threads)?;
+        let threads = if intra_op_threads > 0 {
+            intra_op_threads
+        } else {
+            self.options.intra_op_threads
+        };
+        if threads > 0 {
+            builder = builder.with_intra_threads(threads)?;
         }
         if let Some(ep) = self.execution_provider() {
             builder = builder.with_execution_providers([ep])?;

@@ -53,8 +53,8 @@ fn close(actual: &TensorData, expected: &TensorData, tolerance: f64) -> bool {
     }
 }
 
-#[test]
-fn every_reference_fixture_matches() {
+#[tokio::test]
+async fn every_reference_fixture_matches() {
     let mut checked = 0;
     for entry in std::fs::read_dir(models_dir().join("reference")).unwrap() {
         let fixture: Value =
@@ -84,6 +84,7 @@ fn every_reference_fixture_matches() {
                 inputs,
                 ..Default::default()
             })
+            .await
             .unwrap();
         let tolerance = fixture["tolerance"].as_f64().unwrap();
         for expected in fixture["outputs"].as_array().unwrap() {
@@ -115,8 +116,8 @@ fn digits_request(rows: i64) -> InferRequest {
     }
 }
 
-#[test]
-fn requested_outputs_and_parameters() {
+#[tokio::test]
+async fn requested_outputs_and_parameters() {
     let model = repository().get("sklearn_digits", "1").unwrap();
     let mut request = digits_request(2);
     request.id = Some("abc".into());
@@ -125,7 +126,7 @@ fn requested_outputs_and_parameters() {
     request
         .parameters
         .insert("binary_data_output".into(), json!(false));
-    let response = model.infer(request).unwrap();
+    let response = model.infer(request).await.unwrap();
     assert_eq!(response.id.as_deref(), Some("abc"));
     assert_eq!(response.outputs.len(), 1);
     assert_eq!(response.outputs[0].shape, vec![2]);
@@ -136,8 +137,8 @@ fn requested_outputs_and_parameters() {
     assert_eq!(response.model_version, "1");
 }
 
-#[test]
-fn classification_uses_the_labels() {
+#[tokio::test]
+async fn classification_uses_the_labels() {
     let model = repository().get("mnist_cnn", "").unwrap();
     let mut output = RequestedOutput::new("probabilities");
     output.parameters.insert("classification".into(), json!(2));
@@ -151,7 +152,7 @@ fn classification_uses_the_labels() {
         outputs: vec![output],
         ..Default::default()
     };
-    let response = model.infer(request).unwrap();
+    let response = model.infer(request).await.unwrap();
     let TensorData::Bytes(classes) = &response.outputs[0].data else {
         panic!("not BYTES")
     };
@@ -167,8 +168,8 @@ fn classification_uses_the_labels() {
     );
 }
 
-#[test]
-fn bad_requests_name_the_problem() {
+#[tokio::test]
+async fn bad_requests_name_the_problem() {
     let model = repository().get("sklearn_digits", "").unwrap();
     let cases: Vec<(InferRequest, &str)> = vec![
         (InferRequest::default(), "missing input 'input'"),
@@ -214,7 +215,7 @@ fn bad_requests_name_the_problem() {
         ),
     ];
     for (request, needle) in cases {
-        match model.infer(request) {
+        match model.infer(request).await {
             Err(PredictorError::InvalidInput(message)) => {
                 assert!(message.contains(needle), "{message}")
             }
@@ -232,7 +233,8 @@ fn bad_requests_name_the_problem() {
                 parameters: Parameters::new(),
             }],
             ..Default::default()
-        });
+        })
+        .await;
     assert!(
         matches!(batch, Err(PredictorError::InvalidInput(m)) if m.contains("max_batch_size of 256"))
     );

@@ -371,6 +371,74 @@ impl TensorData {
         Some(c)
     }
 
+    /// Joins tensors of one datatype end to end (along the first dimension, for row-major
+    /// tensors whose other dimensions agree). `None` if the datatypes differ or there are none.
+    pub fn concat(parts: Vec<TensorData>) -> Option<TensorData> {
+        macro_rules! join {
+            ($variant:ident, $first:expr, $rest:expr) => {{
+                let mut out = $first;
+                for part in $rest {
+                    match part {
+                        TensorData::$variant(v) => out.extend(v),
+                        _ => return None,
+                    }
+                }
+                TensorData::$variant(out)
+            }};
+        }
+        let mut rest = parts.into_iter();
+        Some(match rest.next()? {
+            TensorData::Bool(v) => join!(Bool, v, rest),
+            TensorData::Uint8(v) => join!(Uint8, v, rest),
+            TensorData::Uint16(v) => join!(Uint16, v, rest),
+            TensorData::Uint32(v) => join!(Uint32, v, rest),
+            TensorData::Uint64(v) => join!(Uint64, v, rest),
+            TensorData::Int8(v) => join!(Int8, v, rest),
+            TensorData::Int16(v) => join!(Int16, v, rest),
+            TensorData::Int32(v) => join!(Int32, v, rest),
+            TensorData::Int64(v) => join!(Int64, v, rest),
+            TensorData::Fp16(v) => join!(Fp16, v, rest),
+            TensorData::Fp32(v) => join!(Fp32, v, rest),
+            TensorData::Fp64(v) => join!(Fp64, v, rest),
+            TensorData::Bytes(v) => join!(Bytes, v, rest),
+        })
+    }
+
+    /// Cuts the data into consecutive pieces of `lengths` elements; `None` if they do not add
+    /// up to the data's length.
+    pub fn split(self, lengths: &[usize]) -> Option<Vec<TensorData>> {
+        fn cut<T>(
+            mut v: Vec<T>,
+            lengths: &[usize],
+            wrap: fn(Vec<T>) -> TensorData,
+        ) -> Vec<TensorData> {
+            let mut pieces = Vec::with_capacity(lengths.len());
+            for &n in lengths.iter().rev() {
+                pieces.push(wrap(v.split_off(v.len() - n)));
+            }
+            pieces.reverse();
+            pieces
+        }
+        if lengths.iter().sum::<usize>() != self.len() {
+            return None;
+        }
+        Some(match self {
+            TensorData::Bool(v) => cut(v, lengths, TensorData::Bool),
+            TensorData::Uint8(v) => cut(v, lengths, TensorData::Uint8),
+            TensorData::Uint16(v) => cut(v, lengths, TensorData::Uint16),
+            TensorData::Uint32(v) => cut(v, lengths, TensorData::Uint32),
+            TensorData::Uint64(v) => cut(v, lengths, TensorData::Uint64),
+            TensorData::Int8(v) => cut(v, lengths, TensorData::Int8),
+            TensorData::Int16(v) => cut(v, lengths, TensorData::Int16),
+            TensorData::Int32(v) => cut(v, lengths, TensorData::Int32),
+            TensorData::Int64(v) => cut(v, lengths, TensorData::Int64),
+            TensorData::Fp16(v) => cut(v, lengths, TensorData::Fp16),
+            TensorData::Fp32(v) => cut(v, lengths, TensorData::Fp32),
+            TensorData::Fp64(v) => cut(v, lengths, TensorData::Fp64),
+            TensorData::Bytes(v) => cut(v, lengths, TensorData::Bytes),
+        })
+    }
+
     /// Checks that BYTES elements are text that an ONNX string tensor can hold: UTF-8
     /// without NUL bytes (ONNX Runtime stores C strings).
     pub fn check_text(&self) -> Result<(), TensorError> {
@@ -694,6 +762,29 @@ mod tests {
         assert!(err.to_string().contains("not a valid INT32"), "{err}");
         let err = TensorData::from_json(DataType::Bool, &[1], &json!([1])).unwrap_err();
         assert!(err.to_string().contains("BOOL"), "{err}");
+    }
+
+    #[test]
+    fn concat_and_split_are_inverse() {
+        let parts = vec![
+            TensorData::Int32(vec![1, 2]),
+            TensorData::Int32(vec![]),
+            TensorData::Int32(vec![3, 4, 5]),
+        ];
+        let joined = TensorData::concat(parts.clone()).unwrap();
+        assert_eq!(joined, TensorData::Int32(vec![1, 2, 3, 4, 5]));
+        assert_eq!(joined.split(&[2, 0, 3]).unwrap(), parts);
+        assert_eq!(
+            TensorData::concat(vec![TensorData::Int32(vec![1]), TensorData::Int64(vec![2])]),
+            None
+        );
+        assert_eq!(TensorData::concat(Vec::new()), None);
+        assert_eq!(TensorData::Bool(vec![true]).split(&[2]), None);
+        let bytes = TensorData::Bytes(vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(
+            bytes.split(&[1, 1]).unwrap()[1],
+            TensorData::Bytes(vec![b"b".to_vec()])
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// Too many requests in flight: 429 / RESOURCE_EXHAUSTED.
     #[error("{0}")]
     Overloaded(String),
+    /// The request waited past its timeout: 504 / DEADLINE_EXCEEDED.
+    #[error("{0}")]
+    Timeout(String),
     /// 415: the body is not in a form the endpoint reads.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -41,6 +44,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -54,6 +58,7 @@ impl ApiError {
                 tonic::Status::invalid_argument(message)
             }
             ApiError::NotFound(_) => tonic::Status::not_found(message),
+            ApiError::Timeout(_) => tonic::Status::deadline_exceeded(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::TooLarge(_) | ApiError::Overloaded(_) => {
                 tonic::Status::resource_exhausted(message)
@@ -75,6 +80,8 @@ impl From<PredictorError> for ApiError {
                 ApiError::NotFound(message)
             }
             PredictorError::ModelNotReady { .. } => ApiError::Unavailable(message),
+            PredictorError::Overloaded(_) => ApiError::Overloaded(message),
+            PredictorError::Timeout(_) => ApiError::Timeout(message),
             PredictorError::Runtime(_) => ApiError::Internal(message),
         }
     }

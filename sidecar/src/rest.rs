@@ -12,6 +12,7 @@
 //! | POST | `/v2/repository/models/<m>/load`, `.../unload` | `{}` |
 //! | GET | `/v1/models`, `/v1/models/<m>` | `{"models": [...]}`, `{"name", "ready"}` |
 //! | POST | `/v1/models/<m>:predict` | `{"predictions": [...]}` |
+//! | GET | `/metrics` | Prometheus metrics (see `meshserve_predictor::metrics`) |
 //!
 //! Errors are `{"error": "<message>"}` with the status [`ApiError`] maps to.
 
@@ -58,12 +59,16 @@ enum Route {
     V1Models,
     V1Model(String),
     V1Predict(String),
+    /// `GET /metrics`: Prometheus text exposition.
+    Metrics,
 }
 
 impl Route {
     fn parse(path: &str) -> Option<Route> {
-        if path == "/" {
-            return Some(Route::Root);
+        match path {
+            "/" => return Some(Route::Root),
+            "/metrics" => return Some(Route::Metrics),
+            _ => {}
         }
         let segments: Vec<String> = path
             .strip_prefix('/')?
@@ -183,6 +188,14 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
     }
     let repository = service.repository();
     match route {
+        Route::Metrics => {
+            let mut response = Response::new(Full::new(Bytes::from(repository.metrics().encode())));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
         Route::Root => Ok(json_response(
             StatusCode::OK,
             to_json(&json!({"status": "alive"})),
@@ -523,6 +536,7 @@ mod tests {
             ("/v2/models/a%zz", None),
             ("/v2/models/a%ff", None),
             ("/", Some(Route::Root)),
+            ("/metrics", Some(Route::Metrics)),
             ("//", None),
             ("", None),
         ];

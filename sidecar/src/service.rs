@@ -1,5 +1,6 @@
-//! What both front ends share: the repository, the limits, admission control, and running a
-//! request on the blocking pool so ONNX Runtime never stalls the async workers.
+//! What both front ends share: the repository, the limits, admission control, and handing
+//! requests to the model's scheduler (whose own threads run ONNX Runtime, so the async
+//! workers never block on a model).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,21 +108,12 @@ impl Service {
         model: Arc<ModelVersion>,
         request: InferRequest,
     ) -> Result<InferResponse, ApiError> {
-        let name = model.name().to_owned();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            span.in_scope(|| model.infer(request))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))?
-        .map_err(|e| {
-            let error = ApiError::from(e);
-            if matches!(error, ApiError::Internal(_)) {
-                tracing::error!(model = %name, error = %error, "inference failed");
-            }
-            error
-        })
+        let result = model.infer(request).await.map_err(ApiError::from);
+        drop(permit);
+        if let Err(error @ ApiError::Internal(_)) = &result {
+            tracing::error!(model = %model.name(), %error, "inference failed");
+        }
+        result
     }
 
     /// Loads or reloads a model on the blocking pool.

@@ -1,0 +1,396 @@
+//! The scheduler behind every model version: a bounded queue and one thread per session
+//! instance. Each thread takes the oldest request, and with dynamic batching also every
+//! queued request that fits beside it (same shapes past the first dimension, rows within
+//! `max_batch_size`), waiting up to the queue delay for more unless a preferred size is
+//! reached; it runs the batch, splits the outputs by rows, and answers each request on its
+//! own channel. The request's tracing span follows into the batch's span.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use meshserve_proto::{InputTensor, OutputTensor, Parameters, TensorData};
+use ort::session::{Session, SessionInputValue};
+use tokio::sync::oneshot;
+
+use crate::error::{PredictorError, Result};
+use crate::metrics::ModelMetrics;
+use crate::tensors::{from_ort, to_ort};
+
+/// How requests are grouped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Policy {
+    /// Most rows in one batch; 0: no batching, every request runs alone.
+    pub(crate) max_batch: usize,
+    pub(crate) delay: Duration,
+    pub(crate) preferred: Vec<usize>,
+    /// Most requests waiting; 0: no limit here.
+    pub(crate) max_queue: usize,
+}
+
+/// One queued request: validated inputs in the model's order, and where to answer.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) inputs: Vec<InputTensor>,
+    /// Rows along the first dimension (1 when not batching).
+    pub(crate) rows: usize,
+    /// The outputs to return, in order.
+    pub(crate) outputs: Vec<String>,
+    pub(crate) span: tracing::Span,
+}
+
+#[derive(Debug)]
+struct Queued {
+    id: u64,
+    job: Job,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Vec<OutputTensor>>>,
+}
+
+impl Queued {
+    /// Whether two requests can share a batch: same shapes past the first dimension.
+    fn fits_with(&self, other: &Queued) -> bool {
+        self.job
+            .inputs
+            .iter()
+            .zip(&other.job.inputs)
+            .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: VecDeque<Queued>,
+    next_id: u64,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    model: String,
+    policy: Policy,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    metrics: ModelMetrics,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A ticket for a submitted request: its id (to cancel) and the answer's channel.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub(crate) id: u64,
+    pub(crate) answer: oneshot::Receiver<Result<Vec<OutputTensor>>>,
+}
+
+/// The queue and instance threads of one model version. Dropping it stops the threads once
+/// they finish what they run.
+#[derive(Debug)]
+pub(crate) struct Batcher {
+    shared: Arc<Shared>,
+}
+
+impl Batcher {
+    pub(crate) fn start(
+        model: &str,
+        sessions: Vec<Session>,
+        policy: Policy,
+        metrics: ModelMetrics,
+    ) -> Result<Batcher> {
+        let shared = Arc::new(Shared {
+            model: model.to_owned(),
+            policy,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            metrics,
+        });
+        for (i, session) in sessions.into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("ms-{model}-{i}"))
+                .spawn(move || run_instance(&shared, session))
+                .map_err(|e| {
+                    PredictorError::load(model, format!("cannot start an instance thread: {e}"))
+                })?;
+        }
+        Ok(Batcher { shared })
+    }
+
+    /// Queues a request, or refuses it at once when the queue is full.
+    pub(crate) fn submit(&self, job: Job) -> Result<Ticket> {
+        let (reply, answer) = oneshot::channel();
+        let mut queue = self.shared.lock();
+        let max = self.shared.policy.max_queue;
+        if max > 0 && queue.waiting.len() >= max {
+            return Err(PredictorError::Overloaded(format!(
+                "model '{}' has {max} requests queued (max_queue_size); retry later",
+                self.shared.model
+            )));
+        }
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.waiting.push_back(Queued {
+            id,
+            job,
+            enqueued: Instant::now(),
+            reply,
+        });
+        self.shared.metrics.pending.set(queue.waiting.len() as i64);
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(Ticket { id, answer })
+    }
+
+    /// Takes a request out of the queue if it is still waiting (its caller gave up).
+    pub(crate) fn cancel(&self, id: u64) {
+        let mut queue = self.shared.lock();
+        queue.waiting.retain(|q| q.id != id);
+        self.shared.metrics.pending.set(queue.waiting.len() as i64);
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+fn run_instance(shared: &Shared, mut session: Session) {
+    while let Some(batch) = next_batch(shared) {
+        run_batch(shared, &mut session, batch);
+    }
+}
+
+/// The next batch to run, or `None` once the batcher is dropped.
+fn next_batch(shared: &Shared) -> Option<Vec<Queued>> {
+    let policy = &shared.policy;
+    let mut queue = shared.lock();
+    let first = loop {
+        if queue.closed {
+            return None;
+        }
+        // Requests whose caller has gone (timed out, disconnected) are not worth running.
+        queue.waiting.retain(|q| !q.reply.is_closed());
+        if let Some(first) = queue.waiting.pop_front() {
+            break first;
+        }
+        queue = shared
+            .wake
+            .wait(queue)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    };
+    let mut rows = first.job.rows;
+    let deadline = first.enqueued + policy.delay;
+    let mut batch = vec![first];
+    while policy.max_batch > 0 && rows < policy.max_batch {
+        let mut i = 0;
+        while i < queue.waiting.len() && rows < policy.max_batch {
+            let candidate = &queue.waiting[i];
+            if candidate.reply.is_closed() {
+                queue.waiting.remove(i);
+            } else if rows + candidate.job.rows <= policy.max_batch && batch[0].fits_with(candidate)
+            {
+                rows += candidate.job.rows;
+                batch.extend(queue.waiting.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let now = Instant::now();
+        if rows >= policy.max_batch
+            || policy.preferred.contains(&rows)
+            || now >= deadline
+            || queue.closed
+        {
+            break;
+        }
+        queue = shared
+            .wake
+            .wait_timeout(queue, deadline - now)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+    }
+    shared.metrics.pending.set(queue.waiting.len() as i64);
+    drop(queue);
+    // Another instance may be idle and more requests waiting.
+    shared.wake.notify_one();
+    Some(batch)
+}
+
+fn run_batch(shared: &Shared, session: &mut Session, batch: Vec<Queued>) {
+    let started = Instant::now();
+    let rows: usize = batch.iter().map(|q| q.job.rows).sum();
+    let span = tracing::info_span!("batch", model = %shared.model, rows, requests = batch.len());
+    let mut inputs = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for queued in batch {
+        span.follows_from(&queued.job.span);
+        let queue_time = started.saturating_duration_since(queued.enqueued);
+        shared.metrics.queued_for(queue_time.as_secs_f64());
+        tracing::debug!(parent: &queued.job.span, queue_us = queue_time.as_micros() as u64, batch_rows = rows, "scheduled");
+        inputs.push(queued.job.inputs);
+        waiting.push((queued.job.rows, queued.job.outputs, queued.reply));
+    }
+    let result = span.in_scope(|| execute(session, inputs, &waiting));
+    shared
+        .metrics
+        .executed(rows, started.elapsed().as_secs_f64());
+    match result {
+        Ok(per_request) => {
+            for ((_, _, reply), outputs) in waiting.into_iter().zip(per_request) {
+                let _ = reply.send(Ok(outputs));
+            }
+        }
+        Err(error) => {
+            tracing::error!(parent: &span, model = %shared.model, %error, "batch failed");
+            for (_, _, reply) in waiting {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// A tensor's shape and data.
+type Shaped = (Vec<i64>, TensorData);
+
+type Waiting = (
+    usize,
+    Vec<String>,
+    oneshot::Sender<Result<Vec<OutputTensor>>>,
+);
+
+/// Runs the requests' inputs as one batch and gives each request its rows of its outputs.
+fn execute(
+    session: &mut Session,
+    per_request: Vec<Vec<InputTensor>>,
+    waiting: &[Waiting],
+) -> Result<Vec<Vec<OutputTensor>>> {
+    let runtime = |message: String| PredictorError::Runtime(message);
+    let batched = per_request.len() > 1;
+    let total_rows: usize = waiting.iter().map(|(rows, _, _)| rows).sum();
+    // Transpose: one column of tensors per model input.
+    let width = per_request.first().map_or(0, Vec::len);
+    let mut columns: Vec<Vec<InputTensor>> = (0..width)
+        .map(|_| Vec::with_capacity(per_request.len()))
+        .collect();
+    for inputs in per_request {
+        for (column, input) in columns.iter_mut().zip(inputs) {
+            column.push(input);
+        }
+    }
+    let mut values: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(width);
+    for column in columns {
+        let mut column = column.into_iter();
+        let Some(first) = column.next() else { continue };
+        let (name, mut shape) = (first.name, first.shape);
+        let data = if batched {
+            if let Some(dim) = shape.first_mut() {
+                *dim = i64::try_from(total_rows).unwrap_or(i64::MAX);
+            }
+            let parts = std::iter::once(first.data)
+                .chain(column.map(|t| t.data))
+                .collect();
+            TensorData::concat(parts).ok_or_else(|| {
+                runtime(format!("input '{name}': requests disagree on its datatype"))
+            })?
+        } else {
+            first.data
+        };
+        let value = to_ort(shape, data)
+            .map_err(|e| PredictorError::invalid(format!("input '{name}': {e}")))?;
+        values.push((name, SessionInputValue::from(value)));
+    }
+    let results = session.run(values).map_err(|e| runtime(e.to_string()))?;
+
+    // Every output any request asked for, converted once.
+    let mut converted: HashMap<&str, Shaped> = HashMap::new();
+    for name in waiting.iter().flat_map(|(_, outputs, _)| outputs) {
+        if converted.contains_key(name.as_str()) {
+            continue;
+        }
+        let value = results
+            .get(name)
+            .ok_or_else(|| runtime(format!("the model did not produce output '{name}'")))?;
+        let tensor = from_ort(value).map_err(|e| runtime(format!("output '{name}': {e}")))?;
+        converted.insert(name, tensor);
+    }
+    if !batched {
+        let outputs = waiting
+            .first()
+            .map(|(_, o, _)| o.as_slice())
+            .unwrap_or_default();
+        return Ok(vec![
+            outputs
+                .iter()
+                .filter_map(|name| {
+                    converted
+                        .remove(name.as_str())
+                        .map(|(shape, data)| output(name, shape, data))
+                })
+                .collect(),
+        ]);
+    }
+    // Split each output along its first dimension by the requests' rows.
+    let mut split: HashMap<&str, Vec<Option<Shaped>>> = HashMap::new();
+    for (name, (shape, data)) in converted {
+        let Some((&batch_dim, rest)) = shape.split_first() else {
+            return Err(runtime(format!(
+                "output '{name}' has no batch dimension to split"
+            )));
+        };
+        if usize::try_from(batch_dim).ok() != Some(total_rows) {
+            return Err(runtime(format!(
+                "output '{name}' has {batch_dim} rows for a batch of {total_rows}"
+            )));
+        }
+        let per_row: usize = rest
+            .iter()
+            .map(|&d| usize::try_from(d).unwrap_or(0))
+            .product();
+        let lengths: Vec<usize> = waiting.iter().map(|(rows, _, _)| rows * per_row).collect();
+        let pieces = data.split(&lengths).ok_or_else(|| {
+            runtime(format!(
+                "output '{name}' does not split into the batch's rows"
+            ))
+        })?;
+        let shaped = waiting
+            .iter()
+            .zip(pieces)
+            .map(|((rows, _, _), piece)| {
+                let mut shape = vec![i64::try_from(*rows).unwrap_or(i64::MAX)];
+                shape.extend_from_slice(rest);
+                Some((shape, piece))
+            })
+            .collect();
+        split.insert(name, shaped);
+    }
+    Ok(waiting
+        .iter()
+        .enumerate()
+        .map(|(i, (_, outputs, _))| {
+            outputs
+                .iter()
+                .filter_map(|name| {
+                    let (shape, data) = split.get_mut(name.as_str())?.get_mut(i)?.take()?;
+                    Some(output(name, shape, data))
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn output(name: &str, shape: Vec<i64>, data: TensorData) -> OutputTensor {
+    OutputTensor {
+        name: name.to_owned(),
+        shape,
+        data,
+        parameters: Parameters::new(),
+    }
+}
