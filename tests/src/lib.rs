@@ -247,3 +247,37 @@ pub fn assert_data_close(
         }
     }
 }
+
+/// A model repository in a temporary directory, made of the demo models with other configs;
+/// removed on drop.
+#[derive(Debug)]
+pub struct TempRepository {
+    pub path: PathBuf,
+}
+
+impl TempRepository {
+    /// `models`: (name, demo model to copy as version 1, config.yaml text or "" for none).
+    pub fn new(tag: &str, models: &[(&str, &str, &str)]) -> TempRepository {
+        let path = std::env::temp_dir().join(format!("meshserve-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        for (name, source, config) in models {
+            let version = path.join(name).join("1");
+            std::fs::create_dir_all(&version).expect("temp repository");
+            std::fs::copy(
+                model_repository().join(source).join("1/model.onnx"),
+                version.join("model.onnx"),
+            )
+            .expect("copy model");
+            if !config.is_empty() {
+                std::fs::write(path.join(name).join("config.yaml"), config).expect("config");
+            }
+        }
+        TempRepository { path }
+    }
+}
+
+impl Drop for TempRepository {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
