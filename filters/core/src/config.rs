@@ -1,0 +1,371 @@
+//! The filter configuration: JSON that `meshserve render` makes from InferenceServices and
+//! that reaches the filters as plugin configuration (Envoy `configuration`, Istio
+//! `pluginConfig`). Parsed into raw types that refuse unknown fields, then validated once;
+//! only a validated [`Config`] reaches the route logic.
+//!
+//! ```json
+//! {"services": [{
+//!    "name": "digits", "namespace": "default", "models": ["mnist_cnn"],
+//!    "predictor": {
+//!      "default": {"name": "digits-predictor-00001", "cluster": "digits_default"},
+//!      "canaries": [{"name": "digits-predictor-00002", "cluster": "digits_canary", "percent": 20}],
+//!      "shadow": {"name": "digits-shadow", "cluster": "digits_shadow", "percent": 10}},
+//!    "explainer": {"name": "digits-explainer", "cluster": "digits_explainer"},
+//!    "sticky": {"header": "x-user"}}],
+//!  "limits": {"grpc_peek_bytes": 4096}}
+//! ```
+
+use serde::Deserialize;
+
+/// A configuration that failed to parse or validate; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid meshserve filter configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    services: Vec<Service>,
+    limits: Limits,
+}
+
+/// Named limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The most gRPC request bytes buffered to read the model name (default 4096).
+    #[serde(default = "default_grpc_peek_bytes")]
+    pub grpc_peek_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            grpc_peek_bytes: default_grpc_peek_bytes(),
+        }
+    }
+}
+
+fn default_grpc_peek_bytes() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The model names this service answers for; empty: the service's own name.
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub predictor: Predictor,
+    pub explainer: Option<Revision>,
+    pub sticky: Option<Sticky>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+impl Service {
+    /// Whether this service serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        if self.models.is_empty() {
+            self.name == model
+        } else {
+            self.models.iter().any(|m| m == model)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Predictor {
+    pub default: Revision,
+    #[serde(default)]
+    pub canaries: Vec<Canary>,
+    pub shadow: Option<Canary>,
+}
+
+/// A revision and the Envoy cluster that reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revision {
+    pub name: String,
+    pub cluster: String,
+}
+
+/// A revision with a share of traffic, in whole percent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    pub name: String,
+    pub cluster: String,
+    pub percent: i64,
+}
+
+/// Where the sticky-session key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Sticky {
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    services: Vec<Service>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+impl Config {
+    /// Parses and validates plugin configuration bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
+        let config = Config {
+            services: raw.services,
+            limits: raw.limits,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |path: String, message: String| Err(ConfigError(format!("{path}: {message}")));
+        if self.services.is_empty() {
+            return fail(
+                "services".into(),
+                "at least one InferenceService is needed".into(),
+            );
+        }
+        if self.limits.grpc_peek_bytes < 16 {
+            return fail(
+                "limits.grpc_peek_bytes".into(),
+                "must be at least 16".into(),
+            );
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if service.name.is_empty() || service.namespace.is_empty() {
+                return fail(at, "name and namespace must not be empty".into());
+            }
+            if let Some((j, _)) = self
+                .services
+                .iter()
+                .enumerate()
+                .take(i)
+                .find(|(_, s)| s.name == service.name && s.namespace == service.namespace)
+            {
+                return fail(
+                    at,
+                    format!(
+                        "InferenceService '{}' is defined twice (also services[{j}])",
+                        service.name
+                    ),
+                );
+            }
+            for model in self.model_names(service) {
+                if let Some(other) = self.services.iter().take(i).find(|s| s.serves(model)) {
+                    return fail(
+                        format!("{at}.models"),
+                        format!(
+                            "model '{model}' is also served by InferenceService '{}'",
+                            other.name
+                        ),
+                    );
+                }
+            }
+            let predictor = &service.predictor;
+            let mut names: Vec<&str> = vec![&predictor.default.name];
+            check_revision(&format!("{at}.predictor.default"), &predictor.default)?;
+            let mut total = 0i64;
+            for (c, canary) in predictor.canaries.iter().enumerate() {
+                let path = format!("{at}.predictor.canaries[{c}]");
+                check_revision(
+                    &path,
+                    &Revision {
+                        name: canary.name.clone(),
+                        cluster: canary.cluster.clone(),
+                    },
+                )?;
+                check_percent(&path, canary.percent)?;
+                if names.contains(&canary.name.as_str()) {
+                    return fail(
+                        path,
+                        format!("revision name '{}' is used twice", canary.name),
+                    );
+                }
+                names.push(&canary.name);
+                total += canary.percent;
+            }
+            if total > 100 {
+                return fail(
+                    format!("{at}.predictor.canaries"),
+                    format!("canary percents add up to {total}, over 100"),
+                );
+            }
+            if let Some(shadow) = &predictor.shadow {
+                let path = format!("{at}.predictor.shadow");
+                check_revision(
+                    &path,
+                    &Revision {
+                        name: shadow.name.clone(),
+                        cluster: shadow.cluster.clone(),
+                    },
+                )?;
+                check_percent(&path, shadow.percent)?;
+                if names.contains(&shadow.name.as_str()) {
+                    return fail(
+                        path,
+                        format!("revision name '{}' is used twice", shadow.name),
+                    );
+                }
+            }
+            if let Some(explainer) = &service.explainer {
+                check_revision(&format!("{at}.explainer"), explainer)?;
+            }
+            if let Some(Sticky::Header(key) | Sticky::Cookie(key)) = &service.sticky
+                && key.is_empty()
+            {
+                return fail(
+                    format!("{at}.sticky"),
+                    "the header or cookie name must not be empty".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn model_names<'a>(&self, service: &'a Service) -> Vec<&'a str> {
+        if service.models.is_empty() {
+            vec![service.name.as_str()]
+        } else {
+            service.models.iter().map(String::as_str).collect()
+        }
+    }
+}
+
+fn check_revision(path: &str, revision: &Revision) -> Result<(), ConfigError> {
+    if revision.name.is_empty() || revision.cluster.is_empty() {
+        return Err(ConfigError(format!(
+            "{path}: name and cluster must not be empty"
+        )));
+    }
+    Ok(())
+}
+
+fn check_percent(path: &str, percent: i64) -> Result<(), ConfigError> {
+    if !(0..=100).contains(&percent) {
+        return Err(ConfigError(format!(
+            "{path}.percent: {percent} is not between 0 and 100"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    pub(crate) fn sample() -> Value {
+        json!({"services": [{
+            "name": "digits", "namespace": "default", "models": ["mnist_cnn"],
+            "predictor": {
+                "default": {"name": "digits-v1", "cluster": "digits_default"},
+                "canaries": [{"name": "digits-v2", "cluster": "digits_canary", "percent": 20}],
+                "shadow": {"name": "digits-v3", "cluster": "digits_shadow", "percent": 10}},
+            "explainer": {"name": "digits-explainer", "cluster": "digits_explainer"},
+            "sticky": {"header": "x-user"}}]})
+    }
+
+    fn with(mutate: impl FnOnce(&mut Value)) -> Result<Config, ConfigError> {
+        let mut v = sample();
+        mutate(&mut v);
+        Config::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn a_good_configuration_parses() {
+        let config = with(|_| {}).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.services().len(), 1);
+        assert_eq!(config.limits().grpc_peek_bytes, 4096);
+    }
+
+    /// A change that spoils the sample configuration.
+    type Mutation = Box<dyn FnOnce(&mut Value)>;
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|v| v["services"][0]["predictor"]["canaries"][0]["percent"] = json!(101)),
+                "canaries[0].percent: 101 is not between 0 and 100",
+            ),
+            (
+                Box::new(|v| v["services"][0]["predictor"]["canaries"][0]["percent"] = json!(-5)),
+                "-5 is not between 0 and 100",
+            ),
+            (
+                Box::new(|v| {
+                    v["services"][0]["predictor"]["canaries"] = json!([
+                        {"name": "a", "cluster": "a", "percent": 60}, {"name": "b", "cluster": "b", "percent": 50}])
+                }),
+                "add up to 110, over 100",
+            ),
+            (
+                Box::new(|v| {
+                    v["services"][0]["predictor"]["canaries"][0]["name"] = json!("digits-v1")
+                }),
+                "used twice",
+            ),
+            (
+                Box::new(|v| v["services"][0]["predictor"]["default"]["cluster"] = json!("")),
+                "predictor.default: name and cluster",
+            ),
+            (
+                Box::new(|v| v["services"][0]["weights"] = json!(1)),
+                "unknown field `weights`",
+            ),
+            (Box::new(|v| v["services"] = json!([])), "at least one"),
+            (
+                Box::new(|v| v["limits"] = json!({"grpc_peek_bytes": 2})),
+                "at least 16",
+            ),
+            (
+                Box::new(|v| v["services"][0]["sticky"] = json!({"query": "u"})),
+                "unknown variant",
+            ),
+            (
+                Box::new(|v| {
+                    let mut other = v["services"][0].clone();
+                    other["name"] = json!("other");
+                    if let Some(services) = v["services"].as_array_mut() {
+                        services.push(other);
+                    }
+                }),
+                "model 'mnist_cnn' is also served by InferenceService 'digits'",
+            ),
+        ];
+        for (mutate, needle) in cases {
+            match with(mutate) {
+                Err(e) => assert!(e.to_string().contains(needle), "wanted {needle:?} in {e}"),
+                Ok(_) => panic!("accepted a configuration that should fail with {needle:?}"),
+            }
+        }
+        assert!(Config::parse(b"{not json").is_err());
+        assert!(Config::parse(b"").is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! What meshserve's Envoy filters decide, as pure functions over data. The proxy-wasm shell
+//! (`filters/wasm`) feeds requests in and applies the [`route::Decision`] that comes out; no
+//! clock, randomness or host call happens here, so every decision is tested natively.
+//!
+//! - [`config`]: the filter configuration (rendered from InferenceServices), validated once.
+//! - [`protocol`]: what a request is: KServe V1, Open Inference Protocol REST or gRPC.
+//! - [`grpc`]: the model name read from the first bytes of a gRPC request.
+//! - [`route`]: which InferenceService, component and revision serve it.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod config;
+pub mod grpc;
+pub mod protocol;
+pub mod route;

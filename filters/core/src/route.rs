@@ -1,0 +1,667 @@
+//! The routing decision: which InferenceService, component and revision serve a request, or
+//! the reply the filter gives by itself. Deterministic given its inputs: the shell passes a
+//! random draw per request, and the same inputs always give the same decision.
+
+use crate::config::{Config, Service, Sticky};
+use crate::grpc::{Peek, peek_model};
+use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
+
+/// Request header that pins a revision: `default`, `canary` or a revision's name.
+pub const REVISION_HEADER: &str = "x-meshserve-revision";
+/// Headers the filter sets for the route and the upstream.
+pub const ISVC_HEADER: &str = "x-meshserve-isvc";
+pub const NAMESPACE_HEADER: &str = "x-meshserve-namespace";
+pub const COMPONENT_HEADER: &str = "x-meshserve-component";
+/// The Envoy cluster the route sends to (`cluster_header` in the route).
+pub const CLUSTER_HEADER: &str = "x-meshserve-cluster";
+
+/// What the shell knows about a request.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub path: &'a str,
+    /// `:authority` / Host.
+    pub authority: Option<&'a str>,
+    /// Looks a request header up by lower-case name.
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+    /// The gRPC body bytes seen so far (empty until the shell has buffered some).
+    pub body: &'a [u8],
+    /// Whether `body` is the whole body.
+    pub end_of_body: bool,
+    /// A uniformly random number, fresh per request.
+    pub draw: u64,
+    /// Another one, for the shadow choice.
+    pub shadow_draw: u64,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("path", &self.path)
+            .field("authority", &self.authority)
+            .field("body_bytes", &self.body.len())
+            .field("end_of_body", &self.end_of_body)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Predictor,
+    Explainer,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Predictor => "predictor",
+            Component::Explainer => "explainer",
+        }
+    }
+}
+
+/// Why a revision was chosen (for stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// The weighted split.
+    Split,
+    /// The sticky key's hash.
+    Sticky,
+    /// `x-meshserve-revision` or a `latest-` / `prev-` host.
+    Pinned,
+    /// The component has one revision.
+    Only,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub isvc: String,
+    pub namespace: String,
+    pub component: Component,
+    pub revision: String,
+    pub cluster: String,
+    /// Whether the revision is a canary (not the default).
+    pub canary: bool,
+    pub choice: Choice,
+    /// A shadow revision that also gets a copy of this request: (revision, cluster).
+    pub shadow: Option<(String, String)>,
+}
+
+impl Route {
+    /// The request headers to set: the route picks the cluster from them.
+    pub fn headers(&self) -> [(&'static str, &str); 5] {
+        [
+            (ISVC_HEADER, &self.isvc),
+            (NAMESPACE_HEADER, &self.namespace),
+            (COMPONENT_HEADER, self.component.as_str()),
+            (REVISION_HEADER, &self.revision),
+            (CLUSTER_HEADER, &self.cluster),
+        ]
+    }
+}
+
+/// A reply the filter sends itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status (for gRPC: what the status would be over REST; the shell answers gRPC with
+    /// HTTP 200 and `grpc-status`).
+    pub status: u16,
+    pub message: String,
+    pub grpc: bool,
+}
+
+impl Reply {
+    /// `{"error": "..."}`, the protocol's error shape.
+    pub fn json_body(&self) -> String {
+        serde_json::json!({"error": self.message}).to_string()
+    }
+
+    /// The gRPC status code for this reply.
+    pub fn grpc_status(&self) -> u32 {
+        match self.status {
+            400 => 3,
+            404 => 5,
+            413 => 8,
+            503 => 14,
+            _ => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Route to a revision.
+    Route(Route),
+    /// Answer without an upstream.
+    Reply(Reply),
+    /// A gRPC request whose model name is in the body: call again with more body.
+    NeedBody,
+    /// Not an inference request: leave it alone.
+    PassThrough,
+}
+
+/// Decides a request.
+pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
+    let protocol = parse(request.path);
+    let grpc = matches!(protocol, Protocol::Grpc { .. });
+    let reply = |status: u16, message: String| {
+        Decision::Reply(Reply {
+            status,
+            message,
+            grpc,
+        })
+    };
+    let model = match &protocol {
+        Protocol::Other => return Decision::PassThrough,
+        Protocol::V1 { model, .. } | Protocol::V2 { model, .. } => model.clone(),
+        Protocol::Grpc { method } => {
+            let (field, fallback) = match method {
+                GrpcMethod::ModelScoped(_) => (1, None),
+                GrpcMethod::Repository(_) => (2, Some(1)),
+                GrpcMethod::ServerScoped(_) => (0, None),
+            };
+            if field == 0 {
+                None
+            } else {
+                match peek_model(request.body, field, fallback) {
+                    Peek::Model(name) => Some(name),
+                    Peek::NoModel => None,
+                    Peek::NeedMore if request.end_of_body => {
+                        return reply(400, "the gRPC request ended before its model name".into());
+                    }
+                    Peek::NeedMore if request.body.len() >= config.limits().grpc_peek_bytes => {
+                        return reply(
+                            400,
+                            format!(
+                                "no model name in the first {} bytes of the gRPC request",
+                                config.limits().grpc_peek_bytes
+                            ),
+                        );
+                    }
+                    Peek::NeedMore => return Decision::NeedBody,
+                    Peek::Malformed(why) => {
+                        return reply(400, format!("malformed gRPC request: {why}"));
+                    }
+                }
+            }
+        }
+    };
+
+    let host = host_route(config, request.authority);
+    let service = match (&host, &model) {
+        (Some((service, _)), _) => *service,
+        (None, Some(model)) => match config.services().iter().find(|s| s.serves(model)) {
+            Some(service) => service,
+            None => return reply(404, format!("unknown model '{model}'")),
+        },
+        (None, None) => match config.services() {
+            [only] => only,
+            _ => {
+                return reply(
+                    404,
+                    "this request names no model: set the Host to <inferenceservice>.<namespace>.<domain>".into(),
+                );
+            }
+        },
+    };
+    let explain = matches!(
+        protocol,
+        Protocol::V1 {
+            verb: V1Verb::Explain,
+            ..
+        }
+    );
+    if explain {
+        return match &service.explainer {
+            Some(explainer) => Decision::Route(Route {
+                isvc: service.name.clone(),
+                namespace: service.namespace.clone(),
+                component: Component::Explainer,
+                revision: explainer.name.clone(),
+                cluster: explainer.cluster.clone(),
+                canary: false,
+                choice: Choice::Only,
+                shadow: None,
+            }),
+            None => reply(
+                404,
+                format!("InferenceService '{}' has no explainer", service.name),
+            ),
+        };
+    }
+    let pin = (request.header)(REVISION_HEADER)
+        .or_else(|| host.and_then(|(_, pin)| pin.map(str::to_owned)));
+    match choose_revision(service, pin.as_deref(), request) {
+        Ok(route) => Decision::Route(route),
+        Err(message) => reply(400, message),
+    }
+}
+
+/// The service a KServe-style host names (`[latest-|prev-]<isvc>.<namespace>.<domain>`), and
+/// the pin its prefix implies.
+fn host_route<'c>(
+    config: &'c Config,
+    authority: Option<&str>,
+) -> Option<(&'c Service, Option<&'static str>)> {
+    let authority = authority?;
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let mut labels = host.split('.');
+    let first = labels.next()?;
+    let namespace = labels.next()?;
+    let (name, pin) = match (first.strip_prefix("latest-"), first.strip_prefix("prev-")) {
+        (Some(name), _) => (name, Some("latest")),
+        (_, Some(name)) => (name, Some("prev")),
+        _ => (first, None),
+    };
+    let exact = config
+        .services()
+        .iter()
+        .find(|s| s.name == first && s.namespace == namespace);
+    match exact {
+        Some(service) => Some((service, None)),
+        None => config
+            .services()
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)
+            .map(|s| (s, pin)),
+    }
+}
+
+/// The percentage point a request falls on, in [0, 100).
+fn point(value: u64) -> i64 {
+    (value % 100) as i64
+}
+
+/// FNV-1a: stable across processes and platforms, so a sticky key lands alike everywhere.
+pub fn sticky_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn sticky_key(service: &Service, request: &Request<'_>) -> Option<String> {
+    match service.sticky.as_ref()? {
+        Sticky::Header(name) => {
+            (request.header)(&name.to_ascii_lowercase()).filter(|v| !v.is_empty())
+        }
+        Sticky::Cookie(name) => {
+            let cookies = (request.header)("cookie")?;
+            cookies.split(';').find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name && !v.is_empty()).then(|| v.to_owned())
+            })
+        }
+    }
+}
+
+fn choose_revision(
+    service: &Service,
+    pin: Option<&str>,
+    request: &Request<'_>,
+) -> Result<Route, String> {
+    let predictor = &service.predictor;
+    let route = |revision: &str, cluster: &str, canary: bool, choice: Choice| Route {
+        isvc: service.name.clone(),
+        namespace: service.namespace.clone(),
+        component: Component::Predictor,
+        revision: revision.to_owned(),
+        cluster: cluster.to_owned(),
+        canary,
+        choice,
+        shadow: predictor
+            .shadow
+            .as_ref()
+            .filter(|s| point(request.shadow_draw) < s.percent)
+            .map(|s| (s.name.clone(), s.cluster.clone())),
+    };
+    let default = &predictor.default;
+    if let Some(pin) = pin {
+        let latest = predictor.canaries.first();
+        return match pin {
+            "default" | "prev" => Ok(route(&default.name, &default.cluster, false, Choice::Pinned)),
+            "canary" => latest
+                .map(|c| route(&c.name, &c.cluster, true, Choice::Pinned))
+                .ok_or_else(|| format!("InferenceService '{}' has no canary revision", service.name)),
+            "latest" => Ok(latest.map_or_else(
+                || route(&default.name, &default.cluster, false, Choice::Pinned),
+                |c| route(&c.name, &c.cluster, true, Choice::Pinned),
+            )),
+            name if name == default.name => Ok(route(&default.name, &default.cluster, false, Choice::Pinned)),
+            name => predictor
+                .canaries
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| route(&c.name, &c.cluster, true, Choice::Pinned))
+                .ok_or_else(|| {
+                    let mut names = vec![default.name.as_str()];
+                    names.extend(predictor.canaries.iter().map(|c| c.name.as_str()));
+                    format!(
+                        "unknown revision '{name}' for InferenceService '{}': use default, canary or one of {}",
+                        service.name,
+                        names.join(", ")
+                    )
+                }),
+        };
+    }
+    if predictor.canaries.is_empty() {
+        return Ok(route(&default.name, &default.cluster, false, Choice::Only));
+    }
+    let (at, choice) = match sticky_key(service, request) {
+        Some(key) => (point(sticky_hash(&key)), Choice::Sticky),
+        None => (point(request.draw), Choice::Split),
+    };
+    let mut upper = 0;
+    for canary in &predictor.canaries {
+        upper += canary.percent;
+        if at < upper {
+            return Ok(route(&canary.name, &canary.cluster, true, choice));
+        }
+    }
+    Ok(route(&default.name, &default.cluster, false, choice))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        let v = json!({"services": [
+            {"name": "digits", "namespace": "default", "models": ["mnist_cnn", "sklearn_digits"],
+             "predictor": {
+                "default": {"name": "digits-v1", "cluster": "digits_default"},
+                "canaries": [{"name": "digits-v2", "cluster": "digits_canary", "percent": 20}],
+                "shadow": {"name": "digits-v3", "cluster": "digits_shadow", "percent": 10}},
+             "explainer": {"name": "digits-explainer", "cluster": "digits_explainer"},
+             "sticky": {"header": "x-user"}},
+            {"name": "text", "namespace": "nlp",
+             "predictor": {"default": {"name": "text-v1", "cluster": "text_default"}},
+             "sticky": {"cookie": "session"}}]});
+        Config::parse(v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    struct Req {
+        path: &'static str,
+        authority: Option<&'static str>,
+        headers: Vec<(&'static str, &'static str)>,
+        body: Vec<u8>,
+        draw: u64,
+    }
+
+    fn req(path: &'static str) -> Req {
+        Req {
+            path,
+            authority: None,
+            headers: Vec::new(),
+            body: Vec::new(),
+            draw: 50,
+        }
+    }
+
+    impl Req {
+        fn decide(&self) -> Decision {
+            let headers = self.headers.clone();
+            let lookup = move |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            };
+            decide(
+                &config(),
+                &Request {
+                    path: self.path,
+                    authority: self.authority,
+                    header: &lookup,
+                    body: &self.body,
+                    end_of_body: false,
+                    draw: self.draw,
+                    shadow_draw: 50,
+                },
+            )
+        }
+
+        fn route(&self) -> Route {
+            match self.decide() {
+                Decision::Route(route) => route,
+                other => panic!("{}: expected a route, got {other:?}", self.path),
+            }
+        }
+
+        fn reply(&self) -> Reply {
+            match self.decide() {
+                Decision::Reply(reply) => reply,
+                other => panic!("{}: expected a reply, got {other:?}", self.path),
+            }
+        }
+    }
+
+    fn grpc_frame(model: &str) -> Vec<u8> {
+        let mut message = vec![0x0a, model.len() as u8];
+        message.extend(model.as_bytes());
+        let mut frame = vec![0];
+        frame.extend((message.len() as u32).to_be_bytes());
+        frame.extend(message);
+        frame
+    }
+
+    #[test]
+    fn finds_the_service_by_model_or_host() {
+        let cases: Vec<(Req, &str, &str)> = vec![
+            (req("/v2/models/mnist_cnn/infer"), "digits", "predictor"),
+            (
+                req("/v2/models/sklearn_digits/versions/2/infer"),
+                "digits",
+                "predictor",
+            ),
+            (
+                req("/v1/models/sklearn_digits:predict"),
+                "digits",
+                "predictor",
+            ),
+            (req("/v1/models/mnist_cnn:explain"), "digits", "explainer"),
+            (req("/v1/models/text:predict"), "text", "predictor"),
+            (
+                Req {
+                    authority: Some("text.nlp.example.com"),
+                    ..req("/v2/health/ready")
+                },
+                "text",
+                "predictor",
+            ),
+            (
+                Req {
+                    authority: Some("text.nlp.example.com:8080"),
+                    ..req("/v2/models/any/infer")
+                },
+                "text",
+                "predictor",
+            ),
+            (
+                Req {
+                    body: grpc_frame("mnist_cnn"),
+                    ..req("/inference.GRPCInferenceService/ModelInfer")
+                },
+                "digits",
+                "predictor",
+            ),
+            (
+                Req {
+                    authority: Some("digits.default.svc"),
+                    ..req("/inference.GRPCInferenceService/ServerLive")
+                },
+                "digits",
+                "predictor",
+            ),
+        ];
+        for (request, isvc, component) in cases {
+            let route = request.route();
+            assert_eq!(
+                (route.isvc.as_str(), route.component.as_str()),
+                (isvc, component),
+                "{}",
+                request.path
+            );
+        }
+    }
+
+    #[test]
+    fn answers_by_itself_when_it_must() {
+        let unknown = req("/v2/models/nope/infer").reply();
+        assert_eq!((unknown.status, unknown.grpc), (404, false));
+        assert_eq!(unknown.json_body(), r#"{"error":"unknown model 'nope'"}"#);
+        let no_explainer = req("/v1/models/text:explain").reply();
+        assert!(no_explainer.message.contains("'text' has no explainer"));
+        let ambiguous = req("/v2/health/ready").reply();
+        assert!(ambiguous.message.contains("set the Host"));
+        let grpc_unknown = Req {
+            body: grpc_frame("nope"),
+            ..req("/inference.GRPCInferenceService/ModelInfer")
+        }
+        .reply();
+        assert_eq!((grpc_unknown.grpc, grpc_unknown.grpc_status()), (true, 5));
+        let bad_pin = Req {
+            headers: vec![(REVISION_HEADER, "v9")],
+            ..req("/v2/models/mnist_cnn/infer")
+        }
+        .reply();
+        assert!(
+            bad_pin.message.contains("unknown revision 'v9'")
+                && bad_pin.message.contains("digits-v2")
+        );
+        let malformed = Req {
+            body: vec![1, 0, 0, 0, 1, 0],
+            ..req("/inference.GRPCInferenceService/ModelInfer")
+        }
+        .reply();
+        assert_eq!(malformed.grpc_status(), 3);
+        assert_eq!(req("/metrics").decide(), Decision::PassThrough);
+        assert_eq!(
+            Req {
+                body: vec![0, 0],
+                ..req("/inference.GRPCInferenceService/ModelInfer")
+            }
+            .decide(),
+            Decision::NeedBody
+        );
+    }
+
+    #[test]
+    fn the_split_follows_the_percentages() {
+        let mut canary = 0;
+        for draw in 0..1000 {
+            let route = Req {
+                draw,
+                ..req("/v2/models/mnist_cnn/infer")
+            }
+            .route();
+            assert_eq!(route.choice, Choice::Split);
+            canary += usize::from(route.canary);
+        }
+        assert_eq!(canary, 200);
+        let only = req("/v1/models/text:predict").route();
+        assert_eq!(
+            (only.revision.as_str(), only.choice),
+            ("text-v1", Choice::Only)
+        );
+    }
+
+    #[test]
+    fn sticky_keys_hold_one_revision() {
+        for user in ["alice", "bob", "carol", "dave", "eve"] {
+            let revisions: Vec<String> = (0..50)
+                .map(|draw| {
+                    Req {
+                        draw,
+                        headers: vec![("x-user", user)],
+                        ..req("/v2/models/mnist_cnn/infer")
+                    }
+                    .route()
+                })
+                .map(|r| {
+                    assert_eq!(r.choice, Choice::Sticky);
+                    r.revision
+                })
+                .collect();
+            assert!(
+                revisions.iter().all(|r| *r == revisions[0]),
+                "{user}: {revisions:?}"
+            );
+        }
+        // The hash is fixed: these keys land where they always have.
+        // FNV-1a 64 of "alice" is 5803779529149266183 (checked against an independent implementation).
+        assert_eq!(sticky_hash("alice"), 5_803_779_529_149_266_183);
+        assert_eq!(sticky_hash(""), 0xcbf2_9ce4_8422_2325);
+        let cookie = Req {
+            headers: vec![("cookie", "a=1; session=abc")],
+            ..req("/v1/models/text:predict")
+        }
+        .route();
+        assert_eq!(cookie.choice, Choice::Only);
+    }
+
+    #[test]
+    fn pinning_wins_over_weights_and_stickiness() {
+        for draw in [0, 19, 20, 99] {
+            let pinned = |value: &'static str| {
+                Req {
+                    draw,
+                    headers: vec![(REVISION_HEADER, value), ("x-user", "alice")],
+                    ..req("/v2/models/mnist_cnn/infer")
+                }
+                .route()
+            };
+            assert_eq!(pinned("default").revision, "digits-v1");
+            assert_eq!(pinned("canary").revision, "digits-v2");
+            assert_eq!(pinned("digits-v2").revision, "digits-v2");
+            assert_eq!(pinned("digits-v1").choice, Choice::Pinned);
+            let latest = Req {
+                draw,
+                authority: Some("latest-digits.default.example.com"),
+                ..req("/v2/models/mnist_cnn/infer")
+            }
+            .route();
+            assert_eq!(latest.revision, "digits-v2");
+            let prev = Req {
+                draw,
+                authority: Some("prev-digits.default.example.com"),
+                ..req("/v2/models/mnist_cnn/infer")
+            }
+            .route();
+            assert_eq!(prev.revision, "digits-v1");
+        }
+        let no_canary = Req {
+            headers: vec![(REVISION_HEADER, "canary")],
+            ..req("/v1/models/text:predict")
+        }
+        .reply();
+        assert!(no_canary.message.contains("no canary"));
+    }
+
+    #[test]
+    fn shadows_get_their_share() {
+        let shadowed = (0..100u64)
+            .filter(|&d| {
+                let headers = |_: &str| None;
+                match decide(
+                    &config(),
+                    &Request {
+                        path: "/v2/models/mnist_cnn/infer",
+                        authority: None,
+                        header: &headers,
+                        body: &[],
+                        end_of_body: false,
+                        draw: 0,
+                        shadow_draw: d,
+                    },
+                ) {
+                    Decision::Route(route) => route.shadow.is_some(),
+                    _ => false,
+                }
+            })
+            .count();
+        assert_eq!(shadowed, 10);
+    }
+}
