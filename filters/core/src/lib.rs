@@ -21,3 +21,4 @@ pub mod config;
 pub mod grpc;
 pub mod protocol;
 pub mod route;
+pub mod shadow;

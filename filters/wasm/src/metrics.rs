@@ -1,0 +1,63 @@
+//! The filters' Envoy stats. Names carry their labels as `.<label>.<value>` pairs, which the
+//! bootstrap's `stats_tags` turn into Prometheus labels:
+//!
+//! | stat | labels | counts |
+//! |---|---|---|
+//! | `meshserve.requests` | `isvc`, `revision`, `outcome` (`routed`, `replied`) | requests decided by the router |
+//! | `meshserve.canary` | `isvc`, `revision`, `choice` (`split`, `sticky`, `pinned`, `only`) | revision choices |
+//! | `meshserve.shadow` | `isvc`, `revision`, `result` (`sent`, `agree`, `disagree`, `error`) | shadow copies and their verdicts |
+//! | `meshserve.errors` | `reason` | requests the router could not decide (host-call failures) |
+
+use std::collections::HashMap;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// Counters by full name, defined on first use.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    ids: HashMap<String, u32>,
+}
+
+/// A stat-name segment: dots would split labels, so they become underscores.
+fn clean(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c == '.' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+impl Counters {
+    /// Adds one to `meshserve.<family>` with the given labels.
+    pub(crate) fn increment(&mut self, family: &str, labels: &[(&str, &str)]) {
+        let mut name = format!("meshserve.{family}");
+        for (label, value) in labels {
+            name.push('.');
+            name.push_str(label);
+            name.push('.');
+            name.push_str(&clean(value));
+        }
+        let id = match self.ids.get(&name) {
+            Some(id) => *id,
+            None => match hostcalls::define_metric(MetricType::Counter, &name) {
+                Ok(id) => {
+                    self.ids.insert(name, id);
+                    id
+                }
+                Err(status) => {
+                    log::warn!("cannot define stat {name}: {status:?}");
+                    return;
+                }
+            },
+        };
+        if let Err(status) = hostcalls::increment_metric(id, 1) {
+            log::warn!("cannot increment stat {id}: {status:?}");
+        }
+    }
+}
