@@ -88,12 +88,14 @@ pub struct Predictor {
     pub shadow: Option<Canary>,
 }
 
-/// A revision and the Envoy cluster that reaches it.
+/// A revision and the Envoy clusters that reach it: `cluster` for REST, `grpc_cluster` (if
+/// set) for gRPC requests.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revision {
     pub name: String,
     pub cluster: String,
+    pub grpc_cluster: Option<String>,
 }
 
 /// A revision with a share of traffic, in whole percent.
@@ -102,7 +104,24 @@ pub struct Revision {
 pub struct Canary {
     pub name: String,
     pub cluster: String,
+    pub grpc_cluster: Option<String>,
     pub percent: i64,
+}
+
+impl Canary {
+    pub fn revision(&self) -> Revision {
+        Revision { name: self.name.clone(), cluster: self.cluster.clone(), grpc_cluster: self.grpc_cluster.clone() }
+    }
+}
+
+impl Revision {
+    /// The cluster for a request of this protocol.
+    pub fn cluster_for(&self, grpc: bool) -> &str {
+        match (&self.grpc_cluster, grpc) {
+            (Some(c), true) => c,
+            _ => &self.cluster,
+        }
+    }
 }
 
 /// Where the sticky-session key comes from.
@@ -193,13 +212,7 @@ impl Config {
             let mut total = 0i64;
             for (c, canary) in predictor.canaries.iter().enumerate() {
                 let path = format!("{at}.predictor.canaries[{c}]");
-                check_revision(
-                    &path,
-                    &Revision {
-                        name: canary.name.clone(),
-                        cluster: canary.cluster.clone(),
-                    },
-                )?;
+                check_revision(&path, &canary.revision())?;
                 check_percent(&path, canary.percent)?;
                 if names.contains(&canary.name.as_str()) {
                     return fail(
@@ -218,13 +231,7 @@ impl Config {
             }
             if let Some(shadow) = &predictor.shadow {
                 let path = format!("{at}.predictor.shadow");
-                check_revision(
-                    &path,
-                    &Revision {
-                        name: shadow.name.clone(),
-                        cluster: shadow.cluster.clone(),
-                    },
-                )?;
+                check_revision(&path, &shadow.revision())?;
                 check_percent(&path, shadow.percent)?;
                 if names.contains(&shadow.name.as_str()) {
                     return fail(
@@ -258,7 +265,7 @@ impl Config {
 }
 
 fn check_revision(path: &str, revision: &Revision) -> Result<(), ConfigError> {
-    if revision.name.is_empty() || revision.cluster.is_empty() {
+    if revision.name.is_empty() || revision.cluster.is_empty() || revision.grpc_cluster.as_ref().is_some_and(String::is_empty) {
         return Err(ConfigError(format!(
             "{path}: name and cluster must not be empty"
         )));

@@ -2,7 +2,7 @@
 //! the reply the filter gives by itself. Deterministic given its inputs: the shell passes a
 //! random draw per request, and the same inputs always give the same decision.
 
-use crate::config::{Config, Service, Sticky};
+use crate::config::{Config, Revision, Service, Sticky};
 use crate::grpc::{Peek, peek_model};
 use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
 
@@ -217,7 +217,7 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
                 namespace: service.namespace.clone(),
                 component: Component::Explainer,
                 revision: explainer.name.clone(),
-                cluster: explainer.cluster.clone(),
+                cluster: explainer.cluster_for(grpc).to_owned(),
                 canary: false,
                 choice: Choice::Only,
                 shadow: None,
@@ -230,7 +230,7 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
     }
     let pin = (request.header)(REVISION_HEADER)
         .or_else(|| host.and_then(|(_, pin)| pin.map(str::to_owned)));
-    match choose_revision(service, pin.as_deref(), request) {
+    match choose_revision(service, pin.as_deref(), request, grpc) {
         Ok(route) => Decision::Route(route),
         Err(message) => reply(400, message),
     }
@@ -300,40 +300,41 @@ fn choose_revision(
     service: &Service,
     pin: Option<&str>,
     request: &Request<'_>,
+    grpc: bool,
 ) -> Result<Route, String> {
     let predictor = &service.predictor;
-    let route = |revision: &str, cluster: &str, canary: bool, choice: Choice| Route {
+    let route = |revision: &Revision, canary: bool, choice: Choice| Route {
         isvc: service.name.clone(),
         namespace: service.namespace.clone(),
         component: Component::Predictor,
-        revision: revision.to_owned(),
-        cluster: cluster.to_owned(),
+        revision: revision.name.clone(),
+        cluster: revision.cluster_for(grpc).to_owned(),
         canary,
         choice,
         shadow: predictor
             .shadow
             .as_ref()
             .filter(|s| point(request.shadow_draw) < s.percent)
-            .map(|s| (s.name.clone(), s.cluster.clone())),
+            .map(|s| (s.name.clone(), s.revision().cluster_for(grpc).to_owned())),
     };
     let default = &predictor.default;
     if let Some(pin) = pin {
         let latest = predictor.canaries.first();
         return match pin {
-            "default" | "prev" => Ok(route(&default.name, &default.cluster, false, Choice::Pinned)),
+            "default" | "prev" => Ok(route(default, false, Choice::Pinned)),
             "canary" => latest
-                .map(|c| route(&c.name, &c.cluster, true, Choice::Pinned))
+                .map(|c| route(&c.revision(), true, Choice::Pinned))
                 .ok_or_else(|| format!("InferenceService '{}' has no canary revision", service.name)),
             "latest" => Ok(latest.map_or_else(
-                || route(&default.name, &default.cluster, false, Choice::Pinned),
-                |c| route(&c.name, &c.cluster, true, Choice::Pinned),
+                || route(default, false, Choice::Pinned),
+                |c| route(&c.revision(), true, Choice::Pinned),
             )),
-            name if name == default.name => Ok(route(&default.name, &default.cluster, false, Choice::Pinned)),
+            name if name == default.name => Ok(route(default, false, Choice::Pinned)),
             name => predictor
                 .canaries
                 .iter()
                 .find(|c| c.name == name)
-                .map(|c| route(&c.name, &c.cluster, true, Choice::Pinned))
+                .map(|c| route(&c.revision(), true, Choice::Pinned))
                 .ok_or_else(|| {
                     let mut names = vec![default.name.as_str()];
                     names.extend(predictor.canaries.iter().map(|c| c.name.as_str()));
@@ -346,7 +347,7 @@ fn choose_revision(
         };
     }
     if predictor.canaries.is_empty() {
-        return Ok(route(&default.name, &default.cluster, false, Choice::Only));
+        return Ok(route(default, false, Choice::Only));
     }
     let (at, choice) = match sticky_key(service, request) {
         Some(key) => (point(sticky_hash(&key)), Choice::Sticky),
@@ -356,10 +357,10 @@ fn choose_revision(
     for canary in &predictor.canaries {
         upper += canary.percent;
         if at < upper {
-            return Ok(route(&canary.name, &canary.cluster, true, choice));
+            return Ok(route(&canary.revision(), true, choice));
         }
     }
-    Ok(route(&default.name, &default.cluster, false, choice))
+    Ok(route(default, false, choice))
 }
 
 #[cfg(test)]
@@ -371,7 +372,7 @@ mod tests {
         let v = json!({"services": [
             {"name": "digits", "namespace": "default", "models": ["mnist_cnn", "sklearn_digits"],
              "predictor": {
-                "default": {"name": "digits-v1", "cluster": "digits_default"},
+                "default": {"name": "digits-v1", "cluster": "digits_default", "grpc_cluster": "digits_default_grpc"},
                 "canaries": [{"name": "digits-v2", "cluster": "digits_canary", "percent": 20}],
                 "shadow": {"name": "digits-v3", "cluster": "digits_shadow", "percent": 10}},
              "explainer": {"name": "digits-explainer", "cluster": "digits_explainer"},
@@ -496,6 +497,9 @@ mod tests {
                 "predictor",
             ),
         ];
+        let grpc = Req { body: grpc_frame("mnist_cnn"), ..req("/inference.GRPCInferenceService/ModelInfer") }.route();
+        assert_eq!(grpc.cluster, "digits_default_grpc");
+        assert_eq!(req("/v2/models/mnist_cnn/infer").route().cluster, "digits_default");
         for (request, isvc, component) in cases {
             let route = request.route();
             assert_eq!(
