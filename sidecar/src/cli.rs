@@ -33,6 +33,84 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve a model repository over REST (HTTP/1.1 and h2c) and gRPC.
     Serve(ServeArgs),
+    /// Run InferenceServices locally: a predictor sidecar per revision behind Envoy and
+    /// meshserve's wasm router, until Ctrl-C.
+    Up(UpArgs),
+    /// Change a running mesh's traffic split (no restart, no failed request).
+    Canary(CanaryArgs),
+    /// Write the filter configuration, its Envoy extension config and an Envoy bootstrap.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A KServe InferenceService YAML file (several, separated by `---`, are fine).
+    pub file: PathBuf,
+    /// Envoy's listener port.
+    #[arg(long, default_value_t = 8080, env = "MESHSERVE_PORT")]
+    pub port: u16,
+    /// Envoy's listener address. Only loopback unless you say otherwise.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub host: IpAddr,
+    /// Envoy's admin port (0: let the OS pick; always on loopback).
+    #[arg(long, default_value_t = 0)]
+    pub admin_port: u16,
+    /// The Envoy binary. Default: $MESHSERVE_ENVOY, then the set-up script's .venv.
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
+    /// meshserve_filters.wasm. Default: the workspace's wasm32-wasip1 release build.
+    #[arg(long)]
+    pub wasm: Option<PathBuf>,
+    /// Where the rendered configuration and per-revision repositories go; `meshserve canary`
+    /// reads it.
+    #[arg(long, default_value = ".meshserve", env = "MESHSERVE_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Envoy worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub envoy_concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).args(["percent", "promote", "rollback"])))]
+pub struct CanaryArgs {
+    /// The InferenceService.
+    pub isvc: String,
+    /// The canary's share of traffic, 0 to 100.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=100))]
+    pub percent: Option<i64>,
+    /// Make the canary the default revision.
+    #[arg(long)]
+    pub promote: bool,
+    /// Send the canary no traffic.
+    #[arg(long)]
+    pub rollback: bool,
+    /// Which canary, when there are several (default: the first).
+    #[arg(long)]
+    pub canary: Option<String>,
+    /// The state directory of the running `meshserve up`.
+    #[arg(long, default_value = ".meshserve", env = "MESHSERVE_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// A KServe InferenceService YAML file.
+    pub file: PathBuf,
+    /// The directory to write filter.json, router.ecds.json and envoy.json into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Envoy's listener port.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Envoy's admin port.
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// The first sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
+    #[arg(long, default_value_t = 9000)]
+    pub upstream_base_port: u16,
+    /// The path of meshserve_filters.wasm as Envoy will see it.
+    #[arg(long, default_value = "meshserve_filters.wasm")]
+    pub wasm: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +137,10 @@ pub struct ServeArgs {
     /// Threads ONNX Runtime uses within one operator (0: one per core).
     #[arg(long, default_value_t = 0, env = "MESHSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: usize,
+    /// Let ONNX Runtime's idle intra-op threads spin (faster hand-offs on an otherwise idle
+    /// many-core machine; on a small one they take the cores the server needs).
+    #[arg(long, env = "MESHSERVE_INTRA_OP_SPINNING")]
+    pub intra_op_spinning: bool,
     /// Largest request body (REST) or message (gRPC), in bytes; larger ones get 413 / RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_request_bytes, env = "MESHSERVE_MAX_REQUEST_BYTES")]
     pub max_request_bytes: usize,
@@ -68,6 +150,89 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
+}
+
+/// Runs `meshserve up` until SIGTERM or Ctrl-C.
+pub async fn up(args: UpArgs) -> Result<(), crate::mesh::up::UpError> {
+    crate::mesh::up::up(
+        crate::mesh::up::UpOptions {
+            file: args.file,
+            host: args.host,
+            port: args.port,
+            admin_port: args.admin_port,
+            envoy: args.envoy,
+            wasm: args.wasm,
+            state_dir: args.state_dir,
+            envoy_concurrency: args.envoy_concurrency,
+        },
+        stop_signal(),
+    )
+    .await
+}
+
+/// Runs `meshserve canary`; prints the new split.
+pub fn canary(args: CanaryArgs) -> Result<(), String> {
+    use crate::mesh::canary::{Change, apply};
+    let change = match (args.percent, args.promote, args.rollback) {
+        (Some(p), false, false) => Change::Percent(p),
+        (None, true, false) => Change::Promote,
+        (None, false, true) => Change::Rollback,
+        _ => return Err("give exactly one of --percent, --promote, --rollback".into()),
+    };
+    let split = apply(&args.state_dir, &args.isvc, args.canary.as_deref(), &change)?;
+    println!("{split}");
+    Ok(())
+}
+
+/// Runs `meshserve render`.
+pub fn render(args: RenderArgs) -> Result<(), String> {
+    use crate::mesh::render::{
+        self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream,
+    };
+    let services = crate::mesh::up::read_services(&args.file).map_err(|e| e.to_string())?;
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut served = Vec::new();
+    let mut upstreams = Vec::new();
+    let mut port = args.upstream_base_port;
+    for isvc in &services {
+        let mut models = Vec::new();
+        for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
+            for name in
+                crate::mesh::up::model_names(&isvc.name, revision).map_err(|e| e.to_string())?
+            {
+                if !models.contains(&name) {
+                    models.push(name);
+                }
+            }
+            let upstream = Upstream {
+                http: SocketAddr::new(loopback, port),
+                grpc: SocketAddr::new(loopback, port.saturating_add(1)),
+            };
+            upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
+            port = port.saturating_add(2);
+        }
+        served.push((isvc, models));
+    }
+    let config = render::filter_config(&served)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let ecds = args.out.join(ROUTER_ECDS_FILE);
+    let listener = SocketAddr::new(loopback, args.port);
+    let admin = SocketAddr::new(loopback, args.admin_port);
+    let write = |name: &str, value: &serde_json::Value| {
+        let path = args.out.join(name);
+        render::write_atomically(&path, value).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(FILTER_CONFIG_FILE, &config)?;
+    write(ROUTER_ECDS_FILE, &render::router_ecds(&config, &args.wasm))?;
+    write(
+        BOOTSTRAP_FILE,
+        &render::bootstrap(listener, admin, &ecds, &upstreams),
+    )?;
+    println!(
+        "wrote {FILTER_CONFIG_FILE}, {ROUTER_ECDS_FILE} and {BOOTSTRAP_FILE} to {}",
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// Why `meshserve serve` could not start.
@@ -87,6 +252,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         library: args.ort_library,
         device: args.device,
         intra_op_threads: args.intra_op_threads,
+        intra_op_spinning: args.intra_op_spinning,
     })?;
     tracing::info!(library = %runtime.library().display(), device = %runtime.device(), "ONNX Runtime loaded");
     let repository = Arc::new(Repository::open(&args.model_repository, Arc::new(runtime))?);

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod error;
 pub mod grpc;
+pub mod mesh;
 pub mod rest;
 pub mod server;
 pub mod service;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshserve_sidecar::cli::{Cli, Command, LogFormat, serve};
+use meshserve_sidecar::cli::{Cli, Command, LogFormat, canary, render, serve, up};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -27,8 +27,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+    let result: Result<(), String> = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)).map_err(|e| e.to_string()),
+        Command::Up(args) => runtime.block_on(up(args)).map_err(|e| e.to_string()),
+        Command::Canary(args) => canary(args),
+        Command::Render(args) => render(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

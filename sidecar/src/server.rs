@@ -139,9 +139,10 @@ async fn serve_grpc(
     let grpc = GrpcInferenceServiceServer::new(GrpcService::new(service))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` does not apply to incoming streams we bind ourselves; without
+    // TCP_NODELAY, Nagle's algorithm and delayed ACKs stall responses by 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
         ))

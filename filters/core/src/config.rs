@@ -110,7 +110,11 @@ pub struct Canary {
 
 impl Canary {
     pub fn revision(&self) -> Revision {
-        Revision { name: self.name.clone(), cluster: self.cluster.clone(), grpc_cluster: self.grpc_cluster.clone() }
+        Revision {
+            name: self.name.clone(),
+            cluster: self.cluster.clone(),
+            grpc_cluster: self.grpc_cluster.clone(),
+        }
     }
 }
 
@@ -265,7 +269,10 @@ impl Config {
 }
 
 fn check_revision(path: &str, revision: &Revision) -> Result<(), ConfigError> {
-    if revision.name.is_empty() || revision.cluster.is_empty() || revision.grpc_cluster.as_ref().is_some_and(String::is_empty) {
+    if revision.name.is_empty()
+        || revision.cluster.is_empty()
+        || revision.grpc_cluster.as_ref().is_some_and(String::is_empty)
+    {
         return Err(ConfigError(format!(
             "{path}: name and cluster must not be empty"
         )));

@@ -497,9 +497,16 @@ mod tests {
                 "predictor",
             ),
         ];
-        let grpc = Req { body: grpc_frame("mnist_cnn"), ..req("/inference.GRPCInferenceService/ModelInfer") }.route();
+        let grpc = Req {
+            body: grpc_frame("mnist_cnn"),
+            ..req("/inference.GRPCInferenceService/ModelInfer")
+        }
+        .route();
         assert_eq!(grpc.cluster, "digits_default_grpc");
-        assert_eq!(req("/v2/models/mnist_cnn/infer").route().cluster, "digits_default");
+        assert_eq!(
+            req("/v2/models/mnist_cnn/infer").route().cluster,
+            "digits_default"
+        );
         for (request, isvc, component) in cases {
             let route = request.route();
             assert_eq!(

@@ -3,9 +3,9 @@
 //!
 //! | stat | labels | counts |
 //! |---|---|---|
-//! | `meshserve.requests` | `isvc`, `revision`, `outcome` (`routed`, `replied`) | requests decided by the router |
+//! | `meshserve.requests` | `isvc`, `revision`, `outcome` (`routed`, or `replied_<status>` for the filter's own answers) | requests decided by the router |
 //! | `meshserve.canary` | `isvc`, `revision`, `choice` (`split`, `sticky`, `pinned`, `only`) | revision choices |
-//! | `meshserve.shadow` | `isvc`, `revision`, `result` (`sent`, `agree`, `disagree`, `error`) | shadow copies and their verdicts |
+//! | `meshserve.shadow` | `isvc`, `revision`, `result` (`sent`, `agree`, `disagree`, `unknown`, `error`) | shadow copies and their verdicts |
 //! | `meshserve.errors` | `reason` | requests the router could not decide (host-call failures) |
 
 use std::collections::HashMap;

@@ -1,0 +1,353 @@
+//! The KServe `serving.kserve.io/v1beta1` InferenceService subset that `meshserve up` runs:
+//! `metadata.name` / `namespace`, `spec.predictor` (`name`, `model.modelFormat.name: onnx`,
+//! `model.storageUri`, `canaryTrafficPercent`), and standard mode's `spec.canary[]`
+//! (`predictor`, `trafficPercent`). Fields that only matter on Kubernetes (resources, replicas,
+//! service accounts) are accepted and ignored; fields meshserve cannot honour locally are
+//! refused with their path.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// An InferenceService that cannot run, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct IsvcError {
+    pub path: String,
+    pub message: String,
+}
+
+fn error(path: &str, message: impl Into<String>) -> IsvcError {
+    IsvcError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Raw {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: RawMetadata,
+    spec: RawSpec,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawMetadata {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSpec {
+    predictor: Option<RawPredictor>,
+    #[serde(default)]
+    canary: Vec<RawCanary>,
+    transformer: Option<Value>,
+    explainer: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPredictor {
+    name: Option<String>,
+    canary_traffic_percent: Option<i64>,
+    model: Option<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawModel {
+    model_format: Option<RawFormat>,
+    storage_uri: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawFormat {
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawCanary {
+    name: Option<String>,
+    predictor: Option<RawPredictor>,
+    traffic_percent: Option<i64>,
+}
+
+/// A revision to run: a predictor sidecar over a model location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionSpec {
+    pub name: String,
+    /// The model: a directory (one model in Triton's layout, or a repository of several) or
+    /// one `.onnx` file.
+    pub storage: PathBuf,
+    pub percent: i64,
+}
+
+/// A validated InferenceService.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceService {
+    pub name: String,
+    pub namespace: String,
+    pub default: RevisionSpec,
+    pub canaries: Vec<RevisionSpec>,
+}
+
+impl InferenceService {
+    /// Parses the YAML of one InferenceService; `file://` paths are relative to `base`.
+    pub fn parse(yaml: &str, base: &Path) -> Result<InferenceService, IsvcError> {
+        let raw: Raw =
+            serde_yaml::from_str(yaml).map_err(|e| error("(document)", e.to_string()))?;
+        if let Some(api) = &raw.api_version
+            && !api.starts_with("serving.kserve.io/")
+        {
+            return Err(error(
+                "apiVersion",
+                format!("'{api}' is not serving.kserve.io/v1beta1"),
+            ));
+        }
+        if let Some(kind) = &raw.kind
+            && kind != "InferenceService"
+        {
+            return Err(error("kind", format!("'{kind}' is not InferenceService")));
+        }
+        let name = raw
+            .metadata
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| error("metadata.name", "is required"))?;
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(error(
+                "metadata.name",
+                format!("'{name}' must be lower-case letters, digits and '-' (a DNS label)"),
+            ));
+        }
+        let namespace = raw
+            .metadata
+            .namespace
+            .unwrap_or_else(|| "default".to_owned());
+        if raw.spec.transformer.is_some() {
+            return Err(error(
+                "spec.transformer",
+                "not supported by meshserve up yet",
+            ));
+        }
+        if raw.spec.explainer.is_some() {
+            return Err(error(
+                "spec.explainer",
+                "meshserve up cannot run explainer containers; route :explain with a rendered configuration",
+            ));
+        }
+        let predictor = raw
+            .spec
+            .predictor
+            .ok_or_else(|| error("spec.predictor", "is required"))?;
+        let canary_percent = predictor.canary_traffic_percent;
+        let default = revision(
+            "spec.predictor",
+            predictor,
+            format!("{name}-predictor"),
+            0,
+            base,
+        )?;
+        let mut canaries = Vec::new();
+        for (i, canary) in raw.spec.canary.into_iter().enumerate() {
+            let path = format!("spec.canary[{i}]");
+            let percent = match (canary.traffic_percent, canary_percent, i) {
+                (Some(p), _, _) => p,
+                (None, Some(p), 0) => p,
+                (None, _, _) => {
+                    return Err(error(&format!("{path}.trafficPercent"), "is required"));
+                }
+            };
+            if !(0..=100).contains(&percent) {
+                return Err(error(
+                    &format!("{path}.trafficPercent"),
+                    format!("{percent} is not between 0 and 100"),
+                ));
+            }
+            let predictor = canary
+                .predictor
+                .ok_or_else(|| error(&format!("{path}.predictor"), "is required"))?;
+            let fallback = canary
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{name}-canary-{}", i + 1));
+            let mut spec = revision(
+                &format!("{path}.predictor"),
+                predictor,
+                fallback,
+                percent,
+                base,
+            )?;
+            if let Some(n) = canary.name {
+                spec.name = n;
+            }
+            canaries.push(spec);
+        }
+        if canaries.is_empty() && canary_percent.is_some_and(|p| p > 0) {
+            return Err(error(
+                "spec.predictor.canaryTrafficPercent",
+                "needs the canary revision: list it under spec.canary[] (KServe's standard-mode form)",
+            ));
+        }
+        let total: i64 = canaries.iter().map(|c| c.percent).sum();
+        if total > 100 {
+            return Err(error(
+                "spec.canary",
+                format!("traffic percents add up to {total}, over 100"),
+            ));
+        }
+        let mut names = vec![&default.name];
+        for canary in &canaries {
+            if names.contains(&&canary.name) {
+                return Err(error(
+                    "spec.canary",
+                    format!("revision name '{}' is used twice", canary.name),
+                ));
+            }
+            names.push(&canary.name);
+        }
+        Ok(InferenceService {
+            name,
+            namespace,
+            default,
+            canaries,
+        })
+    }
+}
+
+fn revision(
+    path: &str,
+    predictor: RawPredictor,
+    fallback: String,
+    percent: i64,
+    base: &Path,
+) -> Result<RevisionSpec, IsvcError> {
+    let model = predictor
+        .model
+        .ok_or_else(|| error(&format!("{path}.model"), "is required"))?;
+    let format = model.model_format.and_then(|f| f.name).unwrap_or_default();
+    if !format.eq_ignore_ascii_case("onnx") {
+        return Err(error(
+            &format!("{path}.model.modelFormat.name"),
+            format!(
+                "'{format}' is not supported: meshserve serves onnx (convert with skl2onnx, tf2onnx, torch.onnx)"
+            ),
+        ));
+    }
+    let uri = model
+        .storage_uri
+        .ok_or_else(|| error(&format!("{path}.model.storageUri"), "is required"))?;
+    let Some(local) = uri.strip_prefix("file://") else {
+        return Err(error(
+            &format!("{path}.model.storageUri"),
+            format!("'{uri}': meshserve up reads file:// locations only"),
+        ));
+    };
+    let storage = base.join(local);
+    if !storage.exists() {
+        return Err(error(
+            &format!("{path}.model.storageUri"),
+            format!("{} does not exist", storage.display()),
+        ));
+    }
+    Ok(RevisionSpec {
+        name: predictor.name.unwrap_or(fallback),
+        storage,
+        percent,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    const GOOD: &str = r#"
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: digits
+spec:
+  predictor:
+    name: digits-v1
+    minReplicas: 1
+    model:
+      modelFormat: {name: onnx}
+      storageUri: file://models/repository/sklearn_digits/1/model.onnx
+  canary:
+    - predictor:
+        name: digits-v2
+        model:
+          modelFormat: {name: onnx}
+          storageUri: file://models/repository/sklearn_digits/2/model.onnx
+      trafficPercent: 20
+"#;
+
+    #[test]
+    fn a_kserve_file_parses() {
+        let isvc = InferenceService::parse(GOOD, &base()).unwrap();
+        assert_eq!(
+            (isvc.name.as_str(), isvc.namespace.as_str()),
+            ("digits", "default")
+        );
+        assert_eq!(isvc.default.name, "digits-v1");
+        assert_eq!(isvc.canaries.len(), 1);
+        assert_eq!(
+            (isvc.canaries[0].name.as_str(), isvc.canaries[0].percent),
+            ("digits-v2", 20)
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (
+                GOOD.replace("name: onnx", "name: sklearn"),
+                "spec.predictor.model.modelFormat.name",
+            ),
+            (
+                GOOD.replace("trafficPercent: 20", "trafficPercent: 120"),
+                "spec.canary[0].trafficPercent",
+            ),
+            (
+                GOOD.replace("file://models/repository/sklearn_digits/1", "s3://bucket"),
+                "spec.predictor.model.storageUri",
+            ),
+            (
+                GOOD.replace("sklearn_digits/2", "nowhere/2"),
+                "spec.canary[0].predictor.model.storageUri",
+            ),
+            (
+                GOOD.replace("name: digits\n", "name: Digits_1\n"),
+                "metadata.name",
+            ),
+            (
+                GOOD.replace("kind: InferenceService", "kind: Deployment"),
+                "kind",
+            ),
+            (
+                GOOD.replace("  canary:", "  transformer: {}\n  canary:"),
+                "spec.transformer",
+            ),
+            (
+                GOOD.replace("name: digits-v2", "name: digits-v1"),
+                "spec.canary",
+            ),
+        ];
+        for (yaml, path) in cases {
+            let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+        }
+    }
+}

