@@ -281,3 +281,196 @@ impl Drop for TempRepository {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// The Envoy binary: `$MESHSERVE_ENVOY`, else the set-up script's `.venv`.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHSERVE_ENVOY") {
+        return PathBuf::from(path);
+    }
+    let lib = root().join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("no Envoy under {} (run scripts/setup.sh)", lib.display()))
+}
+
+/// `meshserve_filters.wasm`, as `scripts/setup.sh` builds it.
+pub fn wasm_module() -> PathBuf {
+    let path = root().join("target/wasm32-wasip1/release/meshserve_filters.wasm");
+    assert!(
+        path.is_file(),
+        "{} is missing (run scripts/setup.sh)",
+        path.display()
+    );
+    path
+}
+
+/// A running Envoy on a bootstrap file; its listener's real port read from the admin API.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+}
+
+impl Envoy {
+    /// Starts Envoy with `bootstrap` (whose admin and listener ports may be 0) and waits until
+    /// the listener is up.
+    pub fn start(bootstrap: &Path, workdir: &Path) -> Envoy {
+        let admin_file = workdir.join("admin-address");
+        let _ = std::fs::remove_file(&admin_file);
+        let mut child = Command::new(envoy_binary())
+            .args([
+                "-c",
+                &bootstrap.display().to_string(),
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "-l",
+                "info",
+            ])
+            .args(["--admin-address-path", &admin_file.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start Envoy");
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let sink = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut log) = sink.lock() {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin = loop {
+            if let Some(addr) = std::fs::read_to_string(&admin_file)
+                .ok()
+                .and_then(|a| a.trim().parse().ok())
+            {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "Envoy exited ({status}):\n{}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy wrote no admin address in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut envoy = Envoy {
+            child,
+            log,
+            admin,
+            listener: admin,
+        };
+        let listener = loop {
+            let text = envoy.admin_get("/listeners?format=json");
+            let port = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()
+                });
+            if let Some(port) = port.filter(|&p| p > 0) {
+                break SocketAddr::from(([127, 0, 0, 1], port as u16));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy's listener did not come up:\n{}",
+                envoy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        envoy.listener = listener;
+        while envoy.admin_get("/ready").trim() != "LIVE" {
+            assert!(
+                Instant::now() < deadline,
+                "Envoy never became ready:\n{}",
+                envoy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        envoy
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.listener)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// A GET on the admin API; the body ("" on failure).
+    pub fn admin_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(self.admin) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let Some((head, body)) = response.split_once("\r\n\r\n") else {
+            return String::new();
+        };
+        if !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            return body.to_owned();
+        }
+        // Undo chunked encoding: size line, data, repeat until a zero size.
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 || after.len() < size {
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = after[size..].trim_start_matches("\r\n");
+        }
+        out
+    }
+
+    /// The value of one stat (`/stats?filter=` exact name), 0 if absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\.")))
+            .lines()
+            .find_map(|l| {
+                l.split_once(": ")
+                    .and_then(|(k, v)| (k == name).then(|| v.trim().parse().ok()).flatten())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- Envoy log ----\n{}", self.log());
+        }
+    }
+}

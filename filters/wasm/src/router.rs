@@ -20,10 +20,12 @@ use crate::metrics::Counters;
 pub(crate) const ROOT_ID: &str = "router";
 /// The most response bytes kept to compare a primary answer with its shadow's.
 const SHADOW_COMPARE_LIMIT: usize = 1 << 20;
+/// How often queued shadow copies are sent.
+const SHADOW_TICK: Duration = Duration::from_millis(5);
 /// How long a shadow call may take.
 const SHADOW_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A shadow call in flight, waiting for both answers.
+/// A shadow copy waiting for both answers.
 #[derive(Debug, Default)]
 struct ShadowCall {
     isvc: String,
@@ -32,14 +34,27 @@ struct ShadowCall {
     shadow: Option<Option<Vec<u8>>>,
 }
 
+/// A shadow copy to send on the next tick.
+#[derive(Debug)]
+struct PendingShadow {
+    id: u64,
+    cluster: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
 /// State shared by the root and its streams (one VM is single-threaded).
 #[derive(Debug)]
 struct Shared {
-    root_context_id: u32,
     config: Option<Rc<Config>>,
     counters: Counters,
     rng: u64,
-    shadows: HashMap<u32, ShadowCall>,
+    next_shadow: u64,
+    /// Copies queued by streams; the root sends them, so their answers reach the root even
+    /// after the client's stream (and its context) is gone.
+    pending: Vec<PendingShadow>,
+    shadows: HashMap<u64, ShadowCall>,
+    tokens: HashMap<u32, u64>,
 }
 
 impl Shared {
@@ -52,16 +67,33 @@ impl Shared {
         z ^ (z >> 31)
     }
 
+    fn count_shadow(&mut self, id: u64, result: &str) {
+        if let Some(call) = self.shadows.get(&id) {
+            let labels = [
+                ("isvc", call.isvc.clone()),
+                ("revision", call.revision.clone()),
+            ];
+            self.counters.increment(
+                "shadow",
+                &[
+                    ("isvc", &labels[0].1),
+                    ("revision", &labels[1].1),
+                    ("result", result),
+                ],
+            );
+        }
+    }
+
     /// Records a shadow verdict once both answers are in.
-    fn settle(&mut self, token: u32) {
+    fn settle(&mut self, id: u64) {
         let ready = self
             .shadows
-            .get(&token)
+            .get(&id)
             .is_some_and(|c| c.primary.is_some() && c.shadow.is_some());
         if !ready {
             return;
         }
-        let Some(call) = self.shadows.remove(&token) else {
+        let Some(call) = self.shadows.remove(&id) else {
             return;
         };
         let result = match (call.primary.flatten(), call.shadow.flatten()) {
@@ -96,11 +128,13 @@ impl RouterRoot {
             .map_or(0, |d| d.as_nanos() as u64);
         RouterRoot {
             shared: Rc::new(RefCell::new(Shared {
-                root_context_id: context_id,
                 config: None,
                 counters: Counters::default(),
                 rng: seed ^ u64::from(context_id),
+                next_shadow: 0,
+                pending: Vec::new(),
                 shadows: HashMap::new(),
+                tokens: HashMap::new(),
             })),
         }
     }
@@ -117,8 +151,7 @@ impl Context for RouterRoot {
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten();
-        let ok = status.as_deref().is_some_and(|s| s.starts_with('2'));
-        let body = if ok {
+        let body = if status.as_deref().is_some_and(|s| s.starts_with('2')) {
             hostcalls::get_buffer(
                 BufferType::HttpCallResponseBody,
                 0,
@@ -131,10 +164,13 @@ impl Context for RouterRoot {
             None
         };
         let mut shared = self.shared.borrow_mut();
-        if let Some(call) = shared.shadows.get_mut(&token) {
+        let Some(id) = shared.tokens.remove(&token) else {
+            return;
+        };
+        if let Some(call) = shared.shadows.get_mut(&id) {
             call.shadow = Some(body);
         }
-        shared.settle(token);
+        shared.settle(id);
     }
 }
 
@@ -163,7 +199,16 @@ impl RootContext for RouterRoot {
                     "meshserve router configured: {} InferenceService(s)",
                     config.services().len()
                 );
+                let shadows = config
+                    .services()
+                    .iter()
+                    .any(|s| s.predictor.shadow.is_some());
                 self.shared.borrow_mut().config = Some(Rc::new(config));
+                // Shadow copies leave from the root, on a tick.
+                let period = if shadows { SHADOW_TICK } else { Duration::ZERO };
+                if let Err(status) = hostcalls::set_tick_period(period) {
+                    log::warn!("cannot set the tick period: {status:?}");
+                }
                 true
             }
             Err(e) => {
@@ -173,16 +218,50 @@ impl RootContext for RouterRoot {
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        let pending = std::mem::take(&mut self.shared.borrow_mut().pending);
+        for shadow in pending {
+            let mut headers: Vec<(&str, &str)> = shadow
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            headers.push(("x-meshserve-shadow", "true"));
+            let sent = hostcalls::dispatch_http_call(
+                &shadow.cluster,
+                headers,
+                Some(&shadow.body),
+                Vec::new(),
+                SHADOW_TIMEOUT,
+            );
+            let mut shared = self.shared.borrow_mut();
+            match sent {
+                Ok(token) => {
+                    shared.tokens.insert(token, shadow.id);
+                    shared.count_shadow(shadow.id, "sent");
+                }
+                Err(status) => {
+                    log::warn!(
+                        "cannot send the shadow copy to {}: {status:?}",
+                        shadow.cluster
+                    );
+                    shared.count_shadow(shadow.id, "error");
+                    shared.shadows.remove(&shadow.id);
+                }
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.shared.borrow().config.clone()?;
         Some(Box::new(RouterStream {
-            context_id,
             shared: Rc::clone(&self.shared),
             config,
             waiting_for_body: false,
             route: None,
+            shadow_headers: Vec::new(),
             shadow_body: None,
-            shadow_token: None,
+            shadow_id: None,
             response_copy: None,
         }))
     }
@@ -193,15 +272,15 @@ impl RootContext for RouterRoot {
 }
 
 struct RouterStream {
-    context_id: u32,
     shared: Rc<RefCell<Shared>>,
     config: Rc<Config>,
     /// A gRPC request whose model name is still to come in the body.
     waiting_for_body: bool,
     route: Option<Route>,
-    /// The request body copied for the shadow, while it streams past.
+    /// The request headers and body copied for the shadow, while they stream past.
+    shadow_headers: Vec<(String, String)>,
     shadow_body: Option<Vec<u8>>,
-    shadow_token: Option<u32>,
+    shadow_id: Option<u64>,
     /// The primary's answer copied for comparison with the shadow's.
     response_copy: Option<Vec<u8>>,
 }
@@ -256,12 +335,13 @@ impl RouterStream {
     }
 
     fn reply(&self, reply: &Reply) {
+        let outcome = format!("replied_{}", reply.status);
         self.shared.borrow_mut().counters.increment(
             "requests",
             &[
                 ("isvc", "none"),
                 ("revision", "none"),
-                ("outcome", "replied"),
+                ("outcome", &outcome),
             ],
         );
         let result = if reply.grpc {
@@ -330,6 +410,12 @@ impl RouterStream {
             );
         }
         if route.shadow.is_some() {
+            // Envoy exposes the request headers only until they are sent on: copy them now.
+            self.shadow_headers = hostcalls::get_map(MapType::HttpRequestHeaders)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("x-meshserve-") && k != "content-length")
+                .collect();
             self.shadow_body = Some(Vec::new());
             if end_of_stream {
                 self.send_shadow();
@@ -338,8 +424,7 @@ impl RouterStream {
         self.route = Some(route);
     }
 
-    /// Sends the copied request to the shadow revision, on the root context so the answer
-    /// arrives even after this stream is gone.
+    /// Queues the copied request for the shadow revision; the root sends it on its next tick.
     fn send_shadow(&mut self) {
         let (Some(route), Some(body)) = (&self.route, self.shadow_body.take()) else {
             return;
@@ -347,61 +432,27 @@ impl RouterStream {
         let Some((revision, cluster)) = &route.shadow else {
             return;
         };
-        let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("x-meshserve-") && k != "content-length")
-            .collect();
-        let mut headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        headers.push((REVISION_HEADER, revision));
-        headers.push(("x-meshserve-shadow", "true"));
-        let root = self.shared.borrow().root_context_id;
-        let _ = hostcalls::set_effective_context(root);
-        let sent = hostcalls::dispatch_http_call(
-            cluster,
-            headers,
-            Some(&body),
-            Vec::new(),
-            SHADOW_TIMEOUT,
-        );
-        let _ = hostcalls::set_effective_context(self.context_id);
+        let mut headers = std::mem::take(&mut self.shadow_headers);
+        headers.push((REVISION_HEADER.to_owned(), revision.clone()));
         let mut shared = self.shared.borrow_mut();
-        match sent {
-            Ok(token) => {
-                shared.counters.increment(
-                    "shadow",
-                    &[
-                        ("isvc", &route.isvc),
-                        ("revision", revision),
-                        ("result", "sent"),
-                    ],
-                );
-                shared.shadows.insert(
-                    token,
-                    ShadowCall {
-                        isvc: route.isvc.clone(),
-                        revision: revision.clone(),
-                        ..Default::default()
-                    },
-                );
-                self.shadow_token = Some(token);
-                self.response_copy = Some(Vec::new());
-            }
-            Err(status) => {
-                log::warn!("cannot send the shadow copy to {cluster}: {status:?}");
-                shared.counters.increment(
-                    "shadow",
-                    &[
-                        ("isvc", &route.isvc),
-                        ("revision", revision),
-                        ("result", "error"),
-                    ],
-                );
-            }
-        }
+        let id = shared.next_shadow;
+        shared.next_shadow += 1;
+        shared.shadows.insert(
+            id,
+            ShadowCall {
+                isvc: route.isvc.clone(),
+                revision: revision.clone(),
+                ..Default::default()
+            },
+        );
+        shared.pending.push(PendingShadow {
+            id,
+            cluster: cluster.clone(),
+            headers,
+            body,
+        });
+        self.shadow_id = Some(id);
+        self.response_copy = Some(Vec::new());
     }
 }
 
@@ -489,13 +540,13 @@ impl HttpContext for RouterStream {
 impl RouterStream {
     /// Hands the primary's answer (or `None`: not comparable) to the shadow call.
     fn settle_primary(&mut self, answer: Option<Vec<u8>>) {
-        let Some(token) = self.shadow_token.take() else {
+        let Some(id) = self.shadow_id.take() else {
             return;
         };
         let mut shared = self.shared.borrow_mut();
-        if let Some(call) = shared.shadows.get_mut(&token) {
+        if let Some(call) = shared.shadows.get_mut(&id) {
             call.primary = Some(answer);
         }
-        shared.settle(token);
+        shared.settle(id);
     }
 }

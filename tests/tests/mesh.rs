@@ -1,0 +1,799 @@
+//! The mesh end to end: the real Envoy, the real `meshserve_filters.wasm` and real sidecars
+//! on loopback. Routing for V1, V2 REST and gRPC; the canary share; sticky keys; pinning;
+//! `:explain` to the explainer; unknown models answered by the filter; the split moved live
+//! under load; shadows; bad configurations and bad input.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use meshserve_e2e::{Envoy, Sidecar, TempRepository, wasm_module};
+use meshserve_proto::TensorData;
+use meshserve_proto::grpc::response_from_grpc;
+use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use meshserve_proto::inference::model_infer_request::InferInputTensor;
+use meshserve_proto::inference::{ModelInferRequest, ServerLiveRequest};
+use meshserve_sidecar::mesh::canary::{Change, apply};
+use meshserve_sidecar::mesh::render::{self, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
+use serde_json::{Value, json};
+
+/// A tiny upstream that answers every request with `body` after `delay`, counting them.
+struct TestServer {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl TestServer {
+    fn start(body: &'static str, delay: Duration) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&hits);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counter = Arc::clone(&counter);
+                std::thread::spawn(move || serve_connection(stream, body, delay, &counter));
+            }
+        });
+        TestServer { addr, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// HTTP/1.1 keep-alive: read a request (headers and Content-Length body), answer, repeat.
+fn serve_connection(mut stream: TcpStream, body: &str, delay: Duration, hits: &AtomicUsize) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        while buffer.len() < head_end + length {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buffer.drain(..head_end + length);
+        hits.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A mesh: two revisions of `digits` (sklearn digits v1 default, v2 canary), an explainer and a
+/// slow shadow, behind Envoy with the wasm router.
+struct Mesh {
+    dir: PathBuf,
+    _repos: Vec<TempRepository>,
+    default: Sidecar,
+    canary: Sidecar,
+    explainer: TestServer,
+    shadow: TestServer,
+    envoy: Envoy,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const SHADOW_ANSWER: &str = r#"{"predictions": [7, 6]}"#;
+
+fn revision(name: &str, cluster: &str) -> Value {
+    json!({"name": name, "cluster": cluster, "grpc_cluster": format!("{cluster}.grpc")})
+}
+
+impl Mesh {
+    fn start(tag: &str, canary_percent: i64, shadow_percent: i64) -> Mesh {
+        let dir = std::env::temp_dir().join(format!("meshserve-mesh-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = "version_policy: all\nv1_output: label\n";
+        let v1 = TempRepository::new(
+            &format!("{tag}-v1"),
+            &[("digits", "sklearn_digits", config)],
+        );
+        let v2 = TempRepository::new(
+            &format!("{tag}-v2"),
+            &[("digits", "sklearn_digits", config)],
+        );
+        let default = Sidecar::start_on(&v1.path, &[], true);
+        let canary = Sidecar::start_on(&v2.path, &[], true);
+        let explainer =
+            TestServer::start(r#"{"explanations": "from the explainer"}"#, Duration::ZERO);
+        let shadow = TestServer::start(SHADOW_ANSWER, Duration::from_millis(1500));
+
+        let mut predictor = json!({
+            "default": revision("digits-v1", "digits.v1"),
+            "canaries": [{"name": "digits-v2", "cluster": "digits.v2", "grpc_cluster": "digits.v2.grpc", "percent": canary_percent}],
+        });
+        if shadow_percent > 0 {
+            predictor["shadow"] = json!({"name": "digits-shadow", "cluster": "digits.shadow", "percent": shadow_percent});
+        }
+        let config = json!({"services": [
+            {"name": "digits", "namespace": "default", "models": ["digits"], "predictor": predictor,
+             "explainer": revision("digits-explainer", "digits.explainer"), "sticky": {"header": "x-user"}},
+            {"name": "other", "namespace": "team", "models": ["other-model"],
+             "predictor": {"default": revision("other-v1", "digits.v1")}},
+        ]});
+        render::check(&config).unwrap();
+        let ecds = dir.join(ROUTER_ECDS_FILE);
+        render::write_atomically(&dir.join(FILTER_CONFIG_FILE), &config).unwrap();
+        render::write_atomically(&ecds, &render::router_ecds(&config, &wasm_module())).unwrap();
+        let upstreams = vec![
+            (
+                "digits.v1".to_owned(),
+                Upstream {
+                    http: default.http,
+                    grpc: default.grpc,
+                },
+            ),
+            (
+                "digits.v2".to_owned(),
+                Upstream {
+                    http: canary.http,
+                    grpc: canary.grpc,
+                },
+            ),
+            (
+                "digits.explainer".to_owned(),
+                Upstream {
+                    http: explainer.addr,
+                    grpc: explainer.addr,
+                },
+            ),
+            (
+                "digits.shadow".to_owned(),
+                Upstream {
+                    http: shadow.addr,
+                    grpc: shadow.addr,
+                },
+            ),
+        ];
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let bootstrap = dir.join("envoy.json");
+        render::write_atomically(
+            &bootstrap,
+            &render::bootstrap(loopback(0), loopback(0), &ecds, &upstreams),
+        )
+        .unwrap();
+        let envoy = Envoy::start(&bootstrap, &dir);
+        Mesh {
+            dir,
+            _repos: vec![v1, v2],
+            default,
+            canary,
+            explainer,
+            shadow,
+            envoy,
+        }
+    }
+
+    /// Successful inferences a sidecar has answered.
+    async fn served(sidecar: &Sidecar) -> f64 {
+        let text = reqwest::get(sidecar.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("meshserve_inference_request_success_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn digits_v1_body() -> Value {
+    json!({"instances": [vec![0.0; 64], vec![1.0; 64]]})
+}
+
+fn digits_v2_body() -> Value {
+    json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": vec![3.0; 64]}]})
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, Value) {
+    let mut request = client.post(url).json(body);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let revision = response
+        .headers()
+        .get("x-meshserve-revision")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        revision,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_v1_v2_and_grpc_pins_sticks_explains_and_refuses_unknown_models() {
+    let mesh = Mesh::start("routes", 20, 0);
+    let client = reqwest::Client::new();
+    let v1 = mesh.envoy.url("/v1/models/digits:predict");
+    let v2 = mesh.envoy.url("/v2/models/digits/infer");
+
+    let (status, revision, body) = post(&client, &v1, &digits_v1_body(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(matches!(
+        revision.as_deref(),
+        Some("digits-v1" | "digits-v2")
+    ));
+    assert_eq!(
+        body["predictions"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    let (status, _, body) = post(&client, &v2, &digits_v2_body(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model_name"], "digits");
+
+    // gRPC: the model name is read from the request body.
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", mesh.envoy.listener))
+        .await
+        .unwrap();
+    let request = ModelInferRequest {
+        model_name: "digits".into(),
+        id: "via-envoy".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 64],
+            parameters: Default::default(),
+            contents: None,
+        }],
+        raw_input_contents: vec![TensorData::Fp32(vec![2.0; 64]).to_raw()],
+        ..Default::default()
+    };
+    let response = grpc.model_infer(request.clone()).await.unwrap();
+    let revision = response
+        .metadata()
+        .get("x-meshserve-revision")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        matches!(revision.as_deref(), Some("digits-v1" | "digits-v2")),
+        "{revision:?}"
+    );
+    let answer = response_from_grpc(response.into_inner()).unwrap();
+    assert_eq!(answer.id.as_deref(), Some("via-envoy"));
+    let mut unknown = request.clone();
+    unknown.model_name = "nope".into();
+    let status = grpc.model_infer(unknown).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains("unknown model 'nope'"));
+    // A server-scoped call without a model and with an ambiguous host is refused clearly.
+    let live = grpc.server_live(ServerLiveRequest {}).await.unwrap_err();
+    assert!(live.message().contains("set the Host"), "{live:?}");
+
+    // Pinning wins over the weights and over the sticky key.
+    for (pin, expected) in [
+        ("default", "digits-v1"),
+        ("canary", "digits-v2"),
+        ("digits-v2", "digits-v2"),
+    ] {
+        for _ in 0..10 {
+            let (status, revision, _) = post(
+                &client,
+                &v1,
+                &digits_v1_body(),
+                &[("x-meshserve-revision", pin), ("x-user", "alice")],
+            )
+            .await;
+            assert_eq!(
+                (status, revision.as_deref()),
+                (200, Some(expected)),
+                "pin {pin}"
+            );
+        }
+    }
+    for (host, expected) in [
+        ("latest-digits.default.example.com", "digits-v2"),
+        ("prev-digits.default.example.com", "digits-v1"),
+    ] {
+        let (status, revision, _) = post(&client, &v1, &digits_v1_body(), &[("host", host)]).await;
+        assert_eq!(
+            (status, revision.as_deref()),
+            (200, Some(expected)),
+            "host {host}"
+        );
+    }
+    let (status, _, body) = post(
+        &client,
+        &v1,
+        &digits_v1_body(),
+        &[("x-meshserve-revision", "v9")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown revision 'v9'")
+    );
+
+    // A sticky key always lands on one revision.
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let mut seen = Vec::new();
+        for _ in 0..15 {
+            seen.push(
+                post(&client, &v1, &digits_v1_body(), &[("x-user", user)])
+                    .await
+                    .1
+                    .unwrap(),
+            );
+        }
+        assert!(seen.iter().all(|r| *r == seen[0]), "{user}: {seen:?}");
+    }
+
+    // :explain goes to the explainer.
+    let (status, revision, body) = post(
+        &client,
+        &mesh.envoy.url("/v1/models/digits:explain"),
+        &digits_v1_body(),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, revision.as_deref()),
+        (200, Some("digits-explainer"))
+    );
+    assert_eq!(body["explanations"], "from the explainer");
+    assert_eq!(mesh.explainer.hits(), 1);
+    let (status, _, body) = post(
+        &client,
+        &mesh.envoy.url("/v1/models/other-model:explain"),
+        &digits_v1_body(),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("has no explainer"));
+
+    // An unknown model is answered by the filter: no upstream sees it.
+    let before = Mesh::served(&mesh.default).await + Mesh::served(&mesh.canary).await;
+    let (status, revision, body) = post(
+        &client,
+        &mesh.envoy.url("/v2/models/nope/infer"),
+        &digits_v2_body(),
+        &[],
+    )
+    .await;
+    assert_eq!((status, revision), (404, None));
+    assert_eq!(body, json!({"error": "unknown model 'nope'"}));
+    let after = Mesh::served(&mesh.default).await + Mesh::served(&mesh.canary).await;
+    assert_eq!(before, after);
+    assert!(
+        mesh.envoy
+            .stat("wasmcustom.meshserve.requests.isvc.none.revision.none.outcome.replied_404")
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twenty_percent_canary_gets_twenty_percent() {
+    let mesh = Mesh::start("share", 20, 0);
+    let client = reqwest::Client::new();
+    let url = mesh.envoy.url("/v2/models/digits/infer");
+    let total = 2000;
+    let mut by_header: HashMap<String, usize> = HashMap::new();
+    for _ in 0..total {
+        let (status, revision, body) = post(&client, &url, &digits_v2_body(), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        *by_header.entry(revision.unwrap()).or_default() += 1;
+    }
+    let canary_served = Mesh::served(&mesh.canary).await as usize;
+    let default_served = Mesh::served(&mesh.default).await as usize;
+    assert_eq!(canary_served + default_served, total);
+    assert_eq!(
+        by_header.get("digits-v2").copied().unwrap_or(0),
+        canary_served,
+        "the header names the revision that served"
+    );
+    let share = canary_served as f64 / total as f64 * 100.0;
+    assert!(
+        (17.0..=23.0).contains(&share),
+        "canary share {share:.1}% of {total}"
+    );
+    let routed = mesh
+        .envoy
+        .stat("wasmcustom.meshserve.requests.isvc.digits.revision.digits-v2.outcome.routed");
+    assert_eq!(routed as usize, canary_served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_split_moves_live_under_load_without_a_failed_request() {
+    let mesh = Mesh::start("live", 0, 0);
+    let url = mesh.envoy.url("/v1/models/digits:predict");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut loaders = Vec::new();
+    let log: Arc<std::sync::Mutex<Vec<(Instant, String)>>> = Arc::default();
+    for _ in 0..4 {
+        let (url, stop, failures, log) = (
+            url.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&failures),
+            Arc::clone(&log),
+        );
+        loaders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match client.post(&url).json(&digits_v1_body()).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let revision = r
+                            .headers()
+                            .get("x-meshserve-revision")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        log.lock().unwrap().push((Instant::now(), revision));
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    let share_since = |since: Instant| {
+        let entries = log.lock().unwrap();
+        let recent: Vec<&String> = entries
+            .iter()
+            .filter(|(t, _)| *t > since)
+            .map(|(_, r)| r)
+            .collect();
+        let canary = recent.iter().filter(|r| r.as_str() == "digits-v2").count();
+        (canary, recent.len())
+    };
+    let settle = Duration::from_millis(1500);
+    tokio::time::sleep(settle).await;
+    let (canary, n) = share_since(Instant::now() - settle);
+    assert!(n > 20 && canary == 0, "at 0%: {canary}/{n}");
+    for (percent, low, high) in [(50, 0.35, 0.65), (100, 1.0, 1.0)] {
+        apply(&mesh.dir, "digits", None, &Change::Percent(percent)).unwrap();
+        // Envoy notices the replaced file within a moment; measure after that.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let since = Instant::now();
+        tokio::time::sleep(settle).await;
+        let (canary, n) = share_since(since);
+        let share = canary as f64 / n as f64;
+        assert!(
+            n > 20 && share >= low && share <= high,
+            "at {percent}%: {canary}/{n}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for loader in loaders {
+        loader.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed while the split moved"
+    );
+    assert!(
+        mesh.envoy
+            .stat("extension_config_discovery.http_filter.meshserve.router.config_reload")
+            >= 3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configurations_are_rejected_and_the_previous_one_keeps_serving() {
+    let mesh = Mesh::start("badconfig", 0, 0);
+    let client = reqwest::Client::new();
+    let url = mesh.envoy.url("/v1/models/digits:predict");
+    let ecds_path = mesh.dir.join(ROUTER_ECDS_FILE);
+    let good: Value = serde_json::from_slice(&std::fs::read(&ecds_path).unwrap()).unwrap();
+    let bad_configs = [
+        (
+            "{not json".to_owned(),
+            "invalid meshserve filter configuration",
+        ),
+        (
+            json!({"services": [], "weights": 3}).to_string(),
+            "unknown field `weights`",
+        ),
+        (
+            json!({"services": [{"name": "digits", "models": ["digits"], "predictor": {
+                "default": revision("digits-v1", "digits.v1"),
+                "canaries": [{"name": "digits-v2", "cluster": "digits.v2", "percent": 120}]}}]})
+            .to_string(),
+            "120 is not between 0 and 100",
+        ),
+    ];
+    for (i, (config, reason)) in bad_configs.iter().enumerate() {
+        let mut ecds = good.clone();
+        *ecds
+            .pointer_mut("/resources/0/typed_config/config/configuration/value")
+            .unwrap() = Value::from(config.as_str());
+        render::write_atomically(&ecds_path, &ecds).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mesh
+            .envoy
+            .stat("extension_config_discovery.http_filter.meshserve.router.config_fail")
+            < (i + 1) as u64
+        {
+            assert!(
+                Instant::now() < deadline,
+                "Envoy did not reject bad config {i}:\n{}",
+                mesh.envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            mesh.envoy.log().contains(reason),
+            "no logged reason {reason:?}:\n{}",
+            mesh.envoy.log()
+        );
+        for _ in 0..10 {
+            let (status, revision, _) = post(&client, &url, &digits_v1_body(), &[]).await;
+            assert_eq!(
+                (status, revision.as_deref()),
+                (200, Some("digits-v1")),
+                "after bad config {i}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadows_get_their_share_and_clients_never_wait_for_them() {
+    let mesh = Mesh::start("shadow", 0, 50);
+    let client = reqwest::Client::new();
+    let url = mesh.envoy.url("/v1/models/digits:predict");
+    let body = json!({"instances": [vec![0.0; 64], vec![16.0; 64]]});
+    let total = 40;
+    let started = Instant::now();
+    for _ in 0..total {
+        let sent = Instant::now();
+        let (status, revision, _) = post(&client, &url, &body, &[]).await;
+        assert_eq!((status, revision.as_deref()), (200, Some("digits-v1")));
+        // The shadow takes 1.5 s to answer; the client must not wait for it.
+        assert!(
+            sent.elapsed() < Duration::from_millis(1000),
+            "a request took {:?}",
+            sent.elapsed()
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = || {
+        mesh.envoy
+            .stat("wasmcustom.meshserve.shadow.isvc.digits.revision.digits-shadow.result.sent")
+    };
+    let verdicts = || {
+        ["agree", "disagree", "unknown", "error"]
+            .iter()
+            .map(|r| {
+                mesh.envoy.stat(&format!(
+                    "wasmcustom.meshserve.shadow.isvc.digits.revision.digits-shadow.result.{r}"
+                ))
+            })
+            .sum::<u64>()
+    };
+    while verdicts() < sent() {
+        assert!(
+            Instant::now() < deadline,
+            "shadow verdicts missing: {} sent, {} settled",
+            sent(),
+            verdicts()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let copies = mesh.shadow.hits();
+    assert_eq!(copies as u64, sent());
+    assert!(
+        (8..=32).contains(&copies),
+        "{copies} of {total} requests shadowed at 50%"
+    );
+    // The primary and the shadow answer in the same V1 shape; both verdicts are possible, but
+    // every copy gets one.
+    assert_eq!(verdicts(), sent());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_answer_and_the_vm_survives() {
+    let mesh = Mesh::start("garbage", 20, 0);
+    let addr = mesh.envoy.listener;
+    let raw = move |request: Vec<u8>| -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&request).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut answers = Vec::new();
+        for path in ["/v2/models/%zz/infer", "/v1/models/:predict", "/v2/models//infer", "/%%%", "/v2/models/a%00b/infer"] {
+            answers.push((path.to_owned(), raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes())));
+        }
+        let huge = "x".repeat(100_000);
+        answers.push(("huge header".into(), raw(format!("GET /v2/models/digits HTTP/1.1\r\nHost: x\r\nx-big: {huge}\r\nConnection: close\r\n\r\n").into_bytes())));
+        answers.push((
+            "truncated body".into(),
+            raw(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"instances\": [".to_vec()),
+        ));
+        answers
+    })
+    .await
+    .unwrap();
+    for (what, answer) in &answers {
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (400..500).contains(&status) || answer.is_empty(),
+            "{what}: {answer:.300}"
+        );
+    }
+    // Malformed gRPC frames: compressed flag, a broken protobuf, and a frame cut short.
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", mesh.envoy.listener))
+        .await
+        .unwrap();
+    let _ = grpc.server_live(ServerLiveRequest {}).await;
+    for frame in [
+        vec![1u8, 0, 0, 0, 2, 0x0a, 0],
+        vec![0, 0, 0, 0, 3, 0x0a, 0x05, b'a'],
+        vec![0, 0, 0, 0, 50, 0x0a],
+    ] {
+        let response = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+            .post(mesh.envoy.url("/inference.GRPCInferenceService/ModelInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(frame.clone())
+            .send()
+            .await
+            .unwrap();
+        let grpc_status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            grpc_status.as_deref(),
+            Some("3"),
+            "frame {frame:?}: {:?}",
+            response.headers()
+        );
+    }
+    // The VM is alive and still routing.
+    let client = reqwest::Client::new();
+    for _ in 0..10 {
+        let (status, revision, _) = post(
+            &client,
+            &mesh.envoy.url("/v1/models/digits:predict"),
+            &digits_v1_body(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(revision.is_some());
+    }
+    let log = mesh.envoy.log();
+    assert!(
+        !log.contains("panicked") && !log.contains("Function: proxy_on"),
+        "the wasm VM failed:\n{log}"
+    );
+}
+
+/// The demo's rendered files are what `meshserve render` makes today, and Envoy accepts them.
+#[test]
+fn the_demo_configuration_is_current_and_valid() {
+    let root = meshserve_e2e::root();
+    let rendered = root.join("envoy-config/demo/rendered");
+    let fresh = std::env::temp_dir().join(format!("meshserve-render-{}", std::process::id()));
+    let status = std::process::Command::new(meshserve_e2e::binary())
+        .args([
+            "render",
+            &root
+                .join("envoy-config/demo/inferenceservice.yaml")
+                .display()
+                .to_string(),
+            "--out",
+            &fresh.display().to_string(),
+        ])
+        .args([
+            "--wasm",
+            "/usr/local/share/meshserve/meshserve_filters.wasm",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for file in ["filter.json", "router.ecds.json", "envoy.json"] {
+        let committed = std::fs::read_to_string(rendered.join(file)).unwrap_or_default();
+        let mut now = std::fs::read_to_string(fresh.join(file)).unwrap();
+        // The bootstrap names the ECDS file by absolute path; compare it relative.
+        now = now.replace(&fresh.display().to_string(), "envoy-config/demo/rendered");
+        assert_eq!(
+            committed, now,
+            "envoy-config/demo/rendered/{file} is stale: run scripts/render-demo.sh"
+        );
+    }
+    validate(&rendered.join("envoy.json"));
+    // The wasm filter's own configuration, inline, with the real module, validated too.
+    let mut bootstrap: Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.join("envoy.json")).unwrap()).unwrap();
+    let ecds: Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.join("router.ecds.json")).unwrap())
+            .unwrap();
+    let mut typed = ecds["resources"][0]["typed_config"].clone();
+    typed["config"]["vm_config"]["code"]["local"]["filename"] =
+        Value::from(wasm_module().display().to_string());
+    let filters = bootstrap
+        .pointer_mut(
+            "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
+        )
+        .unwrap();
+    filters[0] = json!({"name": "meshserve.router", "typed_config": typed});
+    let inline = fresh.join("envoy-inline.json");
+    std::fs::write(&inline, bootstrap.to_string()).unwrap();
+    validate(&inline);
+    let _ = std::fs::remove_dir_all(&fresh);
+}
+
+fn validate(bootstrap: &Path) {
+    let output = std::process::Command::new(meshserve_e2e::envoy_binary())
+        .args([
+            "--mode",
+            "validate",
+            "-c",
+            &bootstrap.display().to_string(),
+            "--disable-hot-restart",
+        ])
+        .current_dir(meshserve_e2e::root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{} is not a valid Envoy config:\n{}",
+        bootstrap.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
