@@ -1,20 +1,17 @@
 #!/usr/bin/env bash
-# The main job: set up, serve the bundled demo model repository, send a sample request,
-# print the answer and the URLs to try, and run until Ctrl-C.
-#   HTTP_PORT (default 8080) and GRPC_PORT (default 8081) choose the ports.
+# The main job: set up, then bring up the local mesh on the bundled demo InferenceService
+# (envoy-config/demo/inferenceservice.yaml: a default and a canary revision, each a predictor
+# sidecar, behind Envoy running meshserve's wasm router), send the sample through Envoy, print
+# the answer, the revision that served it and the URLs to try, and run until Ctrl-C.
+#   PORT (default 8080) chooses Envoy's listener.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-http_port=${HTTP_PORT:-8080}
-grpc_port=${GRPC_PORT:-8081}
-base="http://127.0.0.1:${http_port}"
+port=${PORT:-8080}
+./target/release/meshserve up envoy-config/demo/inferenceservice.yaml --port "$port" &
+mesh=$!
+trap 'kill -TERM "$mesh" 2>/dev/null; wait "$mesh" 2>/dev/null' EXIT INT TERM
 
-./target/release/meshserve serve --model-repository models/repository \
-    --http-port "$http_port" --grpc-port "$grpc_port" &
-server=$!
-trap 'kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null' EXIT INT TERM
-
-.venv/bin/python scripts/demo_client.py "$base" "$grpc_port" "$server"
-echo "meshserve is running (pid $server); Ctrl-C stops it."
-wait "$server"
+.venv/bin/python scripts/demo_client.py "http://127.0.0.1:${port}" "$mesh"
+wait "$mesh"

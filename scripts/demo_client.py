@@ -1,5 +1,6 @@
-"""Waits for the demo server, sends the sample digit to mnist_cnn, prints what to try next."""
+"""Waits for the demo mesh, sends the sample through Envoy, prints what to try next."""
 
+import collections
 import json
 import os
 import sys
@@ -7,55 +8,50 @@ import time
 import urllib.error
 import urllib.request
 
-base, grpc_port, server_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sample = "models/samples/mnist_cnn_v2_request.json"
+base, mesh_pid = sys.argv[1], int(sys.argv[2])
+sample = "models/samples/sklearn_digits_v1_request.json"
+headers = {"Content-Type": "application/json"}
 
 
-def server_alive():
+def alive():
     try:
-        os.kill(server_pid, 0)
+        os.kill(mesh_pid, 0)
         return True
     except OSError:
         return False
 
 
-deadline = time.monotonic() + 60
+def predict(extra=None):
+    with open(sample, "rb") as f:
+        request = urllib.request.Request(f"{base}/v1/models/digits:predict", data=f.read(), headers={**headers, **(extra or {})})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response), response.headers.get("x-meshserve-revision")
+
+
+deadline = time.monotonic() + 120
 while True:
     try:
-        with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=1) as response:
-            if response.status == 200:
-                break
+        answer, revision = predict()
+        break
     except (urllib.error.URLError, ConnectionError, TimeoutError):
-        pass
-    if not server_alive() or time.monotonic() > deadline:
-        sys.exit("meshserve did not become ready; see its log above")
-    time.sleep(0.1)
+        if not alive() or time.monotonic() > deadline:
+            sys.exit("the mesh did not come up; see the log above")
+        time.sleep(0.2)
 
-with open(sample, "rb") as f:
-    body = f.read()
-request = urllib.request.Request(
-    f"{base}/v2/models/mnist_cnn/infer",
-    data=body,
-    headers={"Content-Type": "application/json"},
-)
-with urllib.request.urlopen(request, timeout=10) as response:
-    answer = json.load(response)
-scores = answer["outputs"][0]["data"]
-digit = max(range(len(scores)), key=scores.__getitem__)
-
+labels = [p["label"] if isinstance(p, dict) else p for p in answer["predictions"]]
+served = collections.Counter(predict()[1] for _ in range(100))
 print(f"""
-Sample request (a handwritten 7, 28x28, Open Inference Protocol V2):
-  curl -s -H 'Content-Type: application/json' -d @{sample} {base}/v2/models/mnist_cnn/infer
+Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
+  curl -si -d @{sample} {base}/v1/models/digits:predict
 
-Answer:
-  {json.dumps(answer)[:400]}...
-  -> the model says: {digit} (probability {scores[digit]:.4f})
+Answer: predicted digits {labels}, served by revision {revision} (x-meshserve-revision)
+
+100 more requests, split by the canary router: {dict(served)}
 
 Try:
-  {base}/v2                                  server metadata
-  {base}/v2/health/ready                     readiness
-  {base}/v2/models/mnist_cnn                 model metadata
-  curl -s -XPOST {base}/v2/repository/index  the model repository
-  curl -s -d @models/samples/sklearn_digits_v1_request.json {base}/v1/models/sklearn_digits:predict   (KServe V1)
-  gRPC (inference.GRPCInferenceService) on 127.0.0.1:{grpc_port}
+  {base}/v2/models/digits                    model metadata (Open Inference Protocol)
+  curl -s -XPOST -d '{{"inputs": [{{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [{", ".join(["0"] * 64)}]}}]}}' {base}/v2/models/digits/infer
+  curl -si -H 'x-meshserve-revision: canary' -d @{sample} {base}/v1/models/digits:predict    pin the canary
+  ./target/release/meshserve canary digits --percent 50      move the split live (or --promote, --rollback)
+  gRPC (inference.GRPCInferenceService) on the same address
 """, flush=True)

@@ -797,3 +797,99 @@ fn validate(bootstrap: &Path) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `meshserve up` on the demo: Envoy and two sidecars come up on loopback, requests route
+/// through Envoy, `meshserve canary` moves the split, SIGTERM stops everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshserve_up_runs_the_demo_and_stops_cleanly() {
+    let root = meshserve_e2e::root();
+    let state = std::env::temp_dir().join(format!("meshserve-up-{}", std::process::id()));
+    let mut child = std::process::Command::new(meshserve_e2e::binary())
+        .args([
+            "up",
+            &root
+                .join("envoy-config/demo/inferenceservice.yaml")
+                .display()
+                .to_string(),
+            "--port",
+            "0",
+        ])
+        .args([
+            "--state-dir",
+            &state.display().to_string(),
+            "--envoy",
+            &meshserve_e2e::envoy_binary().display().to_string(),
+        ])
+        .args(["--wasm", &wasm_module().display().to_string()])
+        .env(
+            "ORT_DYLIB_PATH",
+            std::env::var("ORT_DYLIB_PATH").unwrap_or_default(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let envoy: String = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(90))
+            .expect("meshserve up did not come up");
+        if let Some(rest) = line.strip_prefix("meshserve is up: Envoy on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let client = reqwest::Client::new();
+    let url = format!("{envoy}/v1/models/digits:predict");
+    let mut seen = HashMap::new();
+    for _ in 0..50 {
+        let (status, revision, body) = post(&client, &url, &digits_v1_body(), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        *seen.entry(revision.unwrap()).or_insert(0) += 1;
+    }
+    assert!(seen.contains_key("digits-predictor-v1"), "{seen:?}");
+    let split = apply(&state, "digits", None, &Change::Percent(100)).unwrap();
+    assert_eq!(
+        split,
+        "digits: digits-predictor-v1 0%, digits-predictor-v2 100%"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..10 {
+        let (_, revision, _) = post(&client, &url, &digits_v1_body(), &[]).await;
+        assert_eq!(revision.as_deref(), Some("digits-predictor-v2"));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meshserve up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        client
+            .post(&url)
+            .json(&digits_v1_body())
+            .send()
+            .await
+            .is_err(),
+        "Envoy still answers after the stop"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}

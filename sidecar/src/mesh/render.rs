@@ -12,6 +12,8 @@ use super::isvc::InferenceService;
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
 pub const ROUTER_FILTER: &str = "meshserve.router";
+/// The most client connections Envoy holds open at once.
+pub const MAX_DOWNSTREAM_CONNECTIONS: u64 = 10_000;
 /// Files in a rendered directory.
 pub const FILTER_CONFIG_FILE: &str = "filter.json";
 pub const ROUTER_ECDS_FILE: &str = "router.ecds.json";
@@ -138,6 +140,14 @@ pub fn bootstrap(
         .collect();
     json!({
         "node": {"id": "meshserve", "cluster": "meshserve"},
+        // A named limit on client connections (Envoy warns when there is none).
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+            },
+        }]},
         "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
         "stats_config": {"stats_tags": tags},
         "static_resources": {

@@ -296,25 +296,49 @@ async fn start_sidecar(name: &str, repository: &Path) -> Result<(Part, Upstream)
 }
 
 /// One HTTP/1.1 GET over a fresh connection; the status code.
-async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Option<u16> {
+async fn http_get_full(addr: SocketAddr, path: &str, host: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .ok()?
         .ok()?;
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    let read = stream.read_to_end(&mut response);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Option<u16> {
+    http_get_full(addr, path, host)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// The port Envoy's listener bound (it may have been asked for port 0): the admin API's
+/// plain-text `/listeners` says `meshserve::127.0.0.1:PORT`.
+async fn listener_port(admin: SocketAddr) -> Option<u16> {
+    let (_, body) = http_get_full(admin, "/listeners", "admin").await?;
+    body.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("meshserve::")?
+            .rsplit(':')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 async fn wait_until(
@@ -417,6 +441,14 @@ pub async fn up(
         http_get(admin_addr, "/ready", "admin").await == Some(200)
     })
     .await?;
+    let listener = match listener_port(admin_addr).await {
+        Some(port) => SocketAddr::new(listener.ip(), port),
+        None => {
+            return Err(UpError::Start(
+                "Envoy did not report its listener's port".into(),
+            ));
+        }
+    };
     for isvc in &services {
         let host = format!("{}.{}.example.com", isvc.name, isvc.namespace);
         wait_until(
