@@ -169,6 +169,12 @@ fn spawn(args: &[String]) -> (Child, Arc<Mutex<String>>) {
                 binary().display()
             )
         });
+    let log = capture_stderr(&mut child);
+    (child, log)
+}
+
+/// Collects a child's stderr, line by line, into a shared buffer.
+fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     let log = Arc::new(Mutex::new(String::new()));
     if let Some(stderr) = child.stderr.take() {
         let sink = Arc::clone(&log);
@@ -181,7 +187,7 @@ fn spawn(args: &[String]) -> (Child, Arc<Mutex<String>>) {
             }
         });
     }
-    (child, log)
+    log
 }
 
 /// The address in a `listening on <kind>=ADDR` log line.
@@ -341,18 +347,7 @@ impl Envoy {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start Envoy");
-        let log = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let sink = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(mut log) = sink.lock() {
-                        log.push_str(&line);
-                        log.push('\n');
-                    }
-                }
-            });
-        }
+        let log = capture_stderr(&mut child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let admin = loop {
             if let Some(addr) = std::fs::read_to_string(&admin_file)
