@@ -129,6 +129,7 @@ mod tests {
             name: name.into(),
             storage: PathBuf::from("/m"),
             percent,
+            batcher: None,
         };
         let isvc = InferenceService {
             name: "digits".into(),

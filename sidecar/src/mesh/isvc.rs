@@ -55,6 +55,7 @@ struct RawPredictor {
     name: Option<String>,
     canary_traffic_percent: Option<i64>,
     model: Option<RawModel>,
+    batcher: Option<RawBatcher>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +63,14 @@ struct RawPredictor {
 struct RawModel {
     model_format: Option<RawFormat>,
     storage_uri: Option<String>,
+}
+
+/// KServe's `batcher`: `maxBatchSize` rows, `maxLatency` in milliseconds.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBatcher {
+    max_batch_size: Option<u64>,
+    max_latency: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +94,8 @@ pub struct RevisionSpec {
     /// one `.onnx` file.
     pub storage: PathBuf,
     pub percent: i64,
+    /// KServe's `spec.predictor.batcher`: (`maxBatchSize`, `maxLatency` in ms), if given.
+    pub batcher: Option<(Option<u64>, Option<u64>)>,
 }
 
 /// A validated InferenceService.
@@ -262,6 +273,7 @@ fn revision(
         name: predictor.name.unwrap_or(fallback),
         storage,
         percent,
+        batcher: predictor.batcher.map(|b| (b.max_batch_size, b.max_latency)),
     })
 }
 
@@ -293,6 +305,17 @@ spec:
           storageUri: file://models/repository/sklearn_digits/2/model.onnx
       trafficPercent: 20
 "#;
+
+    #[test]
+    fn the_kserve_batcher_is_read() {
+        let yaml = GOOD.replace(
+            "    minReplicas: 1\n",
+            "    batcher:\n      maxBatchSize: 16\n      maxLatency: 5\n",
+        );
+        let isvc = InferenceService::parse(&yaml, &base()).unwrap();
+        assert_eq!(isvc.default.batcher, Some((Some(16), Some(5))));
+        assert_eq!(isvc.canaries[0].batcher, None);
+    }
 
     #[test]
     fn a_kserve_file_parses() {

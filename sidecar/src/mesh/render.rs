@@ -200,6 +200,7 @@ mod tests {
             name: name.into(),
             storage: PathBuf::from("/m"),
             percent,
+            batcher: None,
         };
         InferenceService {
             name: "digits".into(),

@@ -11,6 +11,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use meshserve_predictor::ModelConfig;
+use meshserve_predictor::config::CONFIG_FILE;
+
 use super::isvc::{InferenceService, RevisionSpec};
 use super::render::{self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
 
@@ -129,20 +132,79 @@ fn prepare_repository(
     let storage = std::fs::canonicalize(&revision.storage)
         .map_err(io(format!("{}", revision.storage.display())))?;
     if let Some(models) = layout(&storage)? {
+        if revision.batcher.is_some() {
+            return Err(UpError::Input(format!(
+                "revision {}: spec.predictor.batcher applies to one model; {} is a repository of several: set dynamic_batching in each model's config.yaml",
+                revision.name,
+                storage.display()
+            )));
+        }
         return Ok((storage, models));
     }
+    // One model, served under the InferenceService's name: a directory of links to its
+    // versions, and its config.yaml (with the KServe batcher applied) written beside them.
     let repo = state.join("repositories").join(isvc).join(&revision.name);
     let _ = std::fs::remove_dir_all(&repo);
     let model_dir = repo.join(isvc);
+    std::fs::create_dir_all(&model_dir).map_err(io(format!("{}", model_dir.display())))?;
+    let mut config = String::new();
     if storage.is_file() {
         let version = model_dir.join("1");
         std::fs::create_dir_all(&version).map_err(io(format!("{}", version.display())))?;
         link(&storage, &version.join("model.onnx"))?;
     } else {
-        std::fs::create_dir_all(&repo).map_err(io(format!("{}", repo.display())))?;
-        link(&storage, &model_dir)?;
+        for entry in std::fs::read_dir(&storage)
+            .map_err(io(format!("{}", storage.display())))?
+            .filter_map(|e| e.ok())
+        {
+            if entry.file_name() == CONFIG_FILE {
+                config = std::fs::read_to_string(entry.path())
+                    .map_err(io(format!("{}", entry.path().display())))?;
+            } else {
+                link(&entry.path(), &model_dir.join(entry.file_name()))?;
+            }
+        }
+    }
+    let config = model_config(&config, revision)
+        .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
+    if !config.is_empty() {
+        std::fs::write(model_dir.join(CONFIG_FILE), config)
+            .map_err(io(format!("{}", model_dir.display())))?;
     }
     Ok((repo, vec![isvc.to_owned()]))
+}
+
+/// The model's config.yaml for a revision: the storage's own, without its `name` (the model
+/// is served under the InferenceService's), with KServe's batcher applied.
+fn model_config(original: &str, revision: &RevisionSpec) -> Result<String, String> {
+    let mut config: serde_yaml::Value = if original.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(original).map_err(|e| format!("config.yaml: {e}"))?
+    };
+    let map = config
+        .as_mapping_mut()
+        .ok_or("config.yaml is not a mapping")?;
+    map.remove("name");
+    if let Some((max_batch_size, max_latency_ms)) = revision.batcher {
+        // The predictor's own mapping of KServe's fields, so `serve` and `up` agree.
+        let mut mapped = ModelConfig::default();
+        mapped.apply_kserve_batcher(max_batch_size, max_latency_ms);
+        let delay = mapped
+            .dynamic_batching
+            .map_or(0, |b| b.max_queue_delay_microseconds);
+        map.insert("max_batch_size".into(), mapped.max_batch_size.into());
+        let batching = map
+            .entry("dynamic_batching".into())
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+        if let Some(batching) = batching.as_mapping_mut() {
+            batching.insert("max_queue_delay_microseconds".into(), delay.into());
+        }
+    }
+    if map.is_empty() {
+        return Ok(String::new());
+    }
+    serde_yaml::to_string(&config).map_err(|e| e.to_string())
 }
 
 fn link(target: &Path, at: &Path) -> Result<(), UpError> {
@@ -531,5 +593,38 @@ async fn shutdown(parts: &mut [Part]) {
         {
             let _ = part.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kserve_batcher_becomes_dynamic_batching() {
+        let revision = |batcher| RevisionSpec {
+            name: "v1".into(),
+            storage: PathBuf::from("/m"),
+            percent: 0,
+            batcher,
+        };
+        let config = model_config(
+            "name: other\nlabels: [a, b]\n",
+            &revision(Some((Some(16), Some(5)))),
+        )
+        .unwrap();
+        let parsed: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(parsed["max_batch_size"], serde_yaml::Value::from(16));
+        assert_eq!(
+            parsed["dynamic_batching"]["max_queue_delay_microseconds"],
+            serde_yaml::Value::from(5000)
+        );
+        assert_eq!(parsed["labels"][1], serde_yaml::Value::from("b"));
+        assert!(parsed.get("name").is_none());
+        assert_eq!(model_config("", &revision(None)).unwrap(), "");
+        let defaults: serde_yaml::Value =
+            serde_yaml::from_str(&model_config("", &revision(Some((None, None)))).unwrap())
+                .unwrap();
+        assert_eq!(defaults["max_batch_size"], serde_yaml::Value::from(32));
     }
 }
