@@ -6,12 +6,13 @@
 //! own channel. The request's tracing span follows into the batch's span.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshserve_proto::{InputTensor, OutputTensor, Parameters, TensorData};
 use ort::session::{Session, SessionInputValue};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{PredictorError, Result};
 use crate::metrics::ModelMetrics;
@@ -229,52 +230,168 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: Vec<Queued>) {
     let rows: usize = batch.iter().map(|q| q.job.rows).sum();
     let span = tracing::info_span!("batch", model = %shared.model, rows, requests = batch.len());
     let mut inputs = Vec::with_capacity(batch.len());
-    let mut waiting = Vec::with_capacity(batch.len());
+    let mut plans = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
     for queued in batch {
         span.follows_from(&queued.job.span);
         let queue_time = started.saturating_duration_since(queued.enqueued);
         shared.metrics.queued_for(queue_time.as_secs_f64());
         tracing::debug!(parent: &queued.job.span, queue_us = queue_time.as_micros() as u64, batch_rows = rows, "scheduled");
         inputs.push(queued.job.inputs);
-        waiting.push((queued.job.rows, queued.job.outputs, queued.reply));
+        plans.push((queued.job.rows, queued.job.outputs));
+        replies.push(queued.reply);
     }
-    let result = span.in_scope(|| execute(session, inputs, &waiting));
+    let result = span.in_scope(|| execute(session, inputs, &plans));
     shared
         .metrics
         .executed(rows, started.elapsed().as_secs_f64());
     match result {
         Ok(per_request) => {
-            for ((_, _, reply), outputs) in waiting.into_iter().zip(per_request) {
+            for (reply, outputs) in replies.into_iter().zip(per_request) {
                 let _ = reply.send(Ok(outputs));
             }
         }
         Err(error) => {
             tracing::error!(parent: &span, model = %shared.model, %error, "batch failed");
-            for (_, _, reply) in waiting {
+            for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
         }
     }
 }
 
+/// How long a run may take and still run on the caller's task: past this, runs move to the
+/// blocking pool so a slow model never holds an async worker.
+const INLINE_LIMIT: Duration = Duration::from_micros(500);
+
+/// The executor of a model version without dynamic batching: `instance_count` sessions, each
+/// request taking one. A fast model runs on the caller's task, saving two thread hand-offs
+/// (tens of microseconds) per request; a slow one runs on the blocking pool.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    model: String,
+    sessions: Arc<Mutex<Vec<Session>>>,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_queue: usize,
+    inline: AtomicBool,
+    metrics: ModelMetrics,
+}
+
+/// Counts a request as waiting until it gets a session (or gives up).
+struct Waiter<'a>(&'a Pool);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let left = self
+            .0
+            .waiting
+            .fetch_sub(1, Ordering::SeqCst)
+            .saturating_sub(1);
+        self.0.metrics.pending.set(left as i64);
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(
+        model: &str,
+        sessions: Vec<Session>,
+        max_queue: usize,
+        metrics: ModelMetrics,
+    ) -> Pool {
+        Pool {
+            model: model.to_owned(),
+            permits: Arc::new(Semaphore::new(sessions.len())),
+            sessions: Arc::new(Mutex::new(sessions)),
+            waiting: AtomicUsize::new(0),
+            max_queue,
+            inline: AtomicBool::new(true),
+            metrics,
+        }
+    }
+
+    /// Runs one request; `Overloaded` at once when `max_queue` requests already wait.
+    pub(crate) async fn run(&self, job: Job) -> Result<Vec<OutputTensor>> {
+        let enqueued = Instant::now();
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiter = Waiter(self);
+        if self.max_queue > 0 && waiting >= self.max_queue {
+            return Err(PredictorError::Overloaded(format!(
+                "model '{}' has {} requests queued (max_queue_size); retry later",
+                self.model, self.max_queue
+            )));
+        }
+        self.metrics.pending.set(waiting as i64 + 1);
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| PredictorError::Runtime(format!("model '{}' was unloaded", self.model)))?;
+        drop(waiter);
+        self.metrics.queued_for(enqueued.elapsed().as_secs_f64());
+        let session = lock(&self.sessions).pop();
+        let Some(mut session) = session else {
+            return Err(PredictorError::Runtime(format!(
+                "model '{}' has no free session",
+                self.model
+            )));
+        };
+        let Job {
+            inputs,
+            rows,
+            outputs,
+            span,
+        } = job;
+        let plans = vec![(rows, outputs)];
+        let (result, elapsed) = if self.inline.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            let result = span.in_scope(|| execute(&mut session, vec![inputs], &plans));
+            lock(&self.sessions).push(session);
+            drop(permit);
+            (result, started.elapsed())
+        } else {
+            // The closure returns the session and the permit itself, so a caller that gives up
+            // (a timeout) cannot lose them.
+            let sessions = Arc::clone(&self.sessions);
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let started = Instant::now();
+                let result = span.in_scope(|| execute(&mut session, vec![inputs], &plans));
+                lock(&sessions).push(session);
+                (result, started.elapsed())
+            })
+            .await
+            .map_err(|e| PredictorError::Runtime(format!("inference task failed: {e}")))?
+        };
+        self.inline.store(elapsed < INLINE_LIMIT, Ordering::Relaxed);
+        self.metrics.executed(rows, elapsed.as_secs_f64());
+        result?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PredictorError::Runtime("no outputs".into()))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A tensor's shape and data.
 type Shaped = (Vec<i64>, TensorData);
 
-type Waiting = (
-    usize,
-    Vec<String>,
-    oneshot::Sender<Result<Vec<OutputTensor>>>,
-);
+/// One request's part of a batch: its rows and the outputs it wants.
+type Plan = (usize, Vec<String>);
 
 /// Runs the requests' inputs as one batch and gives each request its rows of its outputs.
 fn execute(
     session: &mut Session,
     per_request: Vec<Vec<InputTensor>>,
-    waiting: &[Waiting],
+    waiting: &[Plan],
 ) -> Result<Vec<Vec<OutputTensor>>> {
     let runtime = |message: String| PredictorError::Runtime(message);
     let batched = per_request.len() > 1;
-    let total_rows: usize = waiting.iter().map(|(rows, _, _)| rows).sum();
+    let total_rows: usize = waiting.iter().map(|(rows, _)| rows).sum();
     // Transpose: one column of tensors per model input.
     let width = per_request.first().map_or(0, Vec::len);
     let mut columns: Vec<Vec<InputTensor>> = (0..width)
@@ -311,7 +428,7 @@ fn execute(
 
     // Every output any request asked for, converted once.
     let mut converted: HashMap<&str, Shaped> = HashMap::new();
-    for name in waiting.iter().flat_map(|(_, outputs, _)| outputs) {
+    for name in waiting.iter().flat_map(|(_, outputs)| outputs) {
         if converted.contains_key(name.as_str()) {
             continue;
         }
@@ -324,7 +441,7 @@ fn execute(
     if !batched {
         let outputs = waiting
             .first()
-            .map(|(_, o, _)| o.as_slice())
+            .map(|(_, o)| o.as_slice())
             .unwrap_or_default();
         return Ok(vec![
             outputs
@@ -354,7 +471,7 @@ fn execute(
             .iter()
             .map(|&d| usize::try_from(d).unwrap_or(0))
             .product();
-        let lengths: Vec<usize> = waiting.iter().map(|(rows, _, _)| rows * per_row).collect();
+        let lengths: Vec<usize> = waiting.iter().map(|(rows, _)| rows * per_row).collect();
         let pieces = data.split(&lengths).ok_or_else(|| {
             runtime(format!(
                 "output '{name}' does not split into the batch's rows"
@@ -363,7 +480,7 @@ fn execute(
         let shaped = waiting
             .iter()
             .zip(pieces)
-            .map(|((rows, _, _), piece)| {
+            .map(|((rows, _), piece)| {
                 let mut shape = vec![i64::try_from(*rows).unwrap_or(i64::MAX)];
                 shape.extend_from_slice(rest);
                 Some((shape, piece))
@@ -374,7 +491,7 @@ fn execute(
     Ok(waiting
         .iter()
         .enumerate()
-        .map(|(i, (_, outputs, _))| {
+        .map(|(i, (_, outputs))| {
             outputs
                 .iter()
                 .filter_map(|name| {

@@ -1,4 +1,4 @@
-//! One loaded model version: its metadata, its sessions behind the batcher, and inference:
+//! One loaded model version: its metadata, its sessions behind the batcher or the pool, and inference:
 //! validate the request against the metadata, queue it, await the answer, post-process.
 
 use std::path::Path;
@@ -11,7 +11,7 @@ use meshserve_proto::{
 use ort::session::Session;
 use ort::value::ValueType;
 
-use crate::batcher::{Batcher, Job, Policy};
+use crate::batcher::{Batcher, Job, Policy, Pool};
 use crate::config::{ModelConfig, TensorOverride};
 use crate::error::{PredictorError, Result};
 use crate::metrics::{FailureReason, Metrics, ModelMetrics};
@@ -32,8 +32,16 @@ pub struct ModelVersion {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     config: ModelConfig,
-    batcher: Batcher,
+    executor: Executor,
     metrics: ModelMetrics,
+}
+
+/// How requests reach the sessions: merged into batches by the batcher's threads, or each
+/// on its own through the pool.
+#[derive(Debug)]
+enum Executor {
+    Batched(Batcher),
+    Pooled(Box<Pool>),
 }
 
 impl ModelVersion {
@@ -80,13 +88,15 @@ impl ModelVersion {
                 "v1_output '{v1}' is not an output of the model"
             )));
         }
-        let policy = match &config.dynamic_batching {
-            None => Policy {
-                max_batch: 0,
-                delay: Duration::ZERO,
-                preferred: Vec::new(),
-                max_queue: 0,
-            },
+        let version_string = version.to_string();
+        let model_metrics = metrics.model(name, &version_string);
+        let executor = match &config.dynamic_batching {
+            None => Executor::Pooled(Box::new(Pool::new(
+                name,
+                sessions,
+                0,
+                model_metrics.clone(),
+            ))),
             Some(batching) => {
                 if let Some(fixed) = inputs
                     .iter()
@@ -98,7 +108,7 @@ impl ModelVersion {
                         fixed.name, fixed.shape
                     )));
                 }
-                Policy {
+                let policy = Policy {
                     max_batch: usize::try_from(config.max_batch_size).unwrap_or(usize::MAX),
                     delay: Duration::from_micros(batching.max_queue_delay_microseconds),
                     preferred: batching
@@ -107,12 +117,15 @@ impl ModelVersion {
                         .filter_map(|&s| usize::try_from(s).ok())
                         .collect(),
                     max_queue: batching.max_queue_size,
-                }
+                };
+                Executor::Batched(Batcher::start(
+                    name,
+                    sessions,
+                    policy,
+                    model_metrics.clone(),
+                )?)
             }
         };
-        let version_string = version.to_string();
-        let model_metrics = metrics.model(name, &version_string);
-        let batcher = Batcher::start(name, sessions, policy, model_metrics.clone())?;
         Ok(ModelVersion {
             name: name.to_owned(),
             version,
@@ -120,7 +133,7 @@ impl ModelVersion {
             inputs,
             outputs,
             config: config.clone(),
-            batcher,
+            executor,
             metrics: model_metrics,
         })
     }
@@ -181,24 +194,39 @@ impl ModelVersion {
             span: tracing::Span::current(),
         };
         let deadline = timeout.map(|t| Instant::now() + t);
-        let ticket = self.batcher.submit(job)?;
-        let answer = match deadline {
-            None => ticket.answer.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), ticket.answer).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    self.batcher.cancel(ticket.id);
-                    return Err(PredictorError::Timeout(format!(
-                        "request to model '{}' did not run within its timeout of {} µs",
-                        self.name,
-                        timeout.unwrap_or_default().as_micros()
-                    )));
-                }
-            },
+        let timed_out = || {
+            PredictorError::Timeout(format!(
+                "request to model '{}' did not run within its timeout of {} µs",
+                self.name,
+                timeout.unwrap_or_default().as_micros()
+            ))
         };
-        let outputs = answer.map_err(|_| {
-            PredictorError::Runtime(format!("model '{}' was unloaded", self.name))
-        })??;
+        let outputs = match &self.executor {
+            Executor::Pooled(pool) => match deadline {
+                None => pool.run(job).await?,
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), pool.run(job))
+                    .await
+                    .map_err(|_| timed_out())??,
+            },
+            Executor::Batched(batcher) => {
+                let ticket = batcher.submit(job)?;
+                let answer = match deadline {
+                    None => ticket.answer.await,
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline.into(), ticket.answer).await {
+                            Ok(answer) => answer,
+                            Err(_) => {
+                                batcher.cancel(ticket.id);
+                                return Err(timed_out());
+                            }
+                        }
+                    }
+                };
+                answer.map_err(|_| {
+                    PredictorError::Runtime(format!("model '{}' was unloaded", self.name))
+                })??
+            }
+        };
         let outputs = outputs
             .into_iter()
             .zip(&requested)

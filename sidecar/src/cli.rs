@@ -134,8 +134,11 @@ pub struct ServeArgs {
     /// set-up script's .venv.
     #[arg(long, env = "MESHSERVE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
-    /// Threads ONNX Runtime uses within one operator (0: one per core).
-    #[arg(long, default_value_t = 0, env = "MESHSERVE_INTRA_OP_THREADS")]
+    /// Threads ONNX Runtime uses within one operator (0: one per core). One by default: the
+    /// sidecar runs beside Envoy, parallelism comes from concurrent requests and
+    /// `instance_count`, and a thread pool's hand-offs cost more than small models gain. Raise
+    /// it for large models on many cores (per model: `intra_op_threads` in config.yaml).
+    #[arg(long, default_value_t = 1, env = "MESHSERVE_INTRA_OP_THREADS")]
     pub intra_op_threads: usize,
     /// Let ONNX Runtime's idle intra-op threads spin (faster hand-offs on an otherwise idle
     /// many-core machine; on a small one they take the cores the server needs).
