@@ -1,10 +1,15 @@
-"""meshserve vs the KServe Python server vs MLServer vs raw onnxruntime: one load-test run.
+"""meshserve's load tests: one run of one or all suites, each with its own servers and report.
 
 Run by bench/run.sh (which installs h2load and MLServer's venv first), in the repo's .venv:
 
-    .venv/bin/python bench/bench.py [--rounds N] [--duration S] [--warmup S] [--out FILE]
+    .venv/bin/python bench/bench.py [--suite sidecar|batching|mesh|all] [--update-docs] [--rounds N] ...
 
-What it does, in order:
+Suites: `sidecar` (here), `batching` (bench/suite_batching.py), `mesh` (bench/suite_mesh.py); the
+last two use this module's helpers (servers, checks, h2load, pooling, report pieces). Each suite
+writes bench/results/<date>-<suite>.md (and .json); --update-docs also replaces its generated
+block in docs/benchmarks.md.
+
+The sidecar suite, in order:
   1. builds the request bodies (V2 REST JSON and a gRPC-framed ModelInferRequest with
      raw_input_contents, made with tritonclient's protobuf classes) for mnist_cnn and mnist_mlp
      at batch 1 and 32, and the outputs onnxruntime computes for them in-process;
@@ -16,7 +21,7 @@ What it does, in order:
      systems interleaved so that a noisy neighbour hits them alike: a warm-up, then a fixed
      duration whose per-request latencies come from h2load's --log-file; a row pools its rounds;
   4. checks the answers again, reads meshserve's RSS, stops every server (also on error,
-     Ctrl-C or SIGTERM), and writes the Markdown report (bench/results/<date>.md, .json).
+     Ctrl-C or SIGTERM), and writes the Markdown report.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import resource
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -199,6 +205,7 @@ def pooled(runs: list[dict]) -> dict:
         server_cpu=sum(r["server_cpu_s"] for r in runs) / wall,
         client_cpu=(sum(r["client_cpu_s"] for r in runs) / wall) if first["client_cpu_s"] is not None else None,
         other_cpu=sum(r["other_cpu_s"] for r in runs) / wall,
+        server_cpu_by={k: sum(r["server_cpu_by"][k] for r in runs) / wall for k in first.get("server_cpu_by", {})},
         notes=[f"round {i + 1}: {n}" if len(runs) > 1 else n for i, r in enumerate(runs) for n in r["notes"]],
     )
     return row
@@ -321,20 +328,26 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def start_meshserve(workdir: Path) -> Server:
-    # The demo repository plus the benchmark MLP, side by side, by symbolic links.
-    repository = workdir / "meshserve-repository"
-    repository.mkdir()
-    for model in sorted((ROOT / "models/repository").iterdir()):
-        if model.is_dir():
-            (repository / model.name).symlink_to(model)
-    (repository / "mnist_mlp").symlink_to(ROOT / "models/extra/mnist_mlp")
+def start_meshserve(
+    workdir: Path, repository: Path | None = None, name: str = "meshserve", ports: tuple[int, int] = (0, 0)
+) -> Server:
+    """meshserve serve, default flags. Without `repository`: the demo repository plus the
+    benchmark MLP. `ports` (REST, gRPC): 0 lets the OS pick (the mesh suite needs fixed ones)."""
+    if repository is None:
+        # The demo repository plus the benchmark MLP, side by side, by symbolic links.
+        repository = workdir / "meshserve-repository"
+        repository.mkdir()
+        for model in sorted((ROOT / "models/repository").iterdir()):
+            if model.is_dir():
+                (repository / model.name).symlink_to(model)
+        (repository / "mnist_mlp").symlink_to(ROOT / "models/extra/mnist_mlp")
     env = dict(os.environ)
     env.setdefault("ORT_DYLIB_PATH", str(next((ROOT / ".venv/lib").glob("python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*"))))
-    log = workdir / "meshserve.log"
+    log = workdir / f"{name.replace(' ', '_')}.log"
     server = spawn(
-        "meshserve",
-        [str(ROOT / "target/release/meshserve"), "serve", "--model-repository", str(repository), "--http-port", "0", "--grpc-port", "0"],
+        name,
+        [str(ROOT / "target/release/meshserve"), "serve", "--model-repository", str(repository),
+         "--http-port", str(ports[0]), "--grpc-port", str(ports[1])],
         log,
         env=env,
     )
@@ -365,7 +378,13 @@ def start_kserve(workdir: Path) -> Server:
     return server
 
 
-def start_mlserver(workdir: Path) -> Server:
+def start_mlserver(
+    workdir: Path, models: dict | None = None, model_settings: dict | None = None, env_extra: dict | None = None
+) -> Server:
+    """MLServer with the benchmark runtime. `models` (default MODELS): name -> (path, shape);
+    `model_settings`: extra fields of every model-settings.json (the batching suite's adaptive
+    batching); `env_extra`: extra environment variables."""
+    models = MODELS if models is None else models
     root = workdir / "mlserver"
     root.mkdir()
     http, grpc_port = free_port(), free_port()
@@ -378,21 +397,23 @@ def start_mlserver(workdir: Path) -> Server:
         "load_models_at_startup": True,
     }
     (root / "settings.json").write_text(json.dumps(settings, indent=2))
-    for model, (path, _) in MODELS.items():
+    for model, (path, _) in models.items():
         (root / model).mkdir()
-        model_settings = {
+        settings_json = {
             "name": model,
             "implementation": "mlserver_onnx_runtime.OnnxRuntime",
             "parameters": {"uri": str(path)},
+            **(model_settings or {}),
         }
-        (root / model / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+        (root / model / "model-settings.json").write_text(json.dumps(settings_json, indent=2))
     env = dict(os.environ)
+    env.update(env_extra or {})
     env["PYTHONPATH"] = str(BENCH) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("VIRTUAL_ENV", None)
     server = spawn("MLServer", [str(VENV_BENCH / "bin/mlserver"), "start", str(root)], workdir / "mlserver.log", env=env, cwd=root)
     server.http, server.grpc = http, grpc_port
     wait_ready(server, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180)
-    for model in MODELS:
+    for model in models:
         wait_ready(server, f"http://127.0.0.1:{http}/v2/models/{model}/ready", timeout=60)
     return server
 
@@ -405,10 +426,11 @@ def rest_url(server: Server, model: str) -> str:
     return f"http://127.0.0.1:{server.http}/v2/models/{model}/infer"
 
 
-def check_rest(server: Server, case: Case) -> int:
-    """Sends the exact body h2load will send; returns the response body's length."""
+def check_rest(server: Server, case: Case, model: str | None = None) -> int:
+    """Sends the exact body h2load will send (to `model`, default the case's); returns the
+    response body's length."""
     request = urllib.request.Request(
-        rest_url(server, case.model), data=case.rest_body.read_bytes(), headers={"Content-Type": "application/json"}
+        rest_url(server, model or case.model), data=case.rest_body.read_bytes(), headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -504,38 +526,70 @@ FINISHED = re.compile(r"finished in (?P<secs>[\d.]+)s, (?P<rps>[\d.]+) req/s")
 def h2load(
     server: Server, protocol: str, case: Case, concurrency: int, warmup: float, duration: float, workdir: Path, size: int
 ) -> dict:
-    log = workdir / f"h2load_{server.name}_{protocol}_{case.model}_b{case.batch}_c{concurrency}.log"
+    if protocol == "REST":
+        target = ["--h1", "-d", str(case.rest_body), "-H", "content-type: application/json", rest_url(server, case.model)]
+    else:
+        target = ["-d", str(case.grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        target += [f"http://127.0.0.1:{server.grpc}{GRPC_METHOD}"]
+    r = h2load_target(f"{server.name}_{protocol}_{case.model}_b{case.batch}", target, [server], concurrency,
+                      warmup, duration, workdir, size)
+    r.update(system=server.name, protocol=protocol, model=case.model, batch=case.batch, concurrency=concurrency)
+    return r
+
+
+def h2load_target(
+    label: str,
+    target: list[str],
+    servers: list[Server],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    workdir: Path,
+    size: int,
+    expect: str = "2xx",
+) -> dict:
+    """One h2load run: `target` is the protocol flags, body and URL; `servers` are the processes
+    whose CPU counts as the server's (their sum; each in `server_cpu_by`). `expect`: "2xx", or
+    an exact status such as "404" for a path whose right answer is an error (then only that
+    status counts as success). Returns the measurement without system/protocol/model fields."""
+    log = workdir / f"h2load_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}_c{concurrency}.log"
     ms = lambda seconds: f"{round(seconds * 1000)}ms"
     argv = ["h2load", "-t", "1", "-c", str(concurrency), "-m", "1", "-D", ms(duration), "--warm-up-time", ms(warmup)]
-    argv += ["--log-file", str(log)]
-    if protocol == "REST":
-        argv += ["--h1", "-d", str(case.rest_body), "-H", "content-type: application/json", rest_url(server, case.model)]
-    else:
-        argv += ["-d", str(case.grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers"]
-        argv += [f"http://127.0.0.1:{server.grpc}{GRPC_METHOD}"]
+    argv += ["--log-file", str(log), *target]
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0, cpu0, t0 = machine_busy_seconds(), server.cpu_seconds(), time.monotonic()
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    cpus0 = [s.cpu_seconds() for s in servers]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + duration + 60)
-    wall, cpu1, busy1 = time.monotonic() - t0, server.cpu_seconds(), machine_busy_seconds()
+    wall = time.monotonic() - t0
+    cpus1 = [s.cpu_seconds() for s in servers]
+    busy1 = machine_busy_seconds()
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
+    server_cpu = [b - a for a, b in zip(cpus0, cpus1)]
     out = run.stdout + run.stderr
     summary, codes, traffic = SUMMARY.search(out), CODES.search(out), TRAFFIC.search(out)
     if run.returncode != 0 or not (summary and codes and traffic):
-        raise BenchError(f"h2load failed (exit {run.returncode}) against {server.name} {protocol}:\n{out[-2000:]}")
+        raise BenchError(f"h2load failed (exit {run.returncode}) against {label}:\n{out[-2000:]}")
     n = {k: int(v) for k, v in summary.groupdict().items()}
     c = {k: int(v) for k, v in codes.groupdict().items()}
     data = int(traffic.group("data"))
+    wanted = (lambda status: status.startswith("2")) if expect == "2xx" else (lambda status: status == expect)
     latencies, statuses = [], {}
     for line in log.read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 3:
             statuses[parts[1]] = statuses.get(parts[1], 0) + 1
-            if parts[1].startswith("2"):
+            if wanted(parts[1]):
                 latencies.append(int(parts[2]))
     log.unlink()
-    ok = n["succeeded"]
-    failed = n["done"] - n["succeeded"] + n["errored"] + n["timeout"] + c["s3"] + c["s4"] + c["s5"]
+    if expect == "2xx":
+        ok = n["succeeded"]
+        failed = n["done"] - n["succeeded"] + n["errored"] + n["timeout"] + c["s3"] + c["s4"] + c["s5"]
+    else:
+        # h2load counts every 4xx as failed; here the expected status is the success. The log
+        # covers the measured window only, like h2load's counts, so the two agree.
+        ok = statuses.get(expect, 0)
+        failed = n["done"] - ok + n["errored"] + n["timeout"]
     # A gRPC error comes back as HTTP 200 with grpc-status in the trailers and no message, so
     # h2load counts it as a success: the DATA bytes per answer tell. Every correct answer here
     # is `size` bytes long (checked before the run); an error answer is (nearly) empty.
@@ -548,21 +602,19 @@ def h2load(
         notes.append(f"{failed} failed of {n['done']} (h2load: {n['failed']} failed, {n['errored']} errored, "
                      f"{n['timeout']} timeout; statuses {statuses})")
     if not latencies:
-        raise BenchError(f"no successful requests against {server.name} {protocol} {case.model} b{case.batch} c{concurrency}:\n{out[-2000:]}")
+        raise BenchError(f"no successful requests against {label} c{concurrency}:\n{out[-2000:]}")
     return {
-        "system": server.name,
-        "protocol": protocol,
-        "model": case.model,
-        "batch": case.batch,
         "concurrency": concurrency,
         "ok": ok,
+        "done": n["done"],
         "seconds": duration,
         "wall": wall,
         "latencies_ms": np.asarray(latencies) / 1000.0,
         "failed": failed,
-        "server_cpu_s": cpu1 - cpu0,
+        "server_cpu_s": sum(server_cpu),
+        "server_cpu_by": {s.name: v for s, v in zip(servers, server_cpu)},
         "client_cpu_s": client_cpu,
-        "other_cpu_s": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - client_cpu),
+        "other_cpu_s": max(0.0, (busy1 - busy0) - sum(server_cpu) - client_cpu),
         "notes": notes,
     }
 
@@ -604,7 +656,26 @@ def machine() -> dict:
         "kserve": version([sys.executable, "-c", "import importlib.metadata as m; print(m.version('kserve'))"]),
         "mlserver": version([str(VENV_BENCH / "bin/python"), "-c", "import importlib.metadata as m; print(m.version('mlserver'))"]),
         "meshserve": version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+        "meshserve_built": datetime.datetime.fromtimestamp(
+            (ROOT / "target/release/meshserve").stat().st_mtime, datetime.timezone.utc
+        ).strftime("%Y-%m-%d %H:%M UTC"),
+        "mem_gib": round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1),
     }
+
+
+def machine_line(info: dict, versions: str) -> str:
+    """One paragraph: the machine, its load at the start, and the versions that matter."""
+    return (
+        f"Machine: {info['nproc']} CPUs (`nproc`: {info['nproc_cmd']}), {info['cpu']}, {info['mem_gib']} GiB, "
+        f"Linux {info['kernel']}, load average at start {' '.join(info['loadavg'])}; load generator and "
+        f"servers share the cores. meshserve: commit {info['meshserve']}, release binary built "
+        f"{info['meshserve_built']}. {versions}"
+    )
+
+
+def run_command() -> str:
+    """The command line that started this run, as typed to bench/run.sh."""
+    return " ".join(["bash bench/run.sh", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 SYSTEM_ORDER = {"meshserve": 0, "KServe": 1, "MLServer": 2, "raw ORT": 3}
@@ -674,18 +745,15 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
             notes.append(f"{r['system']} {r['protocol']} {r['model']} b{r['batch']} c{r['concurrency']}: {n}")
 
     out = [
-        f"# meshserve load test, {info['date']}",
-        "",
-        f"`bash bench/run.sh`: each row is {settings['rounds']} round(s) of h2load, {settings['warmup']:g} s warm-up "
+        f"Run on {info['date']}: `{run_command()}`. Each row is {settings['rounds']} round(s) of h2load, {settings['warmup']:g} s warm-up "
         f"(not counted) + {settings['duration']:g} s measured, the rounds interleaved across the whole run and "
         "pooled (requests added up, latencies pooled for the percentiles). h2load runs one thread, "
         "`-c <concurrency> -m 1` (one request in flight per connection); REST is HTTP/1.1 with a V2 JSON body, "
         "gRPC is h2c carrying a ModelInferRequest with raw_input_contents. Raw ORT is `session.run` in a "
         "Python loop, in-process, timed per call (servers idle). Everything on 127.0.0.1.",
         "",
-        f"Machine: {info['nproc']} CPUs (`nproc`: {info['nproc_cmd']}), {info['cpu']}, Linux {info['kernel']}, "
-        f"load average at start {' '.join(info['loadavg'])}. Versions: meshserve {info['meshserve']}, "
-        f"onnxruntime {info['onnxruntime']}, kserve {info['kserve']}, mlserver {info['mlserver']}, {info['h2load']}.",
+        machine_line(info, f"Versions: onnxruntime {info['onnxruntime']}, kserve {info['kserve']}, "
+                           f"mlserver {info['mlserver']}, {info['h2load']}."),
         "",
         "req/s counts successful answers only. CPU is in cores (CPU-seconds per wall-second, warm-up "
         "included): the server's process group, h2load, and everything else on the machine (other "
@@ -694,49 +762,167 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
         "",
         *lines,
         "",
-        "## Targets",
+        *([rss_line(rss), ""] if rss else []),
+        "Targets:",
         "",
         "| target | measured | met |",
         "|---|---|---|",
         *[f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in checks],
         "",
     ]
-    if notes:
-        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    out += [f"Server error lines in the logs: " + ", ".join(f"{k} {v}" for k, v in settings["log_errors"].items()), ""]
+    out += notes_lines(notes, settings["log_errors"])
     return "\n".join(out)
+
+
+def rss_line(rss: dict) -> str:
+    return (f"meshserve's RSS: {rss['idle_VmRSS'] * 1024 / 1e6:.1f} MB after start-up and the correctness checks, "
+            f"**{rss['VmRSS'] * 1024 / 1e6:.1f} MB after the load**, peak (VmHWM) {rss['VmHWM'] * 1024 / 1e6:.1f} MB.")
+
+
+def notes_lines(notes: list[str], log_errors: dict) -> list[str]:
+    out = []
+    if notes:
+        out += ["Notes:", "", *[f"- {n}" for n in notes], ""]
+    else:
+        out += ["No request failed in any row.", ""]
+    out += ["Server error lines in the logs: " + ", ".join(f"{k} {v}" for k, v in log_errors.items()) + ".", ""]
+    return out
 
 
 def count_errors(server: Server) -> int:
     text = server.log.read_text(errors="replace")
-    if server.name == "meshserve":
+    if server.name.startswith("meshserve"):
         return sum(1 for line in text.splitlines() if " WARN " in line or " ERROR " in line)
+    if server.name.startswith("Envoy"):
+        return sum(1 for line in text.splitlines() if re.search(r"\]\[(warning|error|critical)\]", line))
     return sum(1 for line in text.splitlines() if re.search(r"\b(ERROR|Traceback|CRITICAL)\b", line))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)),
-                        help="times each measurement is taken, interleaved; a row pools its rounds")
-    parser.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 4)),
-                        help="measured seconds per round")
-    parser.add_argument("--warmup", type=float, default=float(os.environ.get("BENCH_WARMUP", 1)),
-                        help="warm-up seconds before each measured run (not counted)")
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>.md")
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the bodies and server logs")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset, for quick runs")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    args = parser.parse_args()
+def run_sidecar(args, info: dict, workdir: Path) -> tuple[str, dict]:
+    """The sidecar suite: meshserve vs KServe vs MLServer vs raw ORT. Returns (report, raw data)."""
     models = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     for model in models:
         if model not in MODELS:
             raise BenchError(f"unknown model {model}; known: {', '.join(MODELS)}")
+    say(f"request bodies and expected answers in {workdir}")
+    cases = [c for c in make_cases(workdir) if c.model in models and c.batch in batches]
+
+    say("starting meshserve, KServe and MLServer on 127.0.0.1")
+    servers = {"meshserve": start_meshserve(workdir), "KServe": start_kserve(workdir), "MLServer": start_mlserver(workdir)}
+    for s in servers.values():
+        say(f"  {s.name}: pid {s.process.pid}, http {s.http}, grpc {s.grpc}")
+
+    say("checking every system's answers (HTTP 200 / grpc-status 0, right numbers)")
+    sizes = check_all(servers, cases, "before the load")
+    rss_idle = rss_kib(servers["meshserve"].process.pid)
+
+    # Rounds: every measurement once per round, so that each row's seconds are spread over
+    # the whole run and a burst of noise from a neighbour lands on all systems alike.
+    runs: dict[tuple, list[dict]] = {}
+    total = args.rounds * len(cases) * (1 + len(concurrencies) * len(TARGETS))
+    done = 0
+    for round_ in range(1, args.rounds + 1):
+        for case in cases:
+            done += 1
+            r = raw_ort(case, args.warmup, args.duration)
+            runs.setdefault(("raw ORT", "in-process", case.model, case.batch, 1), []).append(r)
+            say(f"  [{done}/{total}] round {round_} {case.model} b{case.batch} raw ORT (in-process, servers idle): "
+                f"{r['ok'] / r['seconds']:,.0f} calls/s, p50 {np.percentile(r['latencies_ms'], 50):.3f} ms")
+        for case in cases:
+            for concurrency in concurrencies:
+                for system, protocol, _ in TARGETS:
+                    server = servers[system]
+                    done += 1
+                    if (system, protocol, case.model, case.batch) not in sizes:
+                        continue
+                    if not server.alive():
+                        raise BenchError(f"{system} died; its log:\n{tail(server.log)}")
+                    errors_before = count_errors(server)
+                    r = h2load(server, protocol, case, concurrency, args.warmup, args.duration, workdir,
+                               sizes[(system, protocol, case.model, case.batch)])
+                    time.sleep(0.3)  # let the server log what the end of the run caused
+                    if new_errors := count_errors(server) - errors_before:
+                        r["notes"].append(f"{new_errors} error lines in {system}'s log during or right after this run")
+                    runs.setdefault((system, protocol, case.model, case.batch, concurrency), []).append(r)
+                    say(progress(f"[{done}/{total}] round {round_} {case.model} b{case.batch} c{concurrency} {system} {protocol}", r))
+    rows = [pooled(measurement) for measurement in runs.values()]
+
+    say("checking the answers again after the load")
+    check_all(servers, cases, "after the load")
+    rss = rss_kib(servers["meshserve"].process.pid)
+    rss["idle_VmRSS"] = rss_idle["VmRSS"]
+    say(f"meshserve VmRSS {rss['VmRSS'] * 1024 / 1e6:.1f} MB, VmHWM {rss['VmHWM'] * 1024 / 1e6:.1f} MB")
+    log_errors = {s.name: count_errors(s) for s in servers.values()}
+    settings = {"warmup": args.warmup, "duration": args.duration, "rounds": args.rounds, "log_errors": log_errors}
+    return report(rows, info, rss, servers, settings), {"rss_kib": rss, "rows": rows}
+
+
+def progress(label: str, r: dict) -> str:
+    return (f"  {label}: {r['ok'] / r['seconds']:,.0f} req/s, p50 {np.percentile(r['latencies_ms'], 50):.3f} ms, "
+            f"p99 {np.percentile(r['latencies_ms'], 99):.3f} ms, server CPU {r['server_cpu_s'] / r['wall']:.2f}, "
+            f"other CPU {r['other_cpu_s'] / r['wall']:.2f}, failed {r['failed']}")
+
+
+def stop_servers() -> None:
+    """Stops every server started so far (each suite stops its own before the next starts)."""
+    while SERVERS:
+        SERVERS.pop().stop()
+
+
+SUITES = ("sidecar", "batching", "mesh")
+SUITE_TITLES = {
+    "sidecar": "meshserve vs KServe vs MLServer vs raw ONNX Runtime",
+    "batching": "dynamic batching: meshserve off / on vs MLServer adaptive batching",
+    "mesh": "Envoy + wasm router overhead",
+}
+DOCS = ROOT / "docs/benchmarks.md"
+
+
+def update_docs(suite: str, block: str) -> None:
+    """Replaces the generated block of `suite` in docs/benchmarks.md (between its markers)."""
+    begin, end = f"<!-- bench:{suite}:begin (generated by bench/run.sh --update-docs) -->", f"<!-- bench:{suite}:end -->"
+    text = DOCS.read_text()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        say(f"docs/benchmarks.md has no markers for the {suite} suite; not updated")
+        return
+    DOCS.write_text(text[: i + len(begin)] + "\n" + block.rstrip() + "\n" + text[j:])
+    say(f"updated the {suite} section of docs/benchmarks.md")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="all", choices=[*SUITES, "all"],
+                        help="sidecar: meshserve vs KServe vs MLServer vs raw ORT; batching: dynamic batching; "
+                             "mesh: Envoy + wasm router overhead; all (default): the three, in that order")
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)),
+                        help="times each measurement is taken, interleaved; a row pools its rounds")
+    parser.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 4)),
+                        help="measured seconds per round")
+    parser.add_argument("--warmup", type=float, default=float(os.environ.get("BENCH_WARMUP", 1)),
+                        help="warm-up seconds before each measured run (not counted)")
+    parser.add_argument("--results-dir", type=Path, default=BENCH / "results",
+                        help="where <date>-<suite>.md and .json go (default: bench/results)")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="also replace each suite's generated block in docs/benchmarks.md")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the bodies and server logs")
+    sidecar = parser.add_argument_group("sidecar suite")
+    sidecar.add_argument("--models", default=",".join(MODELS), help="comma-separated subset, for quick runs")
+    sidecar.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    sidecar.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    import suite_batching
+    import suite_mesh
+
+    suite_batching.add_arguments(parser.add_argument_group("batching suite"))
+    suite_mesh.add_arguments(parser.add_argument_group("mesh suite"))
+    args = parser.parse_args()
+    runners = {"sidecar": run_sidecar, "batching": suite_batching.run, "mesh": suite_mesh.run}
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
 
     for path, _ in MODELS.values():
         if not path.is_file():
@@ -746,80 +932,32 @@ def main() -> int:
     if not shutil.which("h2load"):
         raise BenchError("h2load is missing (apt-get install nghttp2-client; bench/run.sh does it)")
 
-    started = datetime.datetime.now(datetime.timezone.utc)
-    info = machine()
-    info["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
-    workdir = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
-    rows: list[dict] = []
-    try:
-        say(f"request bodies and expected answers in {workdir}")
-        cases = [c for c in make_cases(workdir) if c.model in models and c.batch in batches]
-
-        say("starting meshserve, KServe and MLServer on 127.0.0.1")
-        servers = {"meshserve": start_meshserve(workdir), "KServe": start_kserve(workdir), "MLServer": start_mlserver(workdir)}
-        for s in servers.values():
-            say(f"  {s.name}: pid {s.process.pid}, http {s.http}, grpc {s.grpc}")
-
-        say("checking every system's answers (HTTP 200 / grpc-status 0, right numbers)")
-        sizes = check_all(servers, cases, "before the load")
-        rss_idle = rss_kib(servers["meshserve"].process.pid)
-
-        # Rounds: every measurement once per round, so that each row's seconds are spread over
-        # the whole run and a burst of noise from a neighbour lands on all systems alike.
-        runs: dict[tuple, list[dict]] = {}
-        total = args.rounds * len(cases) * (1 + len(concurrencies) * len(TARGETS))
-        done = 0
-        for round_ in range(1, args.rounds + 1):
-            for case in cases:
-                done += 1
-                r = raw_ort(case, args.warmup, args.duration)
-                runs.setdefault(("raw ORT", "in-process", case.model, case.batch, 1), []).append(r)
-                say(f"  [{done}/{total}] round {round_} {case.model} b{case.batch} raw ORT (in-process, servers idle): "
-                    f"{r['ok'] / r['seconds']:,.0f} calls/s, p50 {np.percentile(r['latencies_ms'], 50):.3f} ms")
-            for case in cases:
-                for concurrency in concurrencies:
-                    for system, protocol, _ in TARGETS:
-                        server = servers[system]
-                        done += 1
-                        if (system, protocol, case.model, case.batch) not in sizes:
-                            continue
-                        if not server.alive():
-                            raise BenchError(f"{system} died; its log:\n{tail(server.log)}")
-                        errors_before = count_errors(server)
-                        r = h2load(server, protocol, case, concurrency, args.warmup, args.duration, workdir,
-                                   sizes[(system, protocol, case.model, case.batch)])
-                        time.sleep(0.3)  # let the server log what the end of the run caused
-                        if new_errors := count_errors(server) - errors_before:
-                            r["notes"].append(f"{new_errors} error lines in {system}'s log during or right after this run")
-                        runs.setdefault((system, protocol, case.model, case.batch, concurrency), []).append(r)
-                        say(f"  [{done}/{total}] round {round_} {case.model} b{case.batch} c{concurrency} {system} {protocol}: "
-                            f"{r['ok'] / r['seconds']:,.0f} req/s, p50 {np.percentile(r['latencies_ms'], 50):.3f} ms, "
-                            f"p99 {np.percentile(r['latencies_ms'], 99):.3f} ms, server CPU {r['server_cpu_s'] / r['wall']:.2f}, "
-                            f"other CPU {r['other_cpu_s'] / r['wall']:.2f}, failed {r['failed']}")
-        rows = [pooled(measurement) for measurement in runs.values()]
-
-        say("checking the answers again after the load")
-        check_all(servers, cases, "after the load")
-        rss = rss_kib(servers["meshserve"].process.pid)
-        rss["idle_VmRSS"] = rss_idle["VmRSS"]
-        say(f"meshserve VmRSS {rss['VmRSS'] * 1024 / 1e6:.1f} MB, VmHWM {rss['VmHWM'] * 1024 / 1e6:.1f} MB")
-        log_errors = {s.name: count_errors(s) for s in servers.values()}
-    finally:
-        for s in SERVERS:
-            s.stop()
-        if args.keep_workdir:
-            say(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    settings = {"warmup": args.warmup, "duration": args.duration, "rounds": args.rounds, "log_errors": log_errors}
-    text = report(rows, info, rss, servers, settings)
-    out = args.out or BENCH / "results" / f"{started.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps({"info": info, "rss_kib": rss, "rows": rows}, indent=1))
-    print(text)
-    say(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    texts = []
+    for suite in suites:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        info = machine()
+        info["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
+        workdir = Path(tempfile.mkdtemp(prefix=f"meshserve-bench-{suite}-"))
+        say(f"suite {suite}: {SUITE_TITLES[suite]}")
+        t0 = time.monotonic()
+        try:
+            text, data = runners[suite](args, info, workdir)
+        finally:
+            stop_servers()
+            if args.keep_workdir:
+                say(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        text += f"\nThe {suite} suite took {(time.monotonic() - t0) / 60:.1f} minutes.\n"
+        out = args.results_dir / f"{started.strftime('%Y-%m-%d')}-{suite}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# meshserve benchmark, {suite} suite: {SUITE_TITLES[suite]}\n\n{text}")
+        out.with_suffix(".json").write_text(json.dumps({"info": info, **data}, indent=1, default=str))
+        say(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        if args.update_docs:
+            update_docs(suite, text)
+        texts.append(f"# {suite} suite\n\n{text}")
+    print("\n".join(texts))
     return 0
 
 
@@ -828,6 +966,9 @@ def _terminate(signum, _frame):
 
 
 if __name__ == "__main__":
+    # The suite modules `import bench` for these helpers: let them find this very module (its
+    # SERVERS list included), not a second copy of the file.
+    sys.modules.setdefault("bench", sys.modules[__name__])
     signal.signal(signal.SIGTERM, _terminate)
     try:
         sys.exit(main())

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Load test: meshserve vs the KServe Python server vs MLServer vs raw onnxruntime, in one run.
+# Load tests of meshserve, in three suites (docs/benchmarks.md has a section per suite):
+#   sidecar   meshserve vs the KServe Python server vs MLServer vs raw onnxruntime (~9.5 min)
+#   batching  dynamic batching off / on vs MLServer's adaptive batching, concurrency 1/16/64 (~5 min)
+#   mesh      Envoy + the wasm router in front of a sidecar: overhead and memory (~2 min)
 #
-#   bash bench/run.sh [--rounds N] [--duration S] [--warmup S] [--out FILE] [--keep-workdir]
-#                     [--models a,b] [--batches 1,32] [--concurrency 1,16]     (--help: all)
+#   bash bench/run.sh [--suite sidecar|batching|mesh|all] [--update-docs] [--rounds N] [--duration S]
+#                     [--warmup S] [--results-dir DIR] [--keep-workdir] [suite flags]    (--help: all)
 #
-# Needs the repo's set-up (.venv, target/release/meshserve: bash scripts/setup.sh). Installs,
-# each only when missing: h2load (Debian nghttp2-client), models/extra/mnist_mlp, and
+# Default: --suite all (about 16-17 minutes on 2 cores). --update-docs also rewrites each suite's
+# generated block in docs/benchmarks.md (between its <!-- bench:<suite>:begin/end --> markers).
+# Needs the repo's set-up (.venv, target/release/meshserve, the wasm: bash scripts/setup.sh).
+# Installs, each only when missing: h2load (Debian nghttp2-client), models/extra/mnist_mlp, and
 # MLServer in its own venv .venv-bench (it pins other versions than kserve's). Then runs
-# bench/bench.py, which writes bench/results/<date>.md (and .json) and prints the table.
+# bench/bench.py, which writes bench/results/<date>-<suite>.md (and .json) and prints the reports.
 # BENCH_ROUNDS / BENCH_DURATION / BENCH_WARMUP (default 2 rounds of 1 s warm-up + 4 s measured)
-# are the flags' defaults. Takes about 9.5 minutes on 2 cores (plus MLServer's install the first
-# time). Everything listens on 127.0.0.1 only; every server is stopped at the end.
+# are the flags' defaults. Everything listens on 127.0.0.1 only; every server is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
