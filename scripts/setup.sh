@@ -33,4 +33,5 @@ export ORT_DYLIB_PATH
 
 say "building meshserve (release) and meshserve_filters.wasm"
 cargo build --release --locked --workspace --quiet
-cargo build --release --locked -p meshserve-filters --target wasm32-wasip1 --quiet
+# The module without debug info: Envoy keeps a copy per worker (3.4 MB with, 0.3 MB without).
+CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked -p meshserve-filters --target wasm32-wasip1 --quiet

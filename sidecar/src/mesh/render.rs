@@ -164,7 +164,9 @@ pub fn bootstrap(
                             {"match": {"prefix": "/", "headers": [{"name": "x-meshserve-cluster", "present_match": true}]},
                              "route": {"cluster_header": "x-meshserve-cluster", "timeout": "60s"}},
                             {"match": {"prefix": "/"},
-                             "direct_response": {"status": 404, "body": {"inline_string": "{\"error\": \"not an inference endpoint\"}"}}},
+                             "direct_response": {"status": 404, "body": {"inline_string": "{\"error\": \"not an inference endpoint\"}"}},
+                             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
                         ]}]},
                         "http_filters": [
                             {"name": ROUTER_FILTER, "config_discovery": {
