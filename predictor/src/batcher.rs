@@ -1,9 +1,10 @@
-//! The scheduler behind every model version: a bounded queue and one thread per session
-//! instance. Each thread takes the oldest request, and with dynamic batching also every
+//! How requests reach a model's sessions. With dynamic batching ([`Batcher`]): a bounded
+//! queue and one thread per session instance; each thread takes the oldest request and every
 //! queued request that fits beside it (same shapes past the first dimension, rows within
 //! `max_batch_size`), waiting up to the queue delay for more unless a preferred size is
 //! reached; it runs the batch, splits the outputs by rows, and answers each request on its
-//! own channel. The request's tracing span follows into the batch's span.
+//! own channel. The request's tracing span follows into the batch's span. Without batching
+//! ([`Pool`]): each request takes a free session.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use crate::tensors::{from_ort, to_ort};
 /// How requests are grouped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Policy {
-    /// Most rows in one batch; 0: no batching, every request runs alone.
+    /// Most rows in one batch.
     pub(crate) max_batch: usize,
     pub(crate) delay: Duration,
     pub(crate) preferred: Vec<usize>,
@@ -33,7 +34,7 @@ pub(crate) struct Policy {
 #[derive(Debug)]
 pub(crate) struct Job {
     pub(crate) inputs: Vec<InputTensor>,
-    /// Rows along the first dimension (1 when not batching).
+    /// Rows along the first dimension (1 for a model that is not batched).
     pub(crate) rows: usize,
     /// The outputs to return, in order.
     pub(crate) outputs: Vec<String>,
@@ -190,7 +191,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Queued>> {
     let mut rows = first.job.rows;
     let deadline = first.enqueued + policy.delay;
     let mut batch = vec![first];
-    while policy.max_batch > 0 && rows < policy.max_batch {
+    while rows < policy.max_batch {
         let mut i = 0;
         while i < queue.waiting.len() && rows < policy.max_batch {
             let candidate = &queue.waiting[i];
@@ -273,7 +274,6 @@ pub(crate) struct Pool {
     sessions: Arc<Mutex<Vec<Session>>>,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
-    max_queue: usize,
     inline: AtomicBool,
     metrics: ModelMetrics,
 }
@@ -293,34 +293,22 @@ impl Drop for Waiter<'_> {
 }
 
 impl Pool {
-    pub(crate) fn new(
-        model: &str,
-        sessions: Vec<Session>,
-        max_queue: usize,
-        metrics: ModelMetrics,
-    ) -> Pool {
+    pub(crate) fn new(model: &str, sessions: Vec<Session>, metrics: ModelMetrics) -> Pool {
         Pool {
             model: model.to_owned(),
             permits: Arc::new(Semaphore::new(sessions.len())),
             sessions: Arc::new(Mutex::new(sessions)),
             waiting: AtomicUsize::new(0),
-            max_queue,
             inline: AtomicBool::new(true),
             metrics,
         }
     }
 
-    /// Runs one request; `Overloaded` at once when `max_queue` requests already wait.
+    /// Runs one request. The wait for a session is bounded by the server's in-flight limit.
     pub(crate) async fn run(&self, job: Job) -> Result<Vec<OutputTensor>> {
         let enqueued = Instant::now();
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         let waiter = Waiter(self);
-        if self.max_queue > 0 && waiting >= self.max_queue {
-            return Err(PredictorError::Overloaded(format!(
-                "model '{}' has {} requests queued (max_queue_size); retry later",
-                self.model, self.max_queue
-            )));
-        }
         self.metrics.pending.set(waiting as i64 + 1);
         let permit = Arc::clone(&self.permits)
             .acquire_owned()

@@ -196,55 +196,61 @@ pub fn find_library() -> Result<PathBuf, RuntimeError> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(path));
     }
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.push(cwd);
-    }
+    let roots = search_roots();
+    roots
+        .iter()
+        .flat_map(|root| site_packages(&root.join(".venv")))
+        .find_map(|site| library_in(&site.join("onnxruntime").join("capi")))
+        .ok_or_else(|| RuntimeError::LibraryNotFound {
+            searched: roots
+                .iter()
+                .map(|r| r.join(".venv").display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Where meshserve looks for the files the set-up script installs (the `.venv`, the wasm
+/// build): the working directory, then every directory above the executable.
+pub fn search_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
     if let Ok(exe) = std::env::current_exe() {
         roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
     }
-    let mut searched = Vec::new();
-    for root in roots {
-        let lib_dir = root.join(".venv").join("lib");
-        searched.push(lib_dir.display().to_string());
-        if let Some(found) = library_in_venv(&lib_dir) {
-            return Ok(found);
-        }
-    }
-    Err(RuntimeError::LibraryNotFound {
-        searched: searched.join(", "),
-    })
+    roots
 }
 
-/// `<venv>/lib/python3.*/site-packages/onnxruntime/capi/libonnxruntime.so.<version>`.
-fn library_in_venv(lib_dir: &Path) -> Option<PathBuf> {
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(lib_dir)
-        .ok()?
+/// A virtualenv's `lib/python3.*/site-packages` directories, sorted.
+pub fn site_packages(venv: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(venv.join("lib"))
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("python3"))
         })
+        .map(|p| p.join("site-packages"))
+        .filter(|p| p.is_dir())
         .collect();
-    pythons.sort();
-    pythons.into_iter().find_map(|python| {
-        let capi = python
-            .join("site-packages")
-            .join("onnxruntime")
-            .join("capi");
-        let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib"
-                })
-            })
-            .collect();
-        libs.sort();
-        libs.pop()
-    })
+    found.sort();
+    found
+}
+
+/// The newest `libonnxruntime.so.<version>` (or `.dylib`) in the wheel's `capi` directory.
+fn library_in(capi: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(capi)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib")
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
 }
 
 #[cfg(test)]
@@ -268,11 +274,13 @@ mod tests {
             .path()
             .join("lib/python3.11/site-packages/onnxruntime/capi");
         std::fs::create_dir_all(&capi).unwrap();
-        assert_eq!(library_in_venv(&dir.path().join("lib")), None);
+        let find = || {
+            site_packages(dir.path())
+                .iter()
+                .find_map(|s| library_in(&s.join("onnxruntime/capi")))
+        };
+        assert_eq!(find(), None);
         std::fs::write(capi.join("libonnxruntime.so.1.31.1"), b"").unwrap();
-        assert_eq!(
-            library_in_venv(&dir.path().join("lib")),
-            Some(capi.join("libonnxruntime.so.1.31.1"))
-        );
+        assert_eq!(find(), Some(capi.join("libonnxruntime.so.1.31.1")));
     }
 }

@@ -23,6 +23,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use meshserve_filter_core::protocol::percent_decode;
 use meshserve_proto::rest::{
     INFERENCE_HEADER_CONTENT_LENGTH, ModelMetadata, RepositoryIndexEntry, ServerMetadata,
     encode_infer_response, error_body, parse_infer_request, to_json, wants_binary,
@@ -122,27 +123,6 @@ impl Route {
             _ => Method::GET,
         }
     }
-}
-
-/// `%XX` escapes in one path segment; `None` for a malformed escape or invalid UTF-8.
-fn percent_decode(segment: &str) -> Option<String> {
-    if !segment.contains('%') {
-        return Some(segment.to_owned());
-    }
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 type HttpResponse = Response<Full<Bytes>>;

@@ -76,7 +76,7 @@ pub fn parse(path: &str) -> Protocol {
 }
 
 fn v1(model: &str, verb: V1Verb) -> Protocol {
-    match decode(model) {
+    match percent_decode(model) {
         Some(m) if !m.is_empty() => Protocol::V1 {
             model: Some(m),
             verb,
@@ -86,7 +86,7 @@ fn v1(model: &str, verb: V1Verb) -> Protocol {
 }
 
 fn v2(model: &str, version: Option<&str>) -> Protocol {
-    match (decode(model), version.map(decode)) {
+    match (percent_decode(model), version.map(percent_decode)) {
         (Some(m), None) if !m.is_empty() => Protocol::V2 {
             model: Some(m),
             version: None,
@@ -100,7 +100,7 @@ fn v2(model: &str, version: Option<&str>) -> Protocol {
 }
 
 /// Percent-decodes one path segment; `None` for a bad escape or invalid UTF-8.
-fn decode(segment: &str) -> Option<String> {
+pub fn percent_decode(segment: &str) -> Option<String> {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

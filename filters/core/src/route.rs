@@ -115,6 +115,20 @@ impl Reply {
         serde_json::json!({"error": self.message}).to_string()
     }
 
+    /// The message as a `grpc-message` header value: percent-encoded outside printable ASCII,
+    /// as the gRPC protocol requires (model names may be any UTF-8).
+    pub fn grpc_message(&self) -> String {
+        let mut out = String::with_capacity(self.message.len());
+        for byte in self.message.bytes() {
+            if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+                out.push(char::from(byte));
+            } else {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        }
+        out
+    }
+
     /// The gRPC status code for this reply.
     pub fn grpc_status(&self) -> u32 {
         match self.status {
@@ -527,6 +541,12 @@ mod tests {
         assert!(no_explainer.message.contains("'text' has no explainer"));
         let ambiguous = req("/v2/health/ready").reply();
         assert!(ambiguous.message.contains("set the Host"));
+        let accented = Reply {
+            status: 404,
+            message: "unknown model 'ré%'\n".into(),
+            grpc: true,
+        };
+        assert_eq!(accented.grpc_message(), "unknown model 'r%C3%A9%25'%0A");
         let grpc_unknown = Req {
             body: grpc_frame("nope"),
             ..req("/inference.GRPCInferenceService/ModelInfer")

@@ -69,15 +69,11 @@ impl Shared {
 
     fn count_shadow(&mut self, id: u64, result: &str) {
         if let Some(call) = self.shadows.get(&id) {
-            let labels = [
-                ("isvc", call.isvc.clone()),
-                ("revision", call.revision.clone()),
-            ];
             self.counters.increment(
                 "shadow",
                 &[
-                    ("isvc", &labels[0].1),
-                    ("revision", &labels[1].1),
+                    ("isvc", &call.isvc),
+                    ("revision", &call.revision),
                     ("result", result),
                 ],
             );
@@ -351,7 +347,7 @@ impl RouterStream {
                 vec![
                     ("content-type", "application/grpc"),
                     ("grpc-status", &status),
-                    ("grpc-message", &reply.message),
+                    ("grpc-message", &reply.grpc_message()),
                 ],
                 None,
             )
@@ -460,10 +456,9 @@ impl Context for RouterStream {}
 
 impl HttpContext for RouterStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // A request without a body decides here for good (`end_of_body`): a gRPC call with no
+        // message gets its 400 instead of waiting for bytes that will not come.
         let decision = self.decide(&[], end_of_stream);
-        if decision == Decision::NeedBody && end_of_stream {
-            return self.apply(self.decide(&[], true), true);
-        }
         self.apply(decision, end_of_stream)
     }
 

