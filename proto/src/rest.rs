@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::datatype::DataType;
 use crate::infer::{
     BINARY_DATA, BINARY_DATA_OUTPUT, BINARY_DATA_SIZE, InferRequest, InferResponse, InputTensor,
-    InvalidRequest, Parameters, RequestedOutput, TensorSpec,
+    InvalidRequest, OutputTensor, Parameters, RequestedOutput, TensorSpec,
 };
 use crate::tensor::TensorData;
 
@@ -48,58 +48,20 @@ pub fn parse_infer_request(
     body: &[u8],
     header_length: Option<usize>,
 ) -> Result<InferRequest, InvalidRequest> {
-    let (json, mut binary) = match header_length {
-        None => (body, &[][..]),
-        Some(n) if n <= body.len() => body.split_at(n),
-        Some(n) => {
-            return Err(InvalidRequest(format!(
-                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
-                body.len()
-            )));
-        }
-    };
+    let (json, mut binary) = split_binary(body, header_length)?;
     let request: RequestJson = serde_json::from_slice(json)
         .map_err(|e| InvalidRequest(format!("malformed inference request JSON: {e}")))?;
 
     let mut inputs = Vec::with_capacity(request.inputs.len());
     for input in request.inputs {
-        let fail = |message: String| InvalidRequest(format!("input '{}': {message}", input.name));
-        let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            fail(format!("unknown datatype '{}'; expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES", input.datatype))
-        })?;
-        let binary_size = input.parameters.get(BINARY_DATA_SIZE);
-        let data = match (binary_size, &input.data) {
-            (Some(_), Some(_)) => {
-                return Err(fail(
-                    "has both 'data' and 'binary_data_size'; send one".into(),
-                ));
-            }
-            (None, None) => return Err(fail("has no 'data' (and no 'binary_data_size')".into())),
-            (None, Some(data)) => TensorData::from_json(datatype, &input.shape, data)
-                .map_err(|e| fail(e.to_string()))?,
-            (Some(size), None) => {
-                let size = size
-                    .as_u64()
-                    .and_then(|s| usize::try_from(s).ok())
-                    .ok_or_else(|| {
-                        fail(format!(
-                            "'binary_data_size' must be a non-negative integer, got {size}"
-                        ))
-                    })?;
-                if size > binary.len() {
-                    return Err(fail(format!(
-                        "'binary_data_size' is {size} but only {} bytes of binary data remain",
-                        binary.len()
-                    )));
-                }
-                let (raw, rest) = binary.split_at(size);
-                binary = rest;
-                TensorData::from_raw(datatype, &input.shape, raw)
-                    .map_err(|e| fail(e.to_string()))?
-            }
-        };
-        let mut parameters = input.parameters;
-        parameters.remove(BINARY_DATA_SIZE);
+        let (data, parameters) = read_tensor(
+            &input.name,
+            &input.shape,
+            &input.datatype,
+            input.parameters,
+            input.data.as_ref(),
+            &mut binary,
+        )?;
         inputs.push(InputTensor {
             name: input.name,
             shape: input.shape,
@@ -107,12 +69,7 @@ pub fn parse_infer_request(
             parameters,
         });
     }
-    if !binary.is_empty() {
-        return Err(InvalidRequest(format!(
-            "{} bytes of binary data follow the JSON header but no input claims them (set 'binary_data_size')",
-            binary.len()
-        )));
-    }
+    no_binary_left(binary, "input")?;
     let outputs = request
         .outputs
         .into_iter()
@@ -127,6 +84,212 @@ pub fn parse_infer_request(
         inputs,
         outputs,
     })
+}
+
+/// Splits a body into its JSON header and the binary data after it.
+fn split_binary(
+    body: &[u8],
+    header_length: Option<usize>,
+) -> Result<(&[u8], &[u8]), InvalidRequest> {
+    match header_length {
+        None => Ok((body, &[][..])),
+        Some(n) if n <= body.len() => Ok(body.split_at(n)),
+        Some(n) => Err(InvalidRequest(format!(
+            "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+            body.len()
+        ))),
+    }
+}
+
+/// Reads one tensor of a JSON header: from its `data`, or from the next `binary_data_size`
+/// bytes of `binary`. Returns the data and the parameters without `binary_data_size`.
+fn read_tensor(
+    name: &str,
+    shape: &[i64],
+    datatype: &str,
+    mut parameters: Parameters,
+    data: Option<&Value>,
+    binary: &mut &[u8],
+) -> Result<(TensorData, Parameters), InvalidRequest> {
+    let fail = |message: String| InvalidRequest(format!("input '{name}': {message}"));
+    let datatype = DataType::parse(datatype).ok_or_else(|| {
+        fail(format!("unknown datatype '{datatype}'; expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES"))
+    })?;
+    let data = match (parameters.remove(BINARY_DATA_SIZE), data) {
+        (Some(_), Some(_)) => {
+            return Err(fail(
+                "has both 'data' and 'binary_data_size'; send one".into(),
+            ));
+        }
+        (None, None) => return Err(fail("has no 'data' (and no 'binary_data_size')".into())),
+        (None, Some(data)) => {
+            TensorData::from_json(datatype, shape, data).map_err(|e| fail(e.to_string()))?
+        }
+        (Some(size), None) => {
+            let size = size
+                .as_u64()
+                .and_then(|s| usize::try_from(s).ok())
+                .ok_or_else(|| {
+                    fail(format!(
+                        "'binary_data_size' must be a non-negative integer, got {size}"
+                    ))
+                })?;
+            if size > binary.len() {
+                return Err(fail(format!(
+                    "'binary_data_size' is {size} but only {} bytes of binary data remain",
+                    binary.len()
+                )));
+            }
+            let (raw, rest) = binary.split_at(size);
+            *binary = rest;
+            TensorData::from_raw(datatype, shape, raw).map_err(|e| fail(e.to_string()))?
+        }
+    };
+    Ok((data, parameters))
+}
+
+fn no_binary_left(binary: &[u8], what: &str) -> Result<(), InvalidRequest> {
+    if binary.is_empty() {
+        return Ok(());
+    }
+    Err(InvalidRequest(format!(
+        "{} bytes of binary data follow the JSON header but no {what} claims them (set 'binary_data_size')",
+        binary.len()
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseJsonIn {
+    model_name: String,
+    #[serde(default)]
+    model_version: String,
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Parameters,
+    outputs: Vec<InputJson>,
+}
+
+/// Parses an `/infer` response (JSON, or JSON plus binary data when `header_length` is
+/// given): what a client, or a transformer between client and model, reads.
+pub fn parse_infer_response(
+    body: &[u8],
+    header_length: Option<usize>,
+) -> Result<InferResponse, InvalidRequest> {
+    let (json, mut binary) = split_binary(body, header_length)?;
+    let response: ResponseJsonIn = serde_json::from_slice(json)
+        .map_err(|e| InvalidRequest(format!("malformed inference response JSON: {e}")))?;
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    for output in response.outputs {
+        let (data, parameters) = read_tensor(
+            &output.name,
+            &output.shape,
+            &output.datatype,
+            output.parameters,
+            output.data.as_ref(),
+            &mut binary,
+        )
+        .map_err(|e| InvalidRequest(e.0.replacen("input '", "output '", 1)))?;
+        outputs.push(OutputTensor {
+            name: output.name,
+            shape: output.shape,
+            data,
+            parameters,
+        });
+    }
+    no_binary_left(binary, "output")?;
+    Ok(InferResponse {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id,
+        parameters: response.parameters,
+        outputs,
+    })
+}
+
+#[derive(Serialize)]
+struct RequestJsonOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Parameters::is_empty")]
+    parameters: &'a Parameters,
+    inputs: Vec<OutputJsonOut<'a>>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    outputs: Vec<RequestedOutputOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct RequestedOutputOut<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Parameters::is_empty")]
+    parameters: &'a Parameters,
+}
+
+/// Encodes an `/infer` request: all JSON, or (`binary`) a JSON header with every input's data
+/// after it in the binary tensor extension (cheaper to write and to read for large tensors).
+pub fn encode_infer_request(request: &InferRequest, binary: bool) -> EncodedBody {
+    let mut raw = Vec::new();
+    let inputs = request
+        .inputs
+        .iter()
+        .map(|i| tensor_out(&i.name, &i.shape, &i.data, &i.parameters, binary, &mut raw))
+        .collect();
+    let json = RequestJsonOut {
+        id: request.id.as_deref(),
+        parameters: &request.parameters,
+        inputs,
+        outputs: request
+            .outputs
+            .iter()
+            .map(|o| RequestedOutputOut {
+                name: &o.name,
+                parameters: &o.parameters,
+            })
+            .collect(),
+    };
+    with_binary(to_json(&json), raw)
+}
+
+fn tensor_out<'a>(
+    name: &'a str,
+    shape: &'a [i64],
+    data: &'a TensorData,
+    parameters: &Parameters,
+    binary: bool,
+    raw: &mut Vec<u8>,
+) -> OutputJsonOut<'a> {
+    let mut parameters = parameters.clone();
+    let datatype = data.datatype();
+    let data = if binary {
+        let start = raw.len();
+        data.write_raw(raw);
+        parameters.insert(BINARY_DATA_SIZE.into(), Value::from(raw.len() - start));
+        None
+    } else {
+        Some(data)
+    };
+    OutputJsonOut {
+        name,
+        datatype,
+        shape,
+        parameters,
+        data,
+    }
+}
+
+/// A JSON header with `raw` binary data after it (none: plain JSON).
+fn with_binary(mut body: Vec<u8>, raw: Vec<u8>) -> EncodedBody {
+    if raw.is_empty() {
+        return EncodedBody {
+            body,
+            header_length: None,
+        };
+    }
+    let header_length = body.len();
+    body.extend_from_slice(&raw);
+    EncodedBody {
+        body,
+        header_length: Some(header_length),
+    }
 }
 
 #[derive(Serialize)]
@@ -151,9 +314,9 @@ struct OutputJsonOut<'a> {
     data: Option<&'a TensorData>,
 }
 
-/// A response body ready to send.
+/// A request or response body ready to send.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EncodedResponse {
+pub struct EncodedBody {
     pub body: Vec<u8>,
     /// `Some(n)`: binary data follows `n` bytes of JSON; send `Inference-Header-Content-Length: n`
     /// and `Content-Type: application/octet-stream`.
@@ -180,28 +343,20 @@ pub fn wants_binary(
 pub fn encode_infer_response(
     response: &InferResponse,
     binary: impl Fn(&str) -> bool,
-) -> EncodedResponse {
+) -> EncodedBody {
     let mut raw = Vec::new();
     let outputs = response
         .outputs
         .iter()
         .map(|o| {
-            let mut parameters = o.parameters.clone();
-            let data = if binary(&o.name) {
-                let start = raw.len();
-                o.data.write_raw(&mut raw);
-                parameters.insert(BINARY_DATA_SIZE.into(), Value::from(raw.len() - start));
-                None
-            } else {
-                Some(&o.data)
-            };
-            OutputJsonOut {
-                name: &o.name,
-                datatype: o.datatype(),
-                shape: &o.shape,
-                parameters,
-                data,
-            }
+            tensor_out(
+                &o.name,
+                &o.shape,
+                &o.data,
+                &o.parameters,
+                binary(&o.name),
+                &mut raw,
+            )
         })
         .collect();
     let json = ResponseJson {
@@ -211,19 +366,7 @@ pub fn encode_infer_response(
         parameters: &response.parameters,
         outputs,
     };
-    let mut body = to_json(&json);
-    if raw.is_empty() {
-        return EncodedResponse {
-            body,
-            header_length: None,
-        };
-    }
-    let header_length = body.len();
-    body.extend_from_slice(&raw);
-    EncodedResponse {
-        body,
-        header_length: Some(header_length),
-    }
+    with_binary(to_json(&json), raw)
 }
 
 /// Serializes a response body. Our response types hold only strings, numbers and maps with
@@ -273,7 +416,7 @@ pub struct RepositoryIndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::OutputTensor;
+
     use serde_json::json;
 
     fn body(v: Value) -> Vec<u8> {
@@ -413,6 +556,58 @@ mod tests {
         assert_eq!(v["outputs"][1]["parameters"]["binary_data_size"], 8);
         assert!(v["outputs"][1].get("data").is_none());
         assert_eq!(&mixed.body[n..], &3i64.to_le_bytes());
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip_in_both_forms() {
+        let request = InferRequest {
+            id: Some("r".into()),
+            parameters: Parameters::new(),
+            inputs: vec![
+                InputTensor {
+                    name: "x".into(),
+                    shape: vec![1, 3],
+                    data: TensorData::Fp32(vec![0.5, -1.0, 2.0]),
+                    parameters: Parameters::new(),
+                },
+                InputTensor {
+                    name: "s".into(),
+                    shape: vec![2],
+                    data: TensorData::Bytes(vec![b"ab".to_vec(), "\u{e9}t\u{e9}".into()]),
+                    parameters: Parameters::new(),
+                },
+            ],
+            outputs: vec![RequestedOutput::new("y")],
+        };
+        for binary in [false, true] {
+            let encoded = encode_infer_request(&request, binary);
+            assert_eq!(encoded.header_length.is_some(), binary);
+            let back = parse_infer_request(&encoded.body, encoded.header_length).unwrap();
+            assert_eq!(back, request);
+        }
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: None,
+            parameters: Parameters::new(),
+            outputs: vec![OutputTensor {
+                name: "y".into(),
+                shape: vec![1, 2],
+                data: TensorData::Int64(vec![3, -4]),
+                parameters: Parameters::new(),
+            }],
+        };
+        for binary in [false, true] {
+            let encoded = encode_infer_response(&response, |_| binary);
+            let back = parse_infer_response(&encoded.body, encoded.header_length).unwrap();
+            assert_eq!(back, response);
+        }
+        let err = parse_infer_response(
+            br#"{"model_name": "m", "outputs": [{"name": "y", "shape": [1], "datatype": "FP32"}]}"#,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("output 'y'"), "{err}");
     }
 
     #[test]

@@ -17,13 +17,15 @@
 
 use serde::Deserialize;
 
+use crate::transform::Transformer;
+
 /// A configuration that failed to parse or validate; the message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid meshserve filter configuration: {0}")]
 pub struct ConfigError(pub String);
 
 /// A validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     services: Vec<Service>,
     limits: Limits,
@@ -50,7 +52,7 @@ fn default_grpc_peek_bytes() -> usize {
     4096
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
@@ -62,6 +64,8 @@ pub struct Service {
     pub predictor: Predictor,
     pub explainer: Option<Revision>,
     pub sticky: Option<Sticky>,
+    /// Pre- and post-processing run by the `transformer` filter (see [`crate::transform`]).
+    pub transformer: Option<Transformer>,
 }
 
 fn default_namespace() -> String {

@@ -22,3 +22,4 @@ pub mod grpc;
 pub mod protocol;
 pub mod route;
 pub mod shadow;
+pub mod transform;
