@@ -40,6 +40,31 @@ pub enum Command {
     Canary(CanaryArgs),
     /// Write the filter configuration, its Envoy extension config and an Envoy bootstrap.
     Render(RenderArgs),
+    /// Run an InferenceService's transformer on a body read from stdin and print what comes
+    /// out: the request the model would get (as JSON), or the answer the client would get.
+    /// The same code as the Envoy filter's.
+    Transform(TransformArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TransformArgs {
+    /// A KServe InferenceService YAML file with a `spec.transformer`.
+    pub file: PathBuf,
+    /// Which InferenceService (default: the first with a transformer).
+    #[arg(long)]
+    pub isvc: Option<String>,
+    /// The client's protocol: v1 (`:predict`) or v2 (`/infer`).
+    #[arg(long, value_enum, default_value_t = WireArg::V1)]
+    pub protocol: WireArg,
+    /// Read a model's `/infer` response (JSON) instead of a client's request.
+    #[arg(long)]
+    pub response: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireArg {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Args)]
@@ -187,11 +212,60 @@ pub fn canary(args: CanaryArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `meshserve transform`.
+pub fn transform(args: TransformArgs) -> Result<(), String> {
+    use std::io::{Read, Write};
+
+    use meshserve_filter_core::transform::{Transformer, Wire};
+    use meshserve_proto::rest;
+
+    let services = crate::mesh::up::read_services(&args.file).map_err(|e| e.to_string())?;
+    let spec = services
+        .iter()
+        .filter(|s| args.isvc.as_ref().is_none_or(|name| &s.name == name))
+        .find_map(|s| s.transformer.clone())
+        .ok_or_else(|| {
+            format!(
+                "{}: no InferenceService{} with a spec.transformer",
+                args.file.display(),
+                args.isvc
+                    .as_ref()
+                    .map(|n| format!(" '{n}'"))
+                    .unwrap_or_default()
+            )
+        })?;
+    let transformer: Transformer = serde_json::from_value(spec).map_err(|e| e.to_string())?;
+    let wire = match args.protocol {
+        WireArg::V1 => Wire::V1,
+        WireArg::V2 => Wire::V2,
+    };
+    let mut body = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    let out = if args.response {
+        transformer.response(wire, &body, None)
+    } else if !transformer.transforms_request(wire) {
+        Ok(body)
+    } else {
+        transformer.request(wire, &body, None).and_then(|encoded| {
+            // Shown as JSON: the filter sends the same tensors in binary form.
+            let request = rest::parse_infer_request(&encoded.body, encoded.header_length)
+                .map_err(|e| meshserve_filter_core::transform::TransformError::internal(e.0))?;
+            Ok(rest::encode_infer_request(&request, false).body)
+        })
+    }
+    .map_err(|e| format!("{} {}", e.status, e.message))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&out)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .map_err(|e| format!("cannot write stdout: {e}"))
+}
+
 /// Runs `meshserve render`.
 pub fn render(args: RenderArgs) -> Result<(), String> {
-    use crate::mesh::render::{
-        self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream,
-    };
+    use crate::mesh::render::{self, Upstream};
     let services = crate::mesh::up::read_services(&args.file).map_err(|e| e.to_string())?;
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut served = Vec::new();
@@ -218,23 +292,10 @@ pub fn render(args: RenderArgs) -> Result<(), String> {
     }
     let config = render::filter_config(&served)?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let ecds = args.out.join(ROUTER_ECDS_FILE);
     let listener = SocketAddr::new(loopback, args.port);
     let admin = SocketAddr::new(loopback, args.admin_port);
-    let write = |name: &str, value: &serde_json::Value| {
-        let path = args.out.join(name);
-        render::write_atomically(&path, value).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    write(FILTER_CONFIG_FILE, &config)?;
-    write(ROUTER_ECDS_FILE, &render::router_ecds(&config, &args.wasm))?;
-    write(
-        BOOTSTRAP_FILE,
-        &render::bootstrap(listener, admin, &ecds, &upstreams),
-    )?;
-    println!(
-        "wrote {FILTER_CONFIG_FILE}, {ROUTER_ECDS_FILE} and {BOOTSTRAP_FILE} to {}",
-        args.out.display()
-    );
+    let written = render::write_mesh(&args.out, &config, &args.wasm, listener, admin, &upstreams)?;
+    println!("wrote {} to {}", written.join(", "), args.out.display());
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshserve_sidecar::cli::{Cli, Command, LogFormat, canary, render, serve, up};
+use meshserve_sidecar::cli::{Cli, Command, LogFormat, canary, render, serve, transform, up};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Up(args) => runtime.block_on(up(args)).map_err(|e| e.to_string()),
         Command::Canary(args) => canary(args),
         Command::Render(args) => render(args),
+        Command::Transform(args) => transform(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

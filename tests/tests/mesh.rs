@@ -18,7 +18,7 @@ use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServ
 use meshserve_proto::inference::model_infer_request::InferInputTensor;
 use meshserve_proto::inference::{ModelInferRequest, ServerLiveRequest};
 use meshserve_sidecar::mesh::canary::{Change, apply};
-use meshserve_sidecar::mesh::render::{self, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
+use meshserve_sidecar::mesh::render::{self, ROUTER_ECDS_FILE, Upstream};
 use serde_json::{Value, json};
 
 /// A tiny upstream that answers every request with `body` after `delay`, counting them.
@@ -145,10 +145,6 @@ impl Mesh {
             {"name": "other", "namespace": "team", "models": ["other-model"],
              "predictor": {"default": revision("other-v1", "digits.v1")}},
         ]});
-        render::check(&config).unwrap();
-        let ecds = dir.join(ROUTER_ECDS_FILE);
-        render::write_atomically(&dir.join(FILTER_CONFIG_FILE), &config).unwrap();
-        render::write_atomically(&ecds, &render::router_ecds(&config, &wasm_module())).unwrap();
         let upstreams = vec![
             (
                 "digits.v1".to_owned(),
@@ -180,12 +176,16 @@ impl Mesh {
             ),
         ];
         let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let bootstrap = dir.join("envoy.json");
-        render::write_atomically(
-            &bootstrap,
-            &render::bootstrap(loopback(0), loopback(0), &ecds, &upstreams),
+        render::write_mesh(
+            &dir,
+            &config,
+            &wasm_module(),
+            loopback(0),
+            loopback(0),
+            &upstreams,
         )
         .unwrap();
+        let bootstrap = dir.join(render::BOOTSTRAP_FILE);
         let envoy = Envoy::start(&bootstrap, &dir);
         Mesh {
             dir,

@@ -6,6 +6,9 @@
 //!   the route cache so a `cluster_header` route picks the revision's cluster, answers unknown
 //!   models itself, copies shadowed requests to the shadow revision, and names the revision that
 //!   served each response in `x-meshserve-revision`.
+//! - `transformer`: an InferenceService's declarative pre- and post-processing (image decoding,
+//!   resizing, normalisation, V1 <-> V2, softmax, top-k, labels) on the requests the router sent
+//!   to its predictor; placed after the router.
 //!
 //! This crate is a thin shell: decisions come from `meshserve-filter-core`; here they are
 //! applied through host calls. Nothing here may panic (a panic kills the VM): host-call
@@ -23,11 +26,63 @@
 
 mod metrics;
 mod router;
+mod transformer;
 
+use meshserve_filter_core::config::Config;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::RootContext;
-use proxy_wasm::types::LogLevel;
+use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> { Box::new(router::RouterRoot::new(context_id)) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        match root_id().as_deref() {
+            Some(transformer::ROOT_ID) => Box::new(transformer::TransformerRoot::new()),
+            // The router, and any unknown root id, which its on_configure refuses.
+            _ => Box::new(router::RouterRoot::new(context_id)),
+        }
+    });
 }}
+
+fn root_id() -> Option<String> {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .map(|id| String::from_utf8_lossy(&id).into_owned())
+}
+
+/// Checks that this root runs as `expected` and reads its configuration: `None` (logged)
+/// when either is wrong, which makes `on_configure` refuse it and keep the previous one.
+fn configure(expected: &str) -> Option<Config> {
+    if let Some(root_id) = root_id()
+        && root_id != expected
+    {
+        log::error!(
+            "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {}, {})",
+            router::ROOT_ID,
+            transformer::ROOT_ID
+        );
+        return None;
+    }
+    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => Vec::new(),
+        Err(status) => {
+            log::error!("cannot read the plugin configuration: {status:?}");
+            return None;
+        }
+    };
+    match Config::parse(&bytes) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            log::error!("{e}; keeping the previous configuration");
+            None
+        }
+    }
+}
+
+fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}

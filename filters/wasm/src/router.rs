@@ -15,6 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 use crate::metrics::Counters;
+use crate::{configure, request_header};
 
 /// The root id Envoy must give this filter.
 pub(crate) const ROOT_ID: &str = "router";
@@ -172,25 +173,8 @@ impl Context for RouterRoot {
 
 impl RootContext for RouterRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        if let Ok(Some(root_id)) = hostcalls::get_property(vec!["plugin_root_id"]) {
-            let root_id = String::from_utf8_lossy(&root_id).into_owned();
-            if root_id != ROOT_ID {
-                log::error!(
-                    "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {ROOT_ID})"
-                );
-                return false;
-            }
-        }
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => Vec::new(),
-            Err(status) => {
-                log::error!("cannot read the plugin configuration: {status:?}");
-                return false;
-            }
-        };
-        match Config::parse(&bytes) {
-            Ok(config) => {
+        match configure(ROOT_ID) {
+            Some(config) => {
                 log::info!(
                     "meshserve router configured: {} InferenceService(s)",
                     config.services().len()
@@ -207,10 +191,7 @@ impl RootContext for RouterRoot {
                 }
                 true
             }
-            Err(e) => {
-                log::error!("{e}; keeping the previous configuration");
-                false
-            }
+            None => false,
         }
     }
 
@@ -279,12 +260,6 @@ struct RouterStream {
     shadow_id: Option<u64>,
     /// The primary's answer copied for comparison with the shadow's.
     response_copy: Option<Vec<u8>>,
-}
-
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
 }
 
 impl RouterStream {

@@ -136,6 +136,7 @@ mod tests {
             namespace: "default".into(),
             default: rev("v1", 0),
             canaries: vec![rev("v2", 20)],
+            transformer: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();

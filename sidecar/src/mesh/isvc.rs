@@ -105,6 +105,9 @@ pub struct InferenceService {
     pub namespace: String,
     pub default: RevisionSpec,
     pub canaries: Vec<RevisionSpec>,
+    /// meshserve's declarative transformer (`spec.transformer`), checked by the filters' own
+    /// parser; passed to them as written.
+    pub transformer: Option<Value>,
 }
 
 impl InferenceService {
@@ -143,12 +146,7 @@ impl InferenceService {
             .metadata
             .namespace
             .unwrap_or_else(|| "default".to_owned());
-        if raw.spec.transformer.is_some() {
-            return Err(error(
-                "spec.transformer",
-                "not supported by meshserve up yet",
-            ));
-        }
+        let transformer = raw.spec.transformer.map(check_transformer).transpose()?;
         if raw.spec.explainer.is_some() {
             return Err(error(
                 "spec.explainer",
@@ -230,8 +228,24 @@ impl InferenceService {
             namespace,
             default,
             canaries,
+            transformer,
         })
     }
+}
+
+/// KServe's transformer is a container; meshserve's is a pipeline the Envoy filter runs
+/// (`request`, `response`, `limits`: see `meshserve_filter_core::transform`).
+fn check_transformer(value: Value) -> Result<Value, IsvcError> {
+    let path = "spec.transformer";
+    if value.get("containers").is_some() {
+        return Err(error(
+            path,
+            "meshserve runs transformers inside Envoy as declarative pipelines, not containers: give `request` and `response` steps (see docs/transformers.md)",
+        ));
+    }
+    serde_json::from_value::<meshserve_filter_core::transform::Transformer>(value.clone())
+        .map_err(|e| error(path, e.to_string()))?;
+    Ok(value)
 }
 
 fn revision(
@@ -307,6 +321,19 @@ spec:
 "#;
 
     #[test]
+    fn a_transformer_pipeline_is_kept_as_written() {
+        let yaml = GOOD.replace(
+            "  canary:",
+            "  transformer:\n    response:\n      steps: [{softmax: {}}]\n  canary:",
+        );
+        let isvc = InferenceService::parse(&yaml, &base()).unwrap();
+        assert_eq!(
+            isvc.transformer,
+            Some(serde_json::json!({"response": {"steps": [{"softmax": {}}]}}))
+        );
+    }
+
+    #[test]
     fn the_kserve_batcher_is_read() {
         let yaml = GOOD.replace(
             "    minReplicas: 1\n",
@@ -360,7 +387,17 @@ spec:
                 "kind",
             ),
             (
-                GOOD.replace("  canary:", "  transformer: {}\n  canary:"),
+                GOOD.replace(
+                    "  canary:",
+                    "  transformer:\n    containers: [{image: kserve/image-transformer}]\n  canary:",
+                ),
+                "spec.transformer",
+            ),
+            (
+                GOOD.replace(
+                    "  canary:",
+                    "  transformer:\n    request: {steps: [image_decode]}\n  canary:",
+                ),
                 "spec.transformer",
             ),
             (

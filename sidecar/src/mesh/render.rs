@@ -12,11 +12,58 @@ use super::isvc::InferenceService;
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
 pub const ROUTER_FILTER: &str = "meshserve.router";
+/// The transformer filter's, present when an InferenceService has a transformer.
+pub const TRANSFORMER_FILTER: &str = "meshserve.transformer";
 /// The most client connections Envoy holds open at once.
 pub const MAX_DOWNSTREAM_CONNECTIONS: u64 = 10_000;
 /// Files in a rendered directory.
 pub const FILTER_CONFIG_FILE: &str = "filter.json";
 pub const ROUTER_ECDS_FILE: &str = "router.ecds.json";
+pub const TRANSFORMER_ECDS_FILE: &str = "transformer.ecds.json";
+/// Envoy's per-connection buffer beyond the largest transformer body limit, so that the
+/// transformer's own 413 (which names the limit) comes before Envoy's.
+const BUFFER_HEADROOM: u64 = 1 << 20;
+
+/// One of meshserve's wasm filters in Envoy's chain: its extension config name, root id and
+/// ECDS file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filter {
+    pub name: &'static str,
+    pub root_id: &'static str,
+    pub file: &'static str,
+}
+
+pub const ROUTER: Filter = Filter {
+    name: ROUTER_FILTER,
+    root_id: "router",
+    file: ROUTER_ECDS_FILE,
+};
+pub const TRANSFORMER: Filter = Filter {
+    name: TRANSFORMER_FILTER,
+    root_id: "transformer",
+    file: TRANSFORMER_ECDS_FILE,
+};
+
+/// The filters a configuration needs, in chain order: the router, then the transformer if any
+/// InferenceService has one (services without pay nothing for it).
+pub fn filters(config: &Config) -> Vec<Filter> {
+    let mut out = vec![ROUTER];
+    if config.services().iter().any(|s| s.transformer.is_some()) {
+        out.push(TRANSFORMER);
+    }
+    out
+}
+
+/// Envoy's per-connection buffer limit for a configuration: the default 1 MiB, or enough for
+/// the largest transformer body.
+pub fn buffer_limit(config: &Config) -> u64 {
+    config
+        .services()
+        .iter()
+        .filter_map(|s| s.transformer.as_ref())
+        .map(|t| t.limits().max_body_bytes as u64 + BUFFER_HEADROOM)
+        .fold(1 << 20, u64::max)
+}
 pub const BOOTSTRAP_FILE: &str = "envoy.json";
 
 /// Where one revision's sidecar listens.
@@ -47,7 +94,7 @@ pub fn filter_config(services: &[(&InferenceService, Vec<String>)]) -> Result<Va
     let services: Vec<Value> = services
         .iter()
         .map(|(isvc, models)| {
-            json!({
+            let mut service = json!({
                 "name": isvc.name,
                 "namespace": isvc.namespace,
                 "models": models,
@@ -55,7 +102,11 @@ pub fn filter_config(services: &[(&InferenceService, Vec<String>)]) -> Result<Va
                     "default": revision_json(&isvc.name, &isvc.default.name, None),
                     "canaries": isvc.canaries.iter().map(|c| revision_json(&isvc.name, &c.name, Some(c.percent))).collect::<Vec<_>>(),
                 },
-            })
+            });
+            if let (Some(transformer), Some(map)) = (&isvc.transformer, service.as_object_mut()) {
+                map.insert("transformer".into(), transformer.clone());
+            }
+            service
         })
         .collect();
     let config = json!({"services": services});
@@ -68,20 +119,21 @@ pub fn check(config: &Value) -> Result<Config, String> {
     Config::parse(config.to_string().as_bytes()).map_err(|e| e.to_string())
 }
 
-/// The `TypedExtensionConfig` file Envoy watches for the router filter.
-pub fn router_ecds(config: &Value, wasm: &Path) -> Value {
+/// The `TypedExtensionConfig` file Envoy watches for one of the filters.
+pub fn ecds(filter: Filter, config: &Value, wasm: &Path) -> Value {
     json!({"resources": [{
         "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-        "name": ROUTER_FILTER,
+        "name": filter.name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "router",
-                "root_id": "router",
+                "name": filter.root_id,
+                "root_id": filter.root_id,
                 "fail_open": false,
-                // A gRPC request's model name is in its body: the router holds the headers
-                // (StopIteration) until the first bytes arrive. Without this, Envoy turns that
-                // into StopAllIteration and the body never reaches the filter.
+                // The router holds a gRPC request's headers (StopIteration) until the model
+                // name arrives in the body; the transformer holds a request's headers until
+                // its body is rewritten. Without this, Envoy turns that into StopAllIteration
+                // and the body never reaches the filter.
                 "allow_on_headers_stop_iteration": true,
                 "vm_config": {
                     "vm_id": "meshserve",
@@ -95,6 +147,48 @@ pub fn router_ecds(config: &Value, wasm: &Path) -> Value {
             },
         },
     }]})
+}
+
+/// The `TypedExtensionConfig` file Envoy watches for the router filter.
+pub fn router_ecds(config: &Value, wasm: &Path) -> Value {
+    ecds(ROUTER, config, wasm)
+}
+
+/// Writes what a local mesh needs into `dir`: the filter configuration, one ECDS file per
+/// filter and the Envoy bootstrap (written last: it names the others). Returns the file names.
+pub fn write_mesh(
+    dir: &Path,
+    config: &Value,
+    wasm: &Path,
+    listener: SocketAddr,
+    admin: SocketAddr,
+    upstreams: &[(String, Upstream)],
+) -> Result<Vec<&'static str>, String> {
+    let checked = check(config)?;
+    let write = |name: &str, value: &Value| {
+        let path = dir.join(name);
+        write_atomically(&path, value).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(FILTER_CONFIG_FILE, config)?;
+    let filters = filters(&checked);
+    let mut written = vec![FILTER_CONFIG_FILE];
+    for filter in &filters {
+        write(filter.file, &ecds(*filter, config, wasm))?;
+        written.push(filter.file);
+    }
+    write(
+        BOOTSTRAP_FILE,
+        &bootstrap(
+            listener,
+            admin,
+            dir,
+            &filters,
+            buffer_limit(&checked),
+            upstreams,
+        ),
+    )?;
+    written.push(BOOTSTRAP_FILE);
+    Ok(written)
 }
 
 fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
@@ -116,15 +210,18 @@ fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
     c
 }
 
-/// The Envoy bootstrap: one listener whose HTTP filters are the meshserve router (its config
-/// read from `ecds_path`, reloaded when that file is replaced) and Envoy's router; routes pick
-/// the cluster the filter names in `x-meshserve-cluster`; one cluster per revision and
-/// protocol. `upstreams`: (cluster base name, addresses). Stats tags turn the filters' stat
-/// names into Prometheus labels.
+/// The Envoy bootstrap: one listener whose HTTP filters are meshserve's `filters` (each one's
+/// config read from its ECDS file in `dir`, reloaded when that file is replaced) and Envoy's
+/// router; routes pick the cluster the router filter names in `x-meshserve-cluster`; one
+/// cluster per revision and protocol. `upstreams`: (cluster base name, addresses). Stats tags
+/// turn the filters' stat names into Prometheus labels. `buffer_limit`: the most bytes a
+/// filter may hold of one request or response (Envoy answers 413 above it).
 pub fn bootstrap(
     listener: SocketAddr,
     admin: SocketAddr,
-    ecds_path: &Path,
+    dir: &Path,
+    filters: &[Filter],
+    buffer_limit: u64,
     upstreams: &[(String, Upstream)],
 ) -> Value {
     let mut clusters = Vec::new();
@@ -134,10 +231,24 @@ pub fn bootstrap(
     }
     // `wasmcustom.meshserve.requests.isvc.digits.revision.v1.outcome.routed` becomes
     // `envoy_wasmcustom_meshserve_requests{isvc="digits",revision="v1",outcome="routed"}`.
-    let tags: Vec<Value> = ["isvc", "revision", "outcome", "choice", "result", "reason"]
+    let tags: Vec<Value> = [
+        "isvc", "revision", "outcome", "choice", "result", "reason", "phase",
+    ]
+    .iter()
+    .map(|name| json!({"tag_name": name, "regex": format!(r"(\.{name}\.([^.]+))")}))
+    .collect();
+    let mut http_filters: Vec<Value> = filters
         .iter()
-        .map(|name| json!({"tag_name": name, "regex": format!(r"(\.{name}\.([^.]+))")}))
+        .map(|f| {
+            json!({"name": f.name, "config_discovery": {
+                "config_source": {"path_config_source": {"path": dir.join(f.file).display().to_string()}},
+                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}})
+        })
         .collect();
+    http_filters.push(
+        json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}),
+    );
     json!({
         "node": {"id": "meshserve", "cluster": "meshserve"},
         // A named limit on client connections (Envoy warns when there is none).
@@ -154,6 +265,7 @@ pub fn bootstrap(
             "listeners": [{
                 "name": "meshserve",
                 "address": {"socket_address": {"address": listener.ip().to_string(), "port_value": listener.port()}},
+                "per_connection_buffer_limit_bytes": buffer_limit,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
@@ -168,13 +280,7 @@ pub fn bootstrap(
                              "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
                                                           "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
                         ]}]},
-                        "http_filters": [
-                            {"name": ROUTER_FILTER, "config_discovery": {
-                                "config_source": {"path_config_source": {"path": ecds_path.display().to_string()}},
-                                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}},
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-                        ],
+                        "http_filters": http_filters,
                     },
                 }]}],
             }],
@@ -209,6 +315,7 @@ mod tests {
             namespace: "default".into(),
             default: rev("v1", 0),
             canaries: vec![rev("v2", 20)],
+            transformer: None,
         }
     }
 
@@ -229,5 +336,57 @@ mod tests {
             .as_str()
             .unwrap();
         assert!(check(&serde_json::from_str(embedded).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_transformer_adds_its_filter_after_the_router_and_raises_the_buffer() {
+        let mut isvc = isvc();
+        isvc.transformer = Some(
+            json!({"response": {"steps": [{"softmax": {}}]}, "limits": {"max_body_bytes": 4_000_000}}),
+        );
+        let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();
+        let checked = check(&config).unwrap();
+        assert_eq!(filters(&checked), vec![ROUTER, TRANSFORMER]);
+        assert_eq!(buffer_limit(&checked), 4_000_000 + BUFFER_HEADROOM);
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let written =
+            write_mesh(dir.path(), &config, Path::new("/x.wasm"), addr, addr, &[]).unwrap();
+        assert_eq!(
+            written,
+            vec![
+                FILTER_CONFIG_FILE,
+                ROUTER_ECDS_FILE,
+                TRANSFORMER_ECDS_FILE,
+                BOOTSTRAP_FILE
+            ]
+        );
+        let envoy: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(BOOTSTRAP_FILE)).unwrap())
+                .unwrap();
+        let listener = &envoy["static_resources"]["listeners"][0];
+        assert_eq!(
+            listener["per_connection_buffer_limit_bytes"],
+            4_000_000 + BUFFER_HEADROOM
+        );
+        let chain: Vec<&str> =
+            listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect();
+        assert_eq!(
+            chain,
+            vec![
+                ROUTER_FILTER,
+                TRANSFORMER_FILTER,
+                "envoy.filters.http.router"
+            ]
+        );
+        // Without a transformer: the router alone, Envoy's default buffer.
+        let plain = filter_config(&[(&self::tests::isvc(), vec!["digits".into()])]).unwrap();
+        assert_eq!(filters(&check(&plain).unwrap()), vec![ROUTER]);
+        assert_eq!(buffer_limit(&check(&plain).unwrap()), 1 << 20);
     }
 }

@@ -16,7 +16,7 @@ use meshserve_predictor::config::CONFIG_FILE;
 use meshserve_predictor::runtime::{search_roots, site_packages};
 
 use super::isvc::{InferenceService, RevisionSpec};
-use super::render::{self, BOOTSTRAP_FILE, FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, Upstream};
+use super::render::{self, BOOTSTRAP_FILE, Upstream};
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -440,19 +440,11 @@ pub async fn up(
         served.push((isvc, models));
     }
     let config = render::filter_config(&served).map_err(UpError::Input)?;
-    let ecds = state.join(ROUTER_ECDS_FILE);
-    render::write_atomically(&state.join(FILTER_CONFIG_FILE), &config)
-        .map_err(io("cannot write the filter configuration"))?;
-    render::write_atomically(&ecds, &render::router_ecds(&config, &wasm))
-        .map_err(io("cannot write the router's extension config"))?;
     let listener = SocketAddr::new(options.host, options.port);
     let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.admin_port);
+    render::write_mesh(&state, &config, &wasm, listener, admin, &upstreams)
+        .map_err(|e| UpError::Input(format!("cannot write the mesh's files: {e}")))?;
     let bootstrap_path = state.join(BOOTSTRAP_FILE);
-    render::write_atomically(
-        &bootstrap_path,
-        &render::bootstrap(listener, admin, &ecds, &upstreams),
-    )
-    .map_err(io("cannot write the Envoy bootstrap"))?;
 
     let admin_file = state.join("envoy-admin-address");
     let _ = std::fs::remove_file(&admin_file);

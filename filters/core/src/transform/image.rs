@@ -110,6 +110,11 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
             ));
         }
     };
+    if format == ImageFormat::Jpeg && !jpeg_complete(bytes) {
+        return Err(TransformError::bad(
+            "the JPEG image is truncated (no end-of-image marker after its scan data)",
+        ));
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (width, height) = reader
         .into_dimensions()
@@ -136,6 +141,19 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
         .decode()
         .map_err(|e| TransformError::bad(format!("cannot decode the {format:?} image: {e}")))?;
     Ok(from_dynamic(decoded))
+}
+
+/// Whether a JPEG has its end-of-image marker after the start of its last scan. Inside the
+/// scan, a 0xFF byte is always followed by 0x00 or a restart marker, so 0xFF 0xD9 there is the
+/// real end. (The decoder would otherwise fill a truncated image with grey and answer.)
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let marker = |m: u8| move |w: &[u8]| w == [0xFF, m];
+    let Some(scan) = bytes.windows(2).rposition(marker(0xDA)) else {
+        return false;
+    };
+    bytes
+        .get(scan..)
+        .is_some_and(|rest| rest.windows(2).any(marker(0xD9)))
 }
 
 fn from_dynamic(decoded: DynamicImage) -> Image {

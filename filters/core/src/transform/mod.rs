@@ -47,6 +47,8 @@ use serde_json::Value;
 
 use self::image::{Color, Image, Layout, Resize};
 use self::post::ResponseStep;
+use crate::config::Config;
+use crate::protocol::{Protocol, V1Verb, parse};
 
 /// A request the transformer refuses (400, 413) or a response it cannot make (500), with the
 /// message for the client.
@@ -548,6 +550,67 @@ impl Transformer {
     }
 }
 
+/// A request the transformer filter works on.
+#[derive(Debug)]
+pub struct Selected<'a> {
+    pub transformer: &'a Transformer,
+    pub wire: Wire,
+    /// The path to send the request on, when it changes (V1 `:predict` to V2 `/infer`).
+    pub path: Option<String>,
+}
+
+/// Whether the transformer filter works on a request the router sent to `isvc`'s
+/// `component`: predict and infer calls (`POST`) of a service with a transformer.
+pub fn select<'a>(
+    config: &'a Config,
+    isvc: &str,
+    namespace: &str,
+    component: &str,
+    method: &str,
+    path: &str,
+) -> Option<Selected<'a>> {
+    if method != "POST" || component != "predictor" {
+        return None;
+    }
+    let transformer = config
+        .services()
+        .iter()
+        .find(|s| s.name == isvc && s.namespace == namespace)?
+        .transformer
+        .as_ref()?;
+    let wire = match parse(path) {
+        Protocol::V1 {
+            verb: V1Verb::Predict,
+            ..
+        } => Wire::V1,
+        Protocol::V2 { model: Some(_), .. }
+            if path.split(['?', '#']).next()?.ends_with("/infer") =>
+        {
+            Wire::V2
+        }
+        _ => return None,
+    };
+    if !transformer.transforms_response(wire) {
+        return None;
+    }
+    let path = match wire {
+        Wire::V1 if transformer.transforms_request(wire) => {
+            // `/v1/models/<m>:predict` -> `/v2/models/<m>/infer`, the segment kept as sent.
+            let segment = path.split(['?', '#']).next()?.strip_prefix("/v1/models/")?;
+            Some(format!(
+                "/v2/models/{}/infer",
+                segment.strip_suffix(":predict")?
+            ))
+        }
+        _ => None,
+    };
+    Some(Selected {
+        transformer,
+        wire,
+        path,
+    })
+}
+
 /// One instance's value as it enters the steps: bytes, and whether they are binary already
 /// (`{"b64": ...}` in V1, non-text bytes) rather than text.
 #[derive(Debug)]
@@ -617,6 +680,8 @@ fn v1_values(body: &[u8], field: Option<&str>) -> Result<Vec<Value2>, TransformE
         .collect()
 }
 
+/// One V1 instance: a base64 string, `{"b64": "..."}`, or an object holding one of those
+/// under `field`.
 fn v1_value(row: &Value, field: Option<&str>) -> Option<Result<Value2, TransformError>> {
     match row {
         Value::String(s) => Some(Ok(Value2 {
@@ -631,9 +696,7 @@ fn v1_value(row: &Value, field: Option<&str>) -> Option<Result<Value2, Transform
                 })
                 .map_err(|e| TransformError::bad(format!("'b64': {}", e.message))),
             ),
-            (_, Some(inner)) if !inner.is_object() || inner.get("b64").is_some() => {
-                v1_value(inner, None)
-            }
+            (_, Some(inner)) => v1_value(inner, None),
             _ => None,
         },
         _ => None,

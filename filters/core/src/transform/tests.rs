@@ -178,6 +178,7 @@ fn claiming(width: u32, height: u32) -> Vec<u8> {
 fn bad_requests_get_a_status_and_a_message_the_client_can_act_on() {
     let t = digits();
     let png = picture(ImageFormat::Png);
+    let jpeg = picture(ImageFormat::Jpeg);
     let instance = |v: Value| json!({"instances": [v]}).to_string().into_bytes();
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (
@@ -343,4 +344,43 @@ fn casts_round_and_saturate() {
         TensorData::Uint8(vec![1, 2, 255, 0])
     );
     assert_eq!(cast(vec![0.5], DataType::Fp64), TensorData::Fp64(vec![0.5]));
+}
+
+#[test]
+fn the_filter_selects_predict_and_infer_calls_of_services_with_a_transformer() {
+    let mut service = json!({"name": "mnist", "models": ["mnist_cnn"],
+        "predictor": {"default": {"name": "v1", "cluster": "c"}}});
+    let plain = json!({"name": "plain", "predictor": {"default": {"name": "v1", "cluster": "p"}}});
+    service["transformer"] = json!({"request": {"steps": ["image_decode", {"layout": "nchw"}, {"emit": {"input": "x"}}]}});
+    let config =
+        Config::parse(json!({"services": [service, plain]}).to_string().as_bytes()).unwrap();
+    let pick = |isvc: &str, method: &str, path: &str| {
+        select(&config, isvc, "default", "predictor", method, path).map(|s| (s.wire, s.path))
+    };
+    assert_eq!(
+        pick("mnist", "POST", "/v1/models/mnist_cnn:predict?x=1"),
+        Some((Wire::V1, Some("/v2/models/mnist_cnn/infer".into())))
+    );
+    assert_eq!(
+        pick("mnist", "POST", "/v2/models/mnist_cnn/versions/1/infer"),
+        Some((Wire::V2, None))
+    );
+    assert_eq!(pick("mnist", "GET", "/v2/models/mnist_cnn"), None);
+    assert_eq!(
+        pick("mnist", "POST", "/v2/repository/models/mnist_cnn/load"),
+        None
+    );
+    assert_eq!(pick("plain", "POST", "/v1/models/plain:predict"), None);
+    assert_eq!(pick("other", "POST", "/v1/models/mnist_cnn:predict"), None);
+    assert!(
+        select(
+            &config,
+            "mnist",
+            "default",
+            "explainer",
+            "POST",
+            "/v1/models/mnist_cnn:explain"
+        )
+        .is_none()
+    );
 }
