@@ -187,6 +187,11 @@ fn bad_requests_get_a_status_and_a_message_the_client_can_act_on() {
             "cannot decode",
         ),
         (
+            instance(json!({"image": b64(&jpeg[..jpeg.len() - 40])})),
+            400,
+            "the JPEG image is truncated",
+        ),
+        (
             instance(json!({"image": "not base64!"})),
             400,
             "invalid base64",
