@@ -1,5 +1,6 @@
 """Waits for the demo mesh, sends the sample through Envoy, prints what to try next."""
 
+import base64
 import collections
 import json
 import os
@@ -40,6 +41,15 @@ while True:
 
 labels = [p["label"] if isinstance(p, dict) else p for p in answer["predictions"]]
 served = collections.Counter(predict()[1] for _ in range(100))
+
+# A camera-sized picture of a handwritten digit for the 28x28 CNN: the transformer in Envoy
+# decodes, crops, shrinks and inverts it.
+photo = "models/samples/digit_photo.jpg"
+with open(photo, "rb") as f:
+    picture = {"instances": [{"image": {"b64": base64.b64encode(f.read()).decode()}}]}
+request = urllib.request.Request(f"{base}/v1/models/mnist:predict", data=json.dumps(picture).encode(), headers=headers)
+with urllib.request.urlopen(request, timeout=10) as response:
+    digit = json.load(response)["predictions"][0]
 print(f"""
 Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
   curl -si -d @{sample} {base}/v1/models/digits:predict
@@ -47,6 +57,12 @@ Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
 Answer: predicted digits {labels}, served by revision {revision} (x-meshserve-revision)
 
 100 more requests, split by the canary router: {dict(served)}
+
+A 1024x768 JPEG photo of a handwritten digit ({photo}), base64 in KServe V1, to the 28x28 CNN
+through the transformer in Envoy (decode, grayscale, crop, area-resize to 28x28, invert, scale):
+  the CNN says {digit["digits"][0]} (score {digit["scores"][0]:.4f}; runners-up {", ".join(digit["digits"][1:])})
+  {base}/v1/models/mnist:predict   (or V2: an "image" BYTES input to {base}/v2/models/mnist/infer)
+  ./target/release/meshserve transform envoy-config/demo/inferenceservice.yaml < body.json   what the model gets
 
 Try:
   {base}/v2/models/digits                    model metadata (Open Inference Protocol)

@@ -28,7 +28,7 @@ cargo test --release --locked --workspace
 
 # kserve and tritonclient register the same protobuf names (kserve/kserve#3099), so their
 # tests run in separate interpreters. pytest exit 5 means "no tests collected": a failure here.
-for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.py; do
+for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.py tests/python/test_transformer.py; do
     say "pytest $suite"
     .venv/bin/python -m pytest -q "$suite"
 done

@@ -746,7 +746,12 @@ fn the_demo_configuration_is_current_and_valid() {
         .status()
         .unwrap();
     assert!(status.success());
-    for file in ["filter.json", "router.ecds.json", "envoy.json"] {
+    for file in [
+        "filter.json",
+        "router.ecds.json",
+        "transformer.ecds.json",
+        "envoy.json",
+    ] {
         let committed = std::fs::read_to_string(rendered.join(file)).unwrap_or_default();
         let mut now = std::fs::read_to_string(fresh.join(file)).unwrap();
         // The bootstrap names the ECDS file by absolute path; compare it relative.
@@ -760,18 +765,26 @@ fn the_demo_configuration_is_current_and_valid() {
     // The wasm filter's own configuration, inline, with the real module, validated too.
     let mut bootstrap: Value =
         serde_json::from_str(&std::fs::read_to_string(fresh.join("envoy.json")).unwrap()).unwrap();
-    let ecds: Value =
-        serde_json::from_str(&std::fs::read_to_string(fresh.join("router.ecds.json")).unwrap())
-            .unwrap();
-    let mut typed = ecds["resources"][0]["typed_config"].clone();
-    typed["config"]["vm_config"]["code"]["local"]["filename"] =
-        Value::from(wasm_module().display().to_string());
     let filters = bootstrap
         .pointer_mut(
             "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters",
         )
         .unwrap();
-    filters[0] = json!({"name": "meshserve.router", "typed_config": typed});
+    for (i, (name, file)) in [
+        ("meshserve.router", "router.ecds.json"),
+        ("meshserve.transformer", "transformer.ecds.json"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ecds: Value =
+            serde_json::from_str(&std::fs::read_to_string(fresh.join(file)).unwrap()).unwrap();
+        let mut typed = ecds["resources"][0]["typed_config"].clone();
+        typed["config"]["vm_config"]["code"]["local"]["filename"] =
+            Value::from(wasm_module().display().to_string());
+        assert_eq!(filters[i]["name"], name);
+        filters[i] = json!({"name": name, "typed_config": typed});
+    }
     let inline = fresh.join("envoy-inline.json");
     std::fs::write(&inline, bootstrap.to_string()).unwrap();
     validate(&inline);

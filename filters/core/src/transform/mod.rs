@@ -425,7 +425,11 @@ impl Transformer {
             ) => {
                 let (mut request, values) = match wire {
                     Wire::V1 => (InferRequest::default(), v1_values(body, field.as_deref())?),
-                    Wire::V2 => v2_values(body, header_length, field.as_deref())?,
+                    Wire::V2 => match v2_values(body, header_length, field.as_deref(), input)? {
+                        (request, Some(values)) => (request, values),
+                        // Already the model's tensor: sent on as it is.
+                        (request, None) => return Ok(rest::encode_infer_request(&request, true)),
+                    },
                 };
                 if values.len() > self.limits.max_batch {
                     return Err(TransformError::too_large(format!(
@@ -703,12 +707,14 @@ fn v1_value(row: &Value, field: Option<&str>) -> Option<Result<Value2, Transform
     }
 }
 
-/// The elements of the V2 input `field` (or the only input), and the rest of the request.
+/// The elements of the V2 input `field` (or the only input), and the rest of the request;
+/// `None` for a request without `field` that already carries the model input `emitted`.
 fn v2_values(
     body: &[u8],
     header_length: Option<usize>,
     field: Option<&str>,
-) -> Result<(InferRequest, Vec<Value2>), TransformError> {
+    emitted: &str,
+) -> Result<(InferRequest, Option<Vec<Value2>>), TransformError> {
     let mut request =
         rest::parse_infer_request(body, header_length).map_err(|e| TransformError::bad(e.0))?;
     let at = match field {
@@ -716,6 +722,12 @@ fn v2_values(
         None if request.inputs.len() == 1 => Some(0),
         None => None,
     };
+    let is_tensor = |i: &InputTensor| i.name == emitted && i.data.datatype() != DataType::Bytes;
+    if at.is_none_or(|at| request.inputs.get(at).is_some_and(is_tensor))
+        && request.inputs.iter().any(is_tensor)
+    {
+        return Ok((request, None));
+    }
     let names: Vec<String> = request
         .inputs
         .iter()
@@ -745,7 +757,7 @@ fn v2_values(
             binary: false,
         })
         .collect();
-    Ok((request, values))
+    Ok((request, Some(values)))
 }
 
 fn cast(data: Vec<f32>, datatype: DataType) -> TensorData {
