@@ -48,7 +48,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TransformArgs {
-    /// A KServe InferenceService YAML file with a `spec.transformer`.
+    /// A KServe InferenceService YAML file with a `spec.transformer` (or the transformer alone).
     pub file: PathBuf,
     /// Which InferenceService (default: the first with a transformer).
     #[arg(long)]
@@ -178,6 +178,11 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
+    /// Apply this transformer (an InferenceService YAML with `spec.transformer`, or the
+    /// transformer alone, YAML or JSON) to V1 predict and V2 infer requests that did not come
+    /// through meshserve's Envoy filter (those carry `x-meshserve-transformed`).
+    #[arg(long, env = "MESHSERVE_TRANSFORMER")]
+    pub transformer: Option<PathBuf>,
 }
 
 /// Runs `meshserve up` until SIGTERM or Ctrl-C.
@@ -216,25 +221,10 @@ pub fn canary(args: CanaryArgs) -> Result<(), String> {
 pub fn transform(args: TransformArgs) -> Result<(), String> {
     use std::io::{Read, Write};
 
-    use meshserve_filter_core::transform::{Transformer, Wire};
+    use meshserve_filter_core::transform::Wire;
     use meshserve_proto::rest;
 
-    let services = crate::mesh::up::read_services(&args.file).map_err(|e| e.to_string())?;
-    let spec = services
-        .iter()
-        .filter(|s| args.isvc.as_ref().is_none_or(|name| &s.name == name))
-        .find_map(|s| s.transformer.clone())
-        .ok_or_else(|| {
-            format!(
-                "{}: no InferenceService{} with a spec.transformer",
-                args.file.display(),
-                args.isvc
-                    .as_ref()
-                    .map(|n| format!(" '{n}'"))
-                    .unwrap_or_default()
-            )
-        })?;
-    let transformer: Transformer = serde_json::from_value(spec).map_err(|e| e.to_string())?;
+    let transformer = load_transformer(&args.file, args.isvc.as_deref())?;
     let wire = match args.protocol {
         WireArg::V1 => Wire::V1,
         WireArg::V2 => Wire::V2,
@@ -308,6 +298,36 @@ pub enum StartError {
     Repository(#[from] meshserve_predictor::PredictorError),
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("{0}")]
+    Transformer(String),
+}
+
+/// Reads a transformer: from an InferenceService YAML (the one named `isvc`, else the first
+/// with a `spec.transformer`), or from a file holding the transformer alone.
+pub fn load_transformer(
+    file: &std::path::Path,
+    isvc: Option<&str>,
+) -> Result<meshserve_filter_core::transform::Transformer, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let first: serde_json::Value = serde_yaml::from_str(text.split("\n---").next().unwrap_or(""))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let spec = if first.get("spec").is_some() {
+        let services = crate::mesh::up::read_services(file).map_err(|e| e.to_string())?;
+        services
+            .iter()
+            .filter(|s| isvc.is_none_or(|name| s.name == name))
+            .find_map(|s| s.transformer.clone())
+            .ok_or_else(|| {
+                format!(
+                    "{}: no InferenceService{} with a spec.transformer",
+                    file.display(),
+                    isvc.map(|n| format!(" '{n}'")).unwrap_or_default()
+                )
+            })?
+    } else {
+        first
+    };
+    serde_json::from_value(spec).map_err(|e| format!("{}: {e}", file.display()))
 }
 
 /// Runs `meshserve serve` until SIGTERM or Ctrl-C.
@@ -334,7 +354,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         max_request_bytes: args.max_request_bytes,
         max_in_flight: args.max_in_flight,
     };
-    let service = Arc::new(Service::new(repository, limits));
+    let mut service = Service::new(repository, limits);
+    if let Some(file) = &args.transformer {
+        let transformer = load_transformer(file, None).map_err(StartError::Transformer)?;
+        tracing::info!(file = %file.display(), "applying the transformer to requests that bypass Envoy");
+        service = service.with_transformer(transformer);
+    }
+    let service = Arc::new(service);
     let server = Server::start(
         service,
         ListenConfig {

@@ -36,6 +36,17 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<meshserve_filter_core::transform::TransformError> for ApiError {
+    fn from(e: meshserve_filter_core::transform::TransformError) -> Self {
+        let message = format!("transformer: {}", e.message);
+        match e.status {
+            400 => ApiError::BadRequest(message),
+            413 => ApiError::TooLarge(message),
+            _ => ApiError::Internal(message),
+        }
+    }
+}
+
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {

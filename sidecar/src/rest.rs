@@ -31,6 +31,8 @@ use meshserve_proto::rest::{
 use meshserve_proto::v1;
 use serde_json::{Value, json};
 
+use meshserve_filter_core::transform::Wire;
+
 use crate::error::ApiError;
 use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
 
@@ -230,6 +232,17 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
             check_content_type(&headers)?;
             let header_length = inference_header_length(&headers)?;
+            if let Some(transformer) = service.transformer_for(&headers, Wire::V2) {
+                let request = if transformer.transforms_request(Wire::V2) {
+                    transformer.infer_request(Wire::V2, &body, header_length)?
+                } else {
+                    parse_infer_request(&body, header_length)?
+                };
+                drop(body);
+                let response = service.infer(permit, found, request).await?;
+                let answer = transformer.answer(Wire::V2, response)?;
+                return Ok(json_response(StatusCode::OK, answer));
+            }
             let request = parse_infer_request(&body, header_length)?;
             drop(body);
             let parameters = request.parameters.clone();
@@ -307,6 +320,13 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
             check_content_type(&headers)?;
+            if let Some(transformer) = service.transformer_for(&headers, Wire::V1) {
+                let request = transformer.infer_request(Wire::V1, &body, None)?;
+                drop(body);
+                let response = service.infer(permit, found, request).await?;
+                let answer = transformer.answer(Wire::V1, response)?;
+                return Ok(json_response(StatusCode::OK, answer));
+            }
             let request = v1::request_from_v1(&body, found.inputs())?;
             drop(body);
             let v1_output = found.config().v1_output.clone();

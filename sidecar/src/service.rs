@@ -9,6 +9,8 @@ use meshserve_predictor::{ModelVersion, Repository};
 use meshserve_proto::{InferRequest, InferResponse};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use meshserve_filter_core::transform::{TRANSFORMED_HEADER, Transformer, Wire};
+
 use crate::error::ApiError;
 
 /// Named limits, each with a default and a `meshserve serve` flag.
@@ -41,6 +43,8 @@ pub struct Service {
     limits: Limits,
     in_flight: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Applied to REST requests that did not come through the Envoy transformer filter.
+    transformer: Option<Transformer>,
 }
 
 impl Service {
@@ -50,7 +54,24 @@ impl Service {
             limits,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             draining: AtomicBool::new(false),
+            transformer: None,
         }
+    }
+
+    /// Applies `transformer` to V1 predict and V2 infer requests that bypassed Envoy.
+    pub fn with_transformer(self, transformer: Transformer) -> Service {
+        Service {
+            transformer: Some(transformer),
+            ..self
+        }
+    }
+
+    /// The transformer for a REST request in `wire` with these headers: none when the Envoy
+    /// filter already applied it (`x-meshserve-transformed`) or it has nothing to do.
+    pub fn transformer_for(&self, headers: &http::HeaderMap, wire: Wire) -> Option<&Transformer> {
+        self.transformer
+            .as_ref()
+            .filter(|t| t.transforms_response(wire) && !headers.contains_key(TRANSFORMED_HEADER))
     }
 
     pub fn repository(&self) -> &Arc<Repository> {

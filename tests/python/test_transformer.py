@@ -359,6 +359,21 @@ def test_bad_pictures_get_a_4xx_with_a_reason_and_envoy_keeps_serving(mesh, phot
     assert (status, answer["predictions"]) == (200, [str(label)])
 
 
+def test_the_sidecar_applies_the_same_transformer_to_clients_that_bypass_envoy(mesh, photo_set):
+    sidecar = next(
+        m.group(1) for line in mesh.lines if (m := re.search(r"\[mnist-predictor[^\]]*\].*listening on http=(\S+)", line))
+    )
+    direct = Mesh.__new__(Mesh)
+    direct.url = f"http://{sidecar}"
+    for data, _ in photo_set[:5]:
+        body = {"instances": [{"image": {"b64": b64(data)}}]}
+        assert direct.post("/v1/models/mnist:predict", body) == mesh.post("/v1/models/mnist:predict", body)
+        v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(data)]}]}
+        assert direct.post("/v2/models/mnist/infer", v2) == mesh.post("/v2/models/mnist/infer", v2)
+    status, answer = direct.post("/v1/models/mnist:predict", {"instances": [{"image": "!!"}]})
+    assert status == 400 and answer["error"].startswith("transformer: invalid base64"), answer
+
+
 def test_v2_requests_that_already_carry_the_tensor_pass_through(mesh):
     sample = json.loads((REPO_ROOT / "models" / "samples" / "mnist_cnn_v2_request.json").read_text())
     status, answer = mesh.post("/v2/models/mnist/infer", sample)

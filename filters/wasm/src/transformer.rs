@@ -12,7 +12,9 @@ use std::rc::Rc;
 
 use meshserve_filter_core::config::Config;
 use meshserve_filter_core::route::{COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER};
-use meshserve_filter_core::transform::{TransformError, Transformer, Wire, select};
+use meshserve_filter_core::transform::{
+    TRANSFORMED_HEADER, TransformError, Transformer, Wire, select,
+};
 use meshserve_proto::rest::INFERENCE_HEADER_CONTENT_LENGTH;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -184,6 +186,11 @@ impl HttpContext for TransformStream {
         if let Some(error) = too_large {
             return self.refuse(&error);
         }
+        set(
+            MapType::HttpRequestHeaders,
+            TRANSFORMED_HEADER,
+            Some("true"),
+        );
         if !request {
             return Action::Continue;
         }

@@ -296,10 +296,14 @@ fn spawn(
 }
 
 /// Starts a predictor sidecar and reads the addresses it bound.
-async fn start_sidecar(name: &str, repository: &Path) -> Result<(Part, Upstream), UpError> {
+async fn start_sidecar(
+    name: &str,
+    repository: &Path,
+    transformer: Option<&Path>,
+) -> Result<(Part, Upstream), UpError> {
     let exe = std::env::current_exe().map_err(io("cannot find the meshserve executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "serve",
         "--model-repository",
         &repository.display().to_string(),
@@ -310,6 +314,9 @@ async fn start_sidecar(name: &str, repository: &Path) -> Result<(Part, Upstream)
     ]
     .map(str::to_owned)
     .to_vec();
+    if let Some(file) = transformer {
+        args.extend(["--transformer".to_owned(), file.display().to_string()]);
+    }
     let mut part = spawn(name, &exe, &args, Some(tx))?;
     let (mut http, mut grpc) = (None, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -426,9 +433,20 @@ pub async fn up(
     let mut served = Vec::new();
     for isvc in &services {
         let mut models = Vec::new();
+        // The sidecars apply the transformer too, for clients that bypass Envoy.
+        let transformer = match &isvc.transformer {
+            Some(spec) => {
+                let path = state.join(format!("{}.transformer.json", isvc.name));
+                render::write_atomically(&path, spec)
+                    .map_err(io("cannot write the transformer for the sidecars"))?;
+                Some(path)
+            }
+            None => None,
+        };
         for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
             let (repository, names) = prepare_repository(&isvc.name, revision, &state)?;
-            let (part, upstream) = start_sidecar(&revision.name, &repository).await?;
+            let (part, upstream) =
+                start_sidecar(&revision.name, &repository, transformer.as_deref()).await?;
             parts.push(part);
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
             for name in names {

@@ -38,7 +38,7 @@ pub mod post;
 
 use base64::Engine;
 use meshserve_proto::datatype::DataType;
-use meshserve_proto::infer::{InferRequest, InputTensor, Parameters, TensorSpec};
+use meshserve_proto::infer::{InferRequest, InferResponse, InputTensor, Parameters, TensorSpec};
 use meshserve_proto::rest::{self, EncodedBody};
 use meshserve_proto::tensor::TensorData;
 use meshserve_proto::v1;
@@ -407,12 +407,23 @@ impl Transformer {
         body: &[u8],
         header_length: Option<usize>,
     ) -> Result<EncodedBody, TransformError> {
+        self.infer_request(wire, body, header_length)
+            .map(|request| rest::encode_infer_request(&request, true))
+    }
+
+    /// The request for the model, as data (what [`Transformer::request`] encodes).
+    pub fn infer_request(
+        &self,
+        wire: Wire,
+        body: &[u8],
+        header_length: Option<usize>,
+    ) -> Result<InferRequest, TransformError> {
         if body.len() > self.limits.max_body_bytes {
             return Err(self.body_too_large(body.len()));
         }
-        let request = match (&self.request, wire) {
+        match (&self.request, wire) {
             (RequestPlan::Convert(specs), Wire::V1) => {
-                v1::request_from_v1(body, specs).map_err(|e| TransformError::bad(e.0))?
+                v1::request_from_v1(body, specs).map_err(|e| TransformError::bad(e.0))
             }
             (
                 RequestPlan::Items {
@@ -428,7 +439,7 @@ impl Transformer {
                     Wire::V2 => match v2_values(body, header_length, field.as_deref(), input)? {
                         (request, Some(values)) => (request, values),
                         // Already the model's tensor: sent on as it is.
-                        (request, None) => return Ok(rest::encode_infer_request(&request, true)),
+                        (request, None) => return Ok(request),
                     },
                 };
                 if values.len() > self.limits.max_batch {
@@ -440,15 +451,12 @@ impl Transformer {
                 }
                 let tensor = self.batch(values, steps, input, *datatype)?;
                 request.inputs.push(tensor);
-                request
+                Ok(request)
             }
-            _ => {
-                return Err(TransformError::internal(
-                    "this transformer does not rewrite these requests",
-                ));
-            }
-        };
-        Ok(rest::encode_infer_request(&request, true))
+            _ => Err(TransformError::internal(
+                "this transformer does not rewrite these requests",
+            )),
+        }
     }
 
     /// Reads an `/infer` response from the model and answers the client in `wire`.
@@ -458,8 +466,17 @@ impl Transformer {
         body: &[u8],
         header_length: Option<usize>,
     ) -> Result<Vec<u8>, TransformError> {
-        let mut response = rest::parse_infer_response(body, header_length)
+        let response = rest::parse_infer_response(body, header_length)
             .map_err(|e| TransformError::internal(format!("the model's answer: {}", e.0)))?;
+        self.answer(wire, response)
+    }
+
+    /// The client's answer (JSON) from the model's response, as data.
+    pub fn answer(
+        &self,
+        wire: Wire,
+        mut response: InferResponse,
+    ) -> Result<Vec<u8>, TransformError> {
         post::apply(&mut response, &self.response, &self.labels)?;
         Ok(match wire {
             Wire::V1 => rest::to_json(&v1::predictions(&response, None)),
@@ -553,6 +570,10 @@ impl Transformer {
         Err(TransformError::internal("the pipeline has no layout step"))
     }
 }
+
+/// Set by the transformer filter on the requests it handled, so that a sidecar that can apply
+/// the same transformer (for clients that bypass Envoy) does not apply it twice.
+pub const TRANSFORMED_HEADER: &str = "x-meshserve-transformed";
 
 /// A request the transformer filter works on.
 #[derive(Debug)]
