@@ -874,11 +874,12 @@ def stop_servers() -> None:
         SERVERS.pop().stop()
 
 
-SUITES = ("sidecar", "batching", "mesh")
+SUITES = ("sidecar", "batching", "mesh", "transformer")
 SUITE_TITLES = {
     "sidecar": "meshserve vs KServe vs MLServer vs raw ONNX Runtime",
     "batching": "dynamic batching: meshserve off / on vs MLServer adaptive batching",
     "mesh": "Envoy + wasm router overhead",
+    "transformer": "image classification through the wasm transformer vs KServe's Python transformer",
 }
 DOCS = ROOT / "docs/benchmarks.md"
 
@@ -899,7 +900,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="all", choices=[*SUITES, "all"],
                         help="sidecar: meshserve vs KServe vs MLServer vs raw ORT; batching: dynamic batching; "
-                             "mesh: Envoy + wasm router overhead; all (default): the three, in that order")
+                             "mesh: Envoy + wasm router overhead; transformer: pictures through the wasm "
+                             "transformer vs KServe's; all (default): the four, in that order")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)),
                         help="times each measurement is taken, interleaved; a row pools its rounds")
     parser.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 4)),
@@ -917,11 +919,14 @@ def main() -> int:
     sidecar.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     import suite_batching
     import suite_mesh
+    import suite_transformer
 
     suite_batching.add_arguments(parser.add_argument_group("batching suite"))
     suite_mesh.add_arguments(parser.add_argument_group("mesh suite"))
+    suite_transformer.add_arguments(parser.add_argument_group("transformer suite"))
     args = parser.parse_args()
-    runners = {"sidecar": run_sidecar, "batching": suite_batching.run, "mesh": suite_mesh.run}
+    runners = {"sidecar": run_sidecar, "batching": suite_batching.run, "mesh": suite_mesh.run,
+               "transformer": suite_transformer.run}
     suites = list(SUITES) if args.suite == "all" else [args.suite]
 
     for path, _ in MODELS.values():

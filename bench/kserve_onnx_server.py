@@ -17,7 +17,6 @@ prefixed with --bench- to stay out of its way.
 import argparse
 import logging
 import sys
-import types
 
 import numpy as np
 import onnxruntime as ort
@@ -29,36 +28,9 @@ ours.add_argument("--bench-model", action="append", required=True, metavar="NAME
 options, rest = ours.parse_known_args()
 sys.argv = [sys.argv[0], *rest]  # what kserve's own parser sees
 
-import kserve  # noqa: E402
-import kserve.model_server  # noqa: E402
-import kserve.protocol.grpc.server as kserve_grpc_server  # noqa: E402
+import kserve_loopback  # noqa: E402,F401  (binds KServe's listeners to loopback)
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer  # noqa: E402
-from kserve.protocol.rest.server import RESTServer  # noqa: E402
 from kserve.utils.utils import generate_uuid  # noqa: E402
-
-LOOPBACK = "127.0.0.1"
-
-
-class LoopbackRESTServer(RESTServer):
-    """KServe's REST server (uvicorn + FastAPI), listening on loopback only."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.config.host = LOOPBACK
-
-
-kserve.model_server.RESTServer = LoopbackRESTServer
-
-
-def _loopback_grpc_server(*args, **kwargs):
-    server = _grpc_aio.server(*args, **kwargs)
-    add_port = server.add_insecure_port
-    server.add_insecure_port = lambda address: add_port(address.replace("[::]", LOOPBACK, 1))
-    return server
-
-
-_grpc_aio = kserve_grpc_server.aio
-kserve_grpc_server.aio = types.SimpleNamespace(server=_loopback_grpc_server)
 
 
 class OnnxModel(Model):
