@@ -24,7 +24,35 @@ pub struct Image {
     pub channels: usize,
     /// The value of full intensity: 255 after decoding, then scaled with the pixels.
     pub max: f32,
-    pub pixels: Vec<f32>,
+    pub pixels: Pixels,
+}
+
+/// Pixel values: bytes as decoded (a quarter of the memory, which matters in a wasm VM), or
+/// floats once a step has computed them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl Pixels {
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Pixels::U8(v) => v.into_iter().map(f32::from).collect(),
+            Pixels::F32(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Pixels::U8(v) => v.len(),
+            Pixels::F32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,35 +119,28 @@ pub enum Layout {
 }
 
 /// Decodes a PNG or JPEG, refusing images over `max_pixels` before any pixel is decoded.
-/// Alpha is dropped; 16-bit images are brought to 8-bit.
-pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
+/// Alpha is dropped; 16-bit images are brought to 8-bit. `want`: the colour the next step asks
+/// for, decoded straight into it where the format allows (a JPEG's luma plane alone for
+/// grayscale: no chroma to upsample or convert); otherwise the image's own (1 or 3 channels).
+pub fn decode(bytes: &[u8], max_pixels: u64, want: Option<Color>) -> Result<Image, TransformError> {
     if bytes.is_empty() {
         return Err(TransformError::bad("the image is empty (0 bytes)"));
     }
-    let format = match image::guess_format(bytes) {
-        Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => f,
-        Ok(other) => {
-            return Err(TransformError::bad(format!(
-                "{} images are not supported; send PNG or JPEG",
-                other.extensions_str().first().copied().unwrap_or("these")
-            )));
-        }
-        Err(_) => {
-            return Err(TransformError::bad(
-                "not a PNG or JPEG image (unrecognised leading bytes)",
-            ));
-        }
-    };
-    if format == ImageFormat::Jpeg && !jpeg_complete(bytes) {
-        return Err(TransformError::bad(
-            "the JPEG image is truncated (no end-of-image marker after its scan data)",
-        ));
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => decode_jpeg(bytes, max_pixels, want),
+        Ok(ImageFormat::Png) => decode_png(bytes, max_pixels),
+        Ok(other) => Err(TransformError::bad(format!(
+            "{} images are not supported; send PNG or JPEG",
+            other.extensions_str().first().copied().unwrap_or("these")
+        ))),
+        Err(_) => Err(TransformError::bad(
+            "not a PNG or JPEG image (unrecognised leading bytes)",
+        )),
     }
-    let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader
-        .into_dimensions()
-        .map_err(|e| TransformError::bad(format!("cannot read the image header: {e}")))?;
-    let pixels = u64::from(width) * u64::from(height);
+}
+
+fn check_size(width: u64, height: u64, max_pixels: u64) -> Result<(), TransformError> {
+    let pixels = width * height;
     if pixels == 0 {
         return Err(TransformError::bad(format!(
             "the image is {width}x{height}: it has no pixels"
@@ -130,6 +151,70 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
             "the image is {width}x{height} ({pixels} pixels), over the limit of {max_pixels} (limits.max_image_pixels)"
         )));
     }
+    Ok(())
+}
+
+fn decode_jpeg(
+    bytes: &[u8],
+    max_pixels: u64,
+    want: Option<Color>,
+) -> Result<Image, TransformError> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+
+    if !jpeg_complete(bytes) {
+        return Err(TransformError::bad(
+            "the JPEG image is truncated (no end-of-image marker after its scan data)",
+        ));
+    }
+    let fail = |e: zune_jpeg::errors::DecodeErrors| {
+        TransformError::bad(format!("cannot decode the JPEG image: {e}"))
+    };
+    let mut decoder = zune_jpeg::JpegDecoder::new(ZCursor::new(bytes));
+    decoder
+        .decode_headers()
+        .map_err(|e| TransformError::bad(format!("cannot read the image header: {e}")))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| TransformError::bad("cannot read the image header"))?;
+    let (width, height) = (usize::from(info.width), usize::from(info.height));
+    check_size(width as u64, height as u64, max_pixels)?;
+    let gray_source = decoder.input_colorspace() == Some(ColorSpace::Luma);
+    let (out, channels) = match want {
+        Some(Color::Grayscale) => (ColorSpace::Luma, 1),
+        None if gray_source => (ColorSpace::Luma, 1),
+        _ => (ColorSpace::RGB, 3),
+    };
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(out)
+        .set_max_width(width)
+        .set_max_height(height);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let pixels = decoder.decode().map_err(fail)?;
+    if pixels.len() != width * height * channels {
+        return Err(TransformError::bad(format!(
+            "cannot decode the JPEG image: {} bytes of pixels for {width}x{height}",
+            pixels.len()
+        )));
+    }
+    Ok(Image {
+        width,
+        height,
+        channels,
+        max: 255.0,
+        pixels: Pixels::U8(pixels),
+    })
+}
+
+fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
+    let format = ImageFormat::Png;
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| TransformError::bad(format!("cannot read the image header: {e}")))?;
+    let pixels = u64::from(width) * u64::from(height);
+    check_size(u64::from(width), u64::from(height), max_pixels)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
@@ -139,7 +224,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, TransformError> {
     reader.limits(limits);
     let decoded = reader
         .decode()
-        .map_err(|e| TransformError::bad(format!("cannot decode the {format:?} image: {e}")))?;
+        .map_err(|e| TransformError::bad(format!("cannot decode the PNG image: {e}")))?;
     Ok(from_dynamic(decoded))
 }
 
@@ -169,27 +254,42 @@ fn from_dynamic(decoded: DynamicImage) -> Image {
         height,
         channels,
         max: 255.0,
-        pixels: raw.into_iter().map(f32::from).collect(),
+        pixels: Pixels::U8(raw),
     }
 }
 
 /// Converts to grayscale (ITU-R 601-2 luma, as Pillow's `convert("L")`) or to RGB.
 pub fn color(image: Image, to: Color) -> Image {
     match (image.channels, to) {
-        (3, Color::Grayscale) => Image {
-            pixels: image
-                .pixels
-                .chunks_exact(3)
-                .map(|p| match p {
-                    [r, g, b] => r * 0.299 + g * 0.587 + b * 0.114,
-                    _ => 0.0,
-                })
-                .collect(),
-            channels: 1,
-            ..image
-        },
+        (3, Color::Grayscale) => {
+            let luma = |r: f32, g: f32, b: f32| r * 0.299 + g * 0.587 + b * 0.114;
+            let pixels = match image.pixels {
+                Pixels::U8(v) => v
+                    .chunks_exact(3)
+                    .map(|p| match p {
+                        [r, g, b] => luma(f32::from(*r), f32::from(*g), f32::from(*b)),
+                        _ => 0.0,
+                    })
+                    .collect(),
+                Pixels::F32(v) => v
+                    .chunks_exact(3)
+                    .map(|p| match p {
+                        [r, g, b] => luma(*r, *g, *b),
+                        _ => 0.0,
+                    })
+                    .collect(),
+            };
+            Image {
+                pixels: Pixels::F32(pixels),
+                channels: 1,
+                ..image
+            }
+        }
         (1, Color::Rgb) => Image {
-            pixels: image.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+            pixels: match image.pixels {
+                Pixels::U8(v) => Pixels::U8(v.iter().flat_map(|&x| [x, x, x]).collect()),
+                Pixels::F32(v) => Pixels::F32(v.iter().flat_map(|&x| [x, x, x]).collect()),
+            },
             channels: 3,
             ..image
         },
@@ -248,30 +348,68 @@ fn windows(size: usize, from: f64, to: f64, out: usize, method: Method) -> Vec<W
 /// Resamples the box `(x0, y0)..(x1, y1)` of `image` to `width` x `height`.
 fn resample(
     image: &Image,
-    (x0, y0, x1, y1): (f64, f64, f64, f64),
+    bounds: (f64, f64, f64, f64),
     width: usize,
     height: usize,
     method: Method,
 ) -> Image {
+    let pixels = match &image.pixels {
+        Pixels::U8(v) => resample_plane(v, image, bounds, width, height, method),
+        Pixels::F32(v) => resample_plane(v, image, bounds, width, height, method),
+    };
+    Image {
+        width,
+        height,
+        channels: image.channels,
+        max: image.max,
+        pixels: Pixels::F32(pixels),
+    }
+}
+
+fn resample_plane<T: Copy + Into<f32>>(
+    source: &[T],
+    image: &Image,
+    (x0, y0, x1, y1): (f64, f64, f64, f64),
+    width: usize,
+    height: usize,
+    method: Method,
+) -> Vec<f32> {
     let c = image.channels;
     let columns = windows(image.width, x0, x1, width, method);
     let rows = windows(image.height, y0, y1, height, method);
-    // Only the input rows some output row reads need the horizontal pass.
-    let first = rows.iter().map(|w| w.start).min().unwrap_or(0);
-    let last = rows
+    // The vertical pass first, over the input columns some output column reads: its inner loop
+    // runs along contiguous rows (vectorised), and it shrinks the image most when downscaling.
+    let first = columns.iter().map(|w| w.start).min().unwrap_or(0);
+    let last = columns
         .iter()
         .map(|w| w.start + w.weights.len())
         .max()
         .unwrap_or(0);
-    let mut horizontal = vec![0.0f32; (last - first) * width * c];
+    let span = last.saturating_sub(first) * c;
+    let mut pixels = vec![0.0f32; height * width * c];
+    if span == 0 || width == 0 || c == 0 {
+        return pixels;
+    }
     let in_row = image.width * c;
-    for (y, out_row) in (first..last).zip(horizontal.chunks_exact_mut(width * c)) {
-        let Some(row) = image.pixels.get(y * in_row..(y + 1) * in_row) else {
-            continue;
-        };
+    let mut vertical = vec![0.0f32; height * span];
+    for (window, out_row) in rows.iter().zip(vertical.chunks_exact_mut(span)) {
+        for (i, &w) in window.weights.iter().enumerate() {
+            let at = (window.start + i) * in_row + first * c;
+            let Some(row) = source.get(at..at + span) else {
+                continue;
+            };
+            for (o, &v) in out_row.iter_mut().zip(row) {
+                *o += w * v.into();
+            }
+        }
+    }
+    for (row, out_row) in vertical
+        .chunks_exact(span)
+        .zip(pixels.chunks_exact_mut(width * c))
+    {
         for (window, out) in columns.iter().zip(out_row.chunks_exact_mut(c)) {
-            let Some(taps) = row.get(window.start * c..(window.start + window.weights.len()) * c)
-            else {
+            let at = (window.start - first) * c;
+            let Some(taps) = row.get(at..at + window.weights.len() * c) else {
                 continue;
             };
             for (pixel, &w) in taps.chunks_exact(c).zip(&window.weights) {
@@ -281,26 +419,7 @@ fn resample(
             }
         }
     }
-    let mut pixels = vec![0.0f32; height * width * c];
-    let row_len = width * c;
-    for (window, out_row) in rows.iter().zip(pixels.chunks_exact_mut(row_len)) {
-        for (i, &w) in window.weights.iter().enumerate() {
-            let y = window.start + i - first;
-            let Some(row) = horizontal.get(y * row_len..(y + 1) * row_len) else {
-                continue;
-            };
-            for (o, &v) in out_row.iter_mut().zip(row) {
-                *o += w * v;
-            }
-        }
-    }
-    Image {
-        width,
-        height,
-        channels: c,
-        max: image.max,
-        pixels,
-    }
+    pixels
 }
 
 /// Resizes to the step's size with its method and fit.
@@ -336,7 +455,7 @@ pub fn resize(image: &Image, step: &Resize) -> Image {
             let c = image.channels;
             let mut pixels = vec![step.pad_value; step.width * step.height * c];
             let (left, top) = ((step.width - nw) / 2, (step.height - nh) / 2);
-            for (y, row) in inner.pixels.chunks_exact(nw * c).enumerate() {
+            for (y, row) in inner.pixels.into_f32().chunks_exact(nw * c).enumerate() {
                 let at = ((top + y) * step.width + left) * c;
                 if let Some(dst) = pixels.get_mut(at..at + nw * c) {
                     dst.copy_from_slice(row);
@@ -347,28 +466,36 @@ pub fn resize(image: &Image, step: &Resize) -> Image {
                 height: step.height,
                 channels: c,
                 max: image.max,
-                pixels,
+                pixels: Pixels::F32(pixels),
             }
         }
     }
 }
 
 /// `max - v` for every pixel.
-pub fn invert(mut image: Image) -> Image {
+pub fn invert(image: Image) -> Image {
     let max = image.max;
-    image.pixels.iter_mut().for_each(|v| *v = max - *v);
-    image
+    map(image, |v| max - v)
 }
 
 /// `v * factor` for every pixel (and for the range's top).
-pub fn scale(mut image: Image, factor: f32) -> Image {
-    image.pixels.iter_mut().for_each(|v| *v *= factor);
-    image.max *= factor;
-    image
+pub fn scale(image: Image, factor: f32) -> Image {
+    let mut out = map(image, |v| v * factor);
+    out.max *= factor;
+    out
+}
+
+fn map(image: Image, f: impl Fn(f32) -> f32) -> Image {
+    let mut pixels = image.pixels.into_f32();
+    pixels.iter_mut().for_each(|v| *v = f(*v));
+    Image {
+        pixels: Pixels::F32(pixels),
+        ..image
+    }
 }
 
 /// `(v - mean[c]) / std[c]` per channel; one value applies to every channel.
-pub fn normalize(mut image: Image, mean: &[f32], std: &[f32]) -> Result<Image, TransformError> {
+pub fn normalize(image: Image, mean: &[f32], std: &[f32]) -> Result<Image, TransformError> {
     let c = image.channels;
     let per_channel = |values: &[f32], what: &str| -> Result<Vec<f32>, TransformError> {
         match values.len() {
@@ -381,24 +508,30 @@ pub fn normalize(mut image: Image, mean: &[f32], std: &[f32]) -> Result<Image, T
     };
     let mean = per_channel(mean, "mean")?;
     let inv_std: Vec<f32> = per_channel(std, "std")?.iter().map(|s| 1.0 / s).collect();
-    for pixel in image.pixels.chunks_exact_mut(c) {
+    let mut pixels = image.pixels.into_f32();
+    for pixel in pixels.chunks_exact_mut(c) {
         for ((v, m), s) in pixel.iter_mut().zip(&mean).zip(&inv_std) {
             *v = (*v - m) * s;
         }
     }
-    Ok(image)
+    Ok(Image {
+        pixels: Pixels::F32(pixels),
+        ..image
+    })
 }
 
 /// The item's tensor shape and values in `layout` (without the batch dimension).
 pub fn lay_out(image: Image, layout: Layout) -> (Vec<usize>, Vec<f32>) {
     let (h, w, c) = (image.height, image.width, image.channels);
+    let pixels = image.pixels.into_f32();
     match layout {
-        Layout::Nhwc => (vec![h, w, c], image.pixels),
-        Layout::Flat => (vec![h * w * c], image.pixels),
+        Layout::Nhwc => (vec![h, w, c], pixels),
+        Layout::Flat => (vec![h * w * c], pixels),
+        Layout::Nchw if c == 1 => (vec![c, h, w], pixels),
         Layout::Nchw => {
-            let mut planar = Vec::with_capacity(image.pixels.len());
+            let mut planar = Vec::with_capacity(pixels.len());
             for channel in 0..c {
-                planar.extend(image.pixels.iter().skip(channel).step_by(c));
+                planar.extend(pixels.iter().skip(channel).step_by(c));
             }
             (vec![c, h, w], planar)
         }
@@ -415,8 +548,12 @@ mod tests {
             height,
             channels: 1,
             max: 255.0,
-            pixels,
+            pixels: Pixels::F32(pixels),
         }
+    }
+
+    fn values(image: &Image) -> Vec<f32> {
+        image.pixels.clone().into_f32()
     }
 
     #[test]
@@ -430,7 +567,7 @@ mod tests {
             pad_value: 0.0,
         };
         let out = resize(&image, &step);
-        assert_eq!(out.pixels, vec![5.0, 9.0]);
+        assert_eq!(values(&out), vec![5.0, 9.0]);
     }
 
     #[test]
@@ -444,7 +581,7 @@ mod tests {
             pad_value: 0.0,
         };
         let out = resize(&image, &step);
-        assert_eq!(out.pixels, vec![0.0, 25.0, 75.0, 100.0]);
+        assert_eq!(values(&out), vec![0.0, 25.0, 75.0, 100.0]);
     }
 
     #[test]
@@ -459,11 +596,11 @@ mod tests {
             pad_value: 255.0,
         };
         let padded = resize(&image, &step);
-        assert_eq!(padded.pixels, vec![0.0, 200.0, 255.0, 255.0]);
+        assert_eq!(values(&padded), vec![0.0, 200.0, 255.0, 255.0]);
         step.fit = Fit::Crop;
         let cropped = resize(&image, &step);
         // The centre 2x2 box: one dark column and one bright column.
-        assert_eq!(cropped.pixels, vec![0.0, 200.0, 0.0, 200.0]);
+        assert_eq!(values(&cropped), vec![0.0, 200.0, 0.0, 200.0]);
     }
 
     #[test]
@@ -473,21 +610,25 @@ mod tests {
             height: 1,
             channels: 3,
             max: 255.0,
-            pixels: vec![255., 0., 0., 0., 0., 255.],
+            pixels: Pixels::U8(vec![255, 0, 0, 0, 0, 255]),
         };
-        let g = color(rgb.clone(), Color::Grayscale);
-        assert!((g.pixels[0] - 76.245).abs() < 1e-3 && (g.pixels[1] - 29.07).abs() < 1e-3);
+        let g = values(&color(rgb.clone(), Color::Grayscale));
+        assert!((g[0] - 76.245).abs() < 1e-3 && (g[1] - 29.07).abs() < 1e-3);
         let scaled = scale(invert(rgb.clone()), 1.0 / 255.0);
-        assert_eq!(scaled.pixels, vec![0., 1., 1., 1., 1., 0.]);
-        assert_eq!(invert(scaled.clone()).pixels, vec![1., 0., 0., 0., 0., 1.]);
+        assert_eq!(values(&scaled), vec![0., 1., 1., 1., 1., 0.]);
+        assert_eq!(
+            values(&invert(scaled.clone())),
+            vec![1., 0., 0., 0., 0., 1.]
+        );
         let n = normalize(scaled, &[0.5], &[0.5, 0.25, 1.0]).unwrap();
-        assert_eq!(n.pixels, vec![-1., 2., 0.5, 1., 2., -0.5]);
+        assert_eq!(values(&n), vec![-1., 2., 0.5, 1., 2., -0.5]);
         assert_eq!(
             lay_out(rgb.clone(), Layout::Nchw),
             (vec![3, 1, 2], vec![255., 0., 0., 0., 0., 255.])
         );
         assert_eq!(lay_out(rgb.clone(), Layout::Nhwc).0, vec![1, 2, 3]);
-        assert_eq!(lay_out(rgb, Layout::Flat).0, vec![6]);
+        assert_eq!(lay_out(rgb.clone(), Layout::Flat).0, vec![6]);
+        let g = color(rgb, Color::Grayscale);
         assert!(normalize(g, &[0.1, 0.2], &[1.0]).is_err());
     }
 
@@ -500,7 +641,7 @@ mod tests {
             (b"\x89PNG\r\n\x1a\n\x00\x00", "cannot read the image header"),
         ];
         for (bytes, needle) in cases {
-            let err = decode(bytes, 1 << 20).unwrap_err();
+            let err = decode(bytes, 1 << 20, None).unwrap_err();
             assert!(err.message.contains(needle), "{needle}: {err:?}");
         }
     }

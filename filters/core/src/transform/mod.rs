@@ -539,11 +539,20 @@ impl Transformer {
     fn run(&self, value: Value2, steps: &[Step]) -> Result<(Vec<usize>, Vec<f32>), TransformError> {
         let mut bytes = value;
         let mut image: Option<Image> = None;
-        for step in steps {
+        for (i, step) in steps.iter().enumerate() {
             match step {
                 Step::Base64Decode => bytes = base64_decode(bytes)?,
                 Step::ImageDecode => {
-                    image = Some(image::decode(&bytes.data, self.limits.max_image_pixels)?);
+                    // Decoded straight into the colour the next step asks for, if any.
+                    let want = match steps.get(i + 1) {
+                        Some(Step::Color(c)) => Some(*c),
+                        _ => None,
+                    };
+                    image = Some(image::decode(
+                        &bytes.data,
+                        self.limits.max_image_pixels,
+                        want,
+                    )?);
                 }
                 Step::Layout(layout) => {
                     if let Some(img) = image.take() {
