@@ -38,21 +38,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decode 1024x768 JPEG (grayscale)", |b| {
         b.iter(|| image::decode(black_box(&jpeg), 1 << 24, Some(Color::Grayscale)).map(|i| i.width))
     });
-    c.bench_function("jpeg-decoder 1/8 scale", |b| {
-        b.iter(|| {
-            let mut d = jpeg_decoder::Decoder::new(std::io::Cursor::new(black_box(&jpeg)));
-            let _ = d.scale(128, 96);
-            d.decode().map(|p| p.len())
-        })
-    });
-    c.bench_function("jpeg-decoder full", |b| {
-        b.iter(|| {
-            let mut d = jpeg_decoder::Decoder::new(std::io::Cursor::new(black_box(&jpeg)));
-            d.decode().map(|p| p.len())
-        })
-    });
-    let decoded =
-        image::decode(&jpeg, 1 << 24, Some(Color::Grayscale)).unwrap_or_else(|e| panic!("{e}"));
+    image::decode(&jpeg, 1 << 24, Some(Color::Grayscale)).unwrap_or_else(|e| panic!("{e}"));
     let step = Resize {
         width: 28,
         height: 28,
