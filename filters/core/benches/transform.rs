@@ -38,7 +38,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decode 1024x768 JPEG (grayscale)", |b| {
         b.iter(|| image::decode(black_box(&jpeg), 1 << 24, Some(Color::Grayscale)).map(|i| i.width))
     });
-    image::decode(&jpeg, 1 << 24, Some(Color::Grayscale)).unwrap_or_else(|e| panic!("{e}"));
+    let decoded =
+        image::decode(&jpeg, 1 << 24, Some(Color::Grayscale)).unwrap_or_else(|e| panic!("{e}"));
     let step = Resize {
         width: 28,
         height: 28,
