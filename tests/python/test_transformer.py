@@ -380,3 +380,18 @@ def test_v2_requests_that_already_carry_the_tensor_pass_through(mesh):
     assert status == 200, answer
     # The response steps still run: the label, not the probabilities.
     assert answer["outputs"][0]["datatype"] == "BYTES"
+
+
+def test_grpc_passes_through_the_transformer_untouched(mesh):
+    import tritonclient.grpc as grpcclient
+
+    sample = json.loads((REPO_ROOT / "models" / "samples" / "mnist_cnn_v2_request.json").read_text())["inputs"][0]
+    pixels = np.array(sample["data"], dtype=np.float32).reshape(sample["shape"])
+    client = grpcclient.InferenceServerClient(mesh.url.removeprefix("http://"))
+    tensor = grpcclient.InferInput("input", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    result = client.infer("mnist", [tensor])
+    # The model's own output: probabilities, no labels, no top-k.
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (1, 10) and abs(float(probabilities.sum()) - 1.0) < 1e-4
+    client.close()
