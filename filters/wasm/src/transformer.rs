@@ -167,15 +167,9 @@ impl HttpContext for TransformStream {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&n| n > limit)
             .map(|n| selected.transformer.body_too_large(n));
-        let service = self
-            .config
-            .services()
-            .iter()
-            .position(|s| s.name == isvc && s.namespace == namespace)
-            .unwrap_or(usize::MAX);
         let new_path = selected.path.clone();
         self.active = Some(Active {
-            service,
+            service: selected.service,
             isvc,
             wire: selected.wire,
             request,

@@ -587,6 +587,8 @@ pub const TRANSFORMED_HEADER: &str = "x-meshserve-transformed";
 /// A request the transformer filter works on.
 #[derive(Debug)]
 pub struct Selected<'a> {
+    /// The service's index in the configuration.
+    pub service: usize,
     pub transformer: &'a Transformer,
     pub wire: Wire,
     /// The path to send the request on, when it changes (V1 `:predict` to V2 `/infer`).
@@ -606,12 +608,12 @@ pub fn select<'a>(
     if method != "POST" || component != "predictor" {
         return None;
     }
-    let transformer = config
+    let (service, transformer) = config
         .services()
         .iter()
-        .find(|s| s.name == isvc && s.namespace == namespace)?
-        .transformer
-        .as_ref()?;
+        .enumerate()
+        .find(|(_, s)| s.name == isvc && s.namespace == namespace)
+        .and_then(|(i, s)| Some((i, s.transformer.as_ref()?)))?;
     let wire = match parse(path) {
         Protocol::V1 {
             verb: V1Verb::Predict,
@@ -639,6 +641,7 @@ pub fn select<'a>(
         _ => None,
     };
     Some(Selected {
+        service,
         transformer,
         wire,
         path,
