@@ -44,6 +44,9 @@ pub enum Command {
     /// out: the request the model would get (as JSON), or the answer the client would get.
     /// The same code as the Envoy filter's.
     Transform(TransformArgs),
+    /// Receive CloudEvents (payload logs) and append each as a JSON line, like KServe's
+    /// message-dumper.
+    LogSink(LogSinkArgs),
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +186,34 @@ pub struct ServeArgs {
     /// through meshserve's Envoy filter (those carry `x-meshserve-transformed`).
     #[arg(long, env = "MESHSERVE_TRANSFORMER")]
     pub transformer: Option<PathBuf>,
+    /// Payload logging: where the events the `logger` filter sends to this sidecar go,
+    /// `http://host:port/path` (CloudEvents, binary mode) or `file:///path.jsonl` (JSON lines).
+    /// Without it, the sidecar takes no events.
+    #[arg(long, env = "MESHSERVE_LOG_SINK")]
+    pub log_sink: Option<String>,
+    /// The durable spool between the log intake and the sink.
+    #[arg(long, default_value = ".meshserve-spool", env = "MESHSERVE_LOG_SPOOL")]
+    pub log_spool: PathBuf,
+    /// The most bytes the spool holds; beyond it, new events are refused (the filter counts
+    /// them as dropped).
+    #[arg(long, default_value_t = 256 << 20, env = "MESHSERVE_LOG_SPOOL_MAX_BYTES")]
+    pub log_spool_max_bytes: u64,
+    /// A file sink is rotated past this size (5 old files kept).
+    #[arg(long, default_value_t = 64 << 20, env = "MESHSERVE_LOG_FILE_MAX_BYTES")]
+    pub log_file_max_bytes: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LogSinkArgs {
+    /// Address to listen on. Only loopback unless you say otherwise.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub host: IpAddr,
+    /// Port (0: let the OS pick; the bound address is logged as `listening on http=ADDR`).
+    #[arg(long, default_value_t = 8090)]
+    pub port: u16,
+    /// The JSON-lines file the events are appended to (`-`: stdout).
+    #[arg(long, default_value = "-")]
+    pub out: PathBuf,
 }
 
 /// Runs `meshserve up` until SIGTERM or Ctrl-C.
@@ -215,6 +246,15 @@ pub fn canary(args: CanaryArgs) -> Result<(), String> {
     let split = apply(&args.state_dir, &args.isvc, args.canary.as_deref(), &change)?;
     println!("{split}");
     Ok(())
+}
+
+fn repository_registry(service: &Service) -> &prometheus::Registry {
+    service.repository().metrics().registry()
+}
+
+/// Runs `meshserve log-sink` until SIGTERM or Ctrl-C.
+pub async fn log_sink(args: LogSinkArgs) -> Result<(), String> {
+    crate::payloads::receiver::serve(SocketAddr::new(args.host, args.port), args.out).await
 }
 
 /// Runs `meshserve transform`.
@@ -300,6 +340,8 @@ pub enum StartError {
     Listen(#[from] std::io::Error),
     #[error("{0}")]
     Transformer(String),
+    #[error("{0}")]
+    PayloadLogging(String),
 }
 
 /// Reads a transformer: from an InferenceService YAML (the one named `isvc`, else the first
@@ -359,6 +401,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         let transformer = load_transformer(file, None).map_err(StartError::Transformer)?;
         tracing::info!(file = %file.display(), "applying the transformer to requests that bypass Envoy");
         service = service.with_transformer(transformer);
+    }
+    if let Some(url) = &args.log_sink {
+        let settings = crate::payloads::PayloadSettings {
+            sink: crate::payloads::delivery::SinkSpec::parse(url, args.log_file_max_bytes)
+                .map_err(StartError::PayloadLogging)?,
+            spool_dir: args.log_spool.clone(),
+            spool_max_bytes: args.log_spool_max_bytes,
+        };
+        let intake = crate::payloads::Intake::start(&settings, repository_registry(&service))
+            .map_err(StartError::PayloadLogging)?;
+        tracing::info!(sink = %settings.sink.describe(), spool = %settings.spool_dir.display(), "payload logging on");
+        service = service.with_intake(intake);
     }
     let service = Arc::new(service);
     let server = Server::start(

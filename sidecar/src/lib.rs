@@ -5,11 +5,13 @@
 //! - [`rest`] and [`grpc`]: the two front ends.
 //! - [`error`]: one error taxonomy, mapped once to HTTP and once to gRPC.
 //! - [`server`]: listeners, serving and draining; [`cli`]: the command line.
+//! - [`payloads`]: payload logging's intake, durable spool, delivery and test receiver.
 
 pub mod cli;
 pub mod error;
 pub mod grpc;
 pub mod mesh;
+pub mod payloads;
 pub mod rest;
 pub mod server;
 pub mod service;

@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshserve_sidecar::cli::{Cli, Command, LogFormat, canary, render, serve, transform, up};
+use meshserve_sidecar::cli::{
+    Cli, Command, LogFormat, canary, log_sink, render, serve, transform, up,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Command::Canary(args) => canary(args),
         Command::Render(args) => render(args),
         Command::Transform(args) => transform(args),
+        Command::LogSink(args) => runtime.block_on(log_sink(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,9 +31,12 @@ use meshserve_proto::rest::{
 use meshserve_proto::v1;
 use serde_json::{Value, json};
 
+use meshserve_filter_core::logger::INTAKE_PATH;
 use meshserve_filter_core::transform::Wire;
 
 use crate::error::ApiError;
+use crate::payloads::spool::SpoolError;
+use crate::payloads::{IntakeError, event_from_headers};
 use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
 
 /// An endpoint, parsed from the path.
@@ -41,6 +44,8 @@ use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
 enum Route {
     /// `GET /`: KServe's V1 liveness (`{"status": "alive"}`).
     Root,
+    /// `POST /meshserve/events`: payload logging's intake (CloudEvents, binary mode).
+    Events,
     Live,
     Ready,
     ServerMetadata,
@@ -71,6 +76,7 @@ impl Route {
         match path {
             "/" => return Some(Route::Root),
             "/metrics" => return Some(Route::Metrics),
+            INTAKE_PATH => return Some(Route::Events),
             _ => {}
         }
         let segments: Vec<String> = path
@@ -121,7 +127,8 @@ impl Route {
             | Route::RepositoryIndex
             | Route::Load(_)
             | Route::Unload(_)
-            | Route::V1Predict(_) => Method::POST,
+            | Route::V1Predict(_)
+            | Route::Events => Method::POST,
             _ => Method::GET,
         }
     }
@@ -170,6 +177,26 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
     }
     let repository = service.repository();
     match route {
+        Route::Events => {
+            let intake = service.intake().ok_or_else(|| {
+                ApiError::NotFound(
+                    "payload logging is not configured on this sidecar (meshserve serve --log-sink)"
+                        .into(),
+                )
+            })?;
+            let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
+            intake
+                .take(event_from_headers(&headers, body.to_vec()))
+                .await
+                .map_err(|e| match e {
+                    IntakeError::Invalid(m) => ApiError::BadRequest(m),
+                    IntakeError::Spool(SpoolError::Full(_)) => ApiError::Overloaded(e.to_string()),
+                    IntakeError::Spool(SpoolError::Io(_)) => ApiError::Internal(e.to_string()),
+                })?;
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::ACCEPTED;
+            Ok(response)
+        }
         Route::Metrics => {
             let mut response = Response::new(Full::new(Bytes::from(repository.metrics().encode())));
             response.headers_mut().insert(

@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use meshserve_filter_core::transform::{TRANSFORMED_HEADER, Transformer, Wire};
 
 use crate::error::ApiError;
+use crate::payloads::Intake;
 
 /// Named limits, each with a default and a `meshserve serve` flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub struct Service {
     draining: AtomicBool,
     /// Applied to REST requests that did not come through the Envoy transformer filter.
     transformer: Option<Transformer>,
+    /// Payload logging's intake, when the sidecar has a sink.
+    intake: Option<Intake>,
 }
 
 impl Service {
@@ -55,7 +58,20 @@ impl Service {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             draining: AtomicBool::new(false),
             transformer: None,
+            intake: None,
         }
+    }
+
+    /// Takes payload events at `POST /meshserve/events`.
+    pub fn with_intake(self, intake: Intake) -> Service {
+        Service {
+            intake: Some(intake),
+            ..self
+        }
+    }
+
+    pub fn intake(&self) -> Option<&Intake> {
+        self.intake.as_ref()
     }
 
     /// Applies `transformer` to V1 predict and V2 infer requests that bypassed Envoy.

@@ -17,6 +17,7 @@
 
 use serde::Deserialize;
 
+use crate::logger::LoggerConfig;
 use crate::transform::Transformer;
 
 /// A configuration that failed to parse or validate; the message names the field.
@@ -100,6 +101,9 @@ pub struct Revision {
     pub name: String,
     pub cluster: String,
     pub grpc_cluster: Option<String>,
+    /// Payload logging; its events go to the sidecar behind `cluster`.
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
 }
 
 /// A revision with a share of traffic, in whole percent.
@@ -110,6 +114,8 @@ pub struct Canary {
     pub cluster: String,
     pub grpc_cluster: Option<String>,
     pub percent: i64,
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
 }
 
 impl Canary {
@@ -118,6 +124,7 @@ impl Canary {
             name: self.name.clone(),
             cluster: self.cluster.clone(),
             grpc_cluster: self.grpc_cluster.clone(),
+            logger: self.logger.clone(),
         }
     }
 }
@@ -263,6 +270,32 @@ impl Config {
         Ok(())
     }
 
+    /// The logger of `isvc`'s revision `revision` and the cluster its events go to.
+    pub fn logger(
+        &self,
+        isvc: &str,
+        namespace: &str,
+        revision: &str,
+    ) -> Option<(&LoggerConfig, &str)> {
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.name == isvc && s.namespace == namespace)?;
+        let predictor = &service.predictor;
+        if predictor.default.name == revision {
+            return Some((
+                predictor.default.logger.as_ref()?,
+                &predictor.default.cluster,
+            ));
+        }
+        predictor
+            .canaries
+            .iter()
+            .chain(predictor.shadow.as_ref())
+            .find(|c| c.name == revision)
+            .and_then(|c| Some((c.logger.as_ref()?, c.cluster.as_str())))
+    }
+
     fn model_names<'a>(&self, service: &'a Service) -> Vec<&'a str> {
         if service.models.is_empty() {
             vec![service.name.as_str()]
@@ -273,6 +306,11 @@ impl Config {
 }
 
 fn check_revision(path: &str, revision: &Revision) -> Result<(), ConfigError> {
+    if let Some(logger) = &revision.logger {
+        logger
+            .check(&format!("{path}.logger"))
+            .map_err(ConfigError)?;
+    }
     if revision.name.is_empty()
         || revision.cluster.is_empty()
         || revision.grpc_cluster.as_ref().is_some_and(String::is_empty)

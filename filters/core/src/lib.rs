@@ -6,6 +6,8 @@
 //! - [`protocol`]: what a request is: KServe V1, Open Inference Protocol REST or gRPC.
 //! - [`grpc`]: the model name read from the first bytes of a gRPC request.
 //! - [`route`]: which InferenceService, component and revision serve it.
+//! - [`transform`]: transformer pipelines (pre- and post-processing).
+//! - [`logger`]: payload logging: sampling and KServe's CloudEvents.
 
 #![cfg_attr(
     not(test),
@@ -19,6 +21,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod logger;
 pub mod protocol;
 pub mod route;
 pub mod shadow;

@@ -9,6 +9,8 @@
 //! - `transformer`: an InferenceService's declarative pre- and post-processing (image decoding,
 //!   resizing, normalisation, V1 <-> V2, softmax, top-k, labels) on the requests the router sent
 //!   to its predictor; placed after the router.
+//! - `logger`: payload logging: copies of the payloads a revision's predictor gets and answers,
+//!   sent as KServe CloudEvents to that revision's sidecar after the stream ends; placed last.
 //!
 //! This crate is a thin shell: decisions come from `meshserve-filter-core`; here they are
 //! applied through host calls. Nothing here may panic (a panic kills the VM): host-call
@@ -24,6 +26,7 @@
     )
 )]
 
+mod logger;
 mod metrics;
 mod router;
 mod transformer;
@@ -38,6 +41,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         match root_id().as_deref() {
             Some(transformer::ROOT_ID) => Box::new(transformer::TransformerRoot::new()),
+            Some(logger::ROOT_ID) => Box::new(logger::LoggerRoot::new(context_id)),
             // The router, and any unknown root id, which its on_configure refuses.
             _ => Box::new(router::RouterRoot::new(context_id)),
         }
@@ -58,9 +62,10 @@ fn configure(expected: &str) -> Option<Config> {
         && root_id != expected
     {
         log::error!(
-            "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {}, {})",
+            "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {}, {}, {})",
             router::ROOT_ID,
-            transformer::ROOT_ID
+            transformer::ROOT_ID,
+            logger::ROOT_ID
         );
         return None;
     }

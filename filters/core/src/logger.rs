@@ -1,0 +1,344 @@
+//! Payload logging: which requests a revision logs, and the CloudEvents that carry them, in
+//! KServe's format (binary mode, `org.kubeflow.serving.inference.request|response`, one `ce-id`
+//! shared by a request and its response) so KServe's consumers read them unchanged.
+//!
+//! The `logger` filter copies the payloads as they stream past and, at the end of the stream,
+//! hands the events to the revision's sidecar (its log intake at [`INTAKE_PATH`]), which spools
+//! them durably and delivers them to the sink. Nothing here waits on anything: the shell passes
+//! in the draw, the id and the clock.
+
+use serde::Deserialize;
+
+/// Where a sidecar takes events (a `POST` with the event's `ce-*` headers and payload).
+pub const INTAKE_PATH: &str = "/meshserve/events";
+pub const REQUEST_TYPE: &str = "org.kubeflow.serving.inference.request";
+pub const RESPONSE_TYPE: &str = "org.kubeflow.serving.inference.response";
+
+/// What a revision logs (KServe's `logger.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    All,
+    Request,
+    Response,
+}
+
+/// A revision's logger, as the filter configuration carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Request headers copied into the events' `ce-metadata` (KServe's `metadataHeaders`).
+    #[serde(default)]
+    pub metadata_headers: Vec<String>,
+    /// The share of requests logged, in whole percent (default 100).
+    #[serde(default = "default_sampling_percent")]
+    pub sampling_percent: i64,
+    /// The most payload bytes an event carries; longer payloads are cut there and the event
+    /// says `ce-truncated: true` (default 1 MiB).
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+}
+
+fn default_sampling_percent() -> i64 {
+    100
+}
+
+fn default_max_payload_bytes() -> usize {
+    1 << 20
+}
+
+impl LoggerConfig {
+    /// Checks the values serde cannot; `path` names the field in messages.
+    pub fn check(&self, path: &str) -> Result<(), String> {
+        if !(0..=100).contains(&self.sampling_percent) {
+            return Err(format!(
+                "{path}.sampling_percent: {} is not between 0 and 100",
+                self.sampling_percent
+            ));
+        }
+        if self
+            .metadata_headers
+            .iter()
+            .any(|h| h.is_empty() || h.chars().any(|c| c.is_ascii_uppercase()))
+        {
+            return Err(format!(
+                "{path}.metadata_headers: header names must be non-empty and lower-case"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a request with this uniform draw is logged.
+    pub fn sampled(&self, draw: u64) -> bool {
+        (draw % 100) < self.sampling_percent.clamp(0, 100) as u64
+    }
+}
+
+/// A payload copied as it streamed past, up to a limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Payload {
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    pub truncated: bool,
+}
+
+impl Payload {
+    /// Appends a chunk, keeping at most `limit` bytes in all.
+    pub fn push(&mut self, chunk: &[u8], limit: usize) {
+        let room = limit.saturating_sub(self.body.len());
+        if chunk.len() > room {
+            self.truncated = true;
+        }
+        self.body
+            .extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+    }
+}
+
+/// One request and its answer, as the logger saw them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub id: String,
+    /// RFC 3339, from [`rfc3339`].
+    pub time: String,
+    pub isvc: String,
+    pub namespace: String,
+    pub component: String,
+    /// The revision that served it.
+    pub endpoint: String,
+    /// The request path, for `ce-source`.
+    pub path: String,
+    /// The metadata headers found on the request, in configuration order.
+    pub metadata: Vec<(String, String)>,
+    pub request: Payload,
+    /// The response's status and payload; `None` if the stream ended without one.
+    pub response: Option<(u16, Payload)>,
+}
+
+/// A CloudEvent in binary mode: its headers (`ce-*` and `content-type`) and the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Event {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The events `mode` asks for: the request's, then the response's (non-2xx answers too).
+pub fn events(exchange: &Exchange, mode: Mode) -> Vec<Event> {
+    let mut out = Vec::with_capacity(2);
+    if mode != Mode::Response {
+        out.push(event(exchange, REQUEST_TYPE, &exchange.request, None));
+    }
+    if mode != Mode::Request
+        && let Some((status, payload)) = &exchange.response
+    {
+        out.push(event(exchange, RESPONSE_TYPE, payload, Some(*status)));
+    }
+    out
+}
+
+fn event(exchange: &Exchange, kind: &str, payload: &Payload, status: Option<u16>) -> Event {
+    let mut metadata = serde_json::Map::new();
+    for (name, value) in &exchange.metadata {
+        let values = metadata
+            .entry(name.clone())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(list) = values {
+            list.push(serde_json::Value::from(value.as_str()));
+        }
+    }
+    let mut headers: Vec<(String, String)> = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", &exchange.id),
+        ("ce-type", kind),
+        ("ce-source", &exchange.path),
+        ("ce-time", &exchange.time),
+        ("ce-inferenceservicename", &exchange.isvc),
+        ("ce-namespace", &exchange.namespace),
+        ("ce-component", &exchange.component),
+        ("ce-endpoint", &exchange.endpoint),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    if !metadata.is_empty() {
+        headers.push((
+            "ce-metadata".into(),
+            serde_json::Value::Object(metadata).to_string(),
+        ));
+    }
+    if let Some(status) = status {
+        headers.push(("ce-statuscode".into(), status.to_string()));
+    }
+    if payload.truncated {
+        headers.push(("ce-truncated".into(), "true".into()));
+    }
+    headers.push((
+        "content-type".into(),
+        payload
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".into()),
+    ));
+    Event {
+        headers,
+        body: payload.body.clone(),
+    }
+}
+
+/// A time since the Unix epoch as RFC 3339 in UTC with microseconds
+/// (`2026-11-25T13:12:09.123456Z`).
+pub fn rfc3339(unix_nanos: u128) -> String {
+    let secs = (unix_nanos / 1_000_000_000) as i64;
+    let micros = (unix_nanos / 1_000 % 1_000_000) as u32;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3_600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// An event id from 128 random bits, in UUID form (version 4 bits set).
+pub fn event_id(high: u64, low: u64) -> String {
+    let high = (high & !0xf000) | 0x4000;
+    let low = (low & !(0xc << 60)) | (0x8 << 60);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange() -> Exchange {
+        Exchange {
+            id: "id-1".into(),
+            time: rfc3339(0),
+            isvc: "digits".into(),
+            namespace: "default".into(),
+            component: "predictor".into(),
+            endpoint: "digits-v1".into(),
+            path: "/v1/models/digits:predict".into(),
+            metadata: vec![("x-user".into(), "ada".into())],
+            request: Payload {
+                content_type: Some("application/json".into()),
+                body: b"{\"instances\": [1]}".to_vec(),
+                truncated: false,
+            },
+            response: Some((
+                503,
+                Payload {
+                    content_type: None,
+                    body: b"{\"error\": \"busy\"}".to_vec(),
+                    truncated: true,
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn a_request_and_its_response_share_an_id_and_carry_kserves_attributes() {
+        let both = events(&exchange(), Mode::All);
+        assert_eq!(both.len(), 2);
+        let (request, response) = (&both[0], &both[1]);
+        assert_eq!(request.header("ce-id"), response.header("ce-id"));
+        assert_eq!(request.header("ce-type"), Some(REQUEST_TYPE));
+        assert_eq!(response.header("ce-type"), Some(RESPONSE_TYPE));
+        for name in [
+            "ce-specversion",
+            "ce-source",
+            "ce-time",
+            "ce-inferenceservicename",
+            "ce-namespace",
+            "ce-component",
+            "ce-endpoint",
+            "ce-metadata",
+        ] {
+            assert!(request.header(name).is_some(), "{name}");
+        }
+        assert_eq!(request.header("ce-metadata"), Some(r#"{"x-user":["ada"]}"#));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        assert_eq!(request.header("ce-truncated"), None);
+        assert_eq!(response.header("ce-statuscode"), Some("503"));
+        assert_eq!(response.header("ce-truncated"), Some("true"));
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/octet-stream")
+        );
+        assert_eq!(events(&exchange(), Mode::Request).len(), 1);
+        let only = events(&exchange(), Mode::Response);
+        assert_eq!(only[0].header("ce-type"), Some(RESPONSE_TYPE));
+    }
+
+    #[test]
+    fn payloads_are_cut_at_the_limit_and_marked() {
+        let mut p = Payload::default();
+        p.push(b"abcd", 6);
+        assert!(!p.truncated);
+        p.push(b"efgh", 6);
+        assert_eq!((p.body.as_slice(), p.truncated), (&b"abcdef"[..], true));
+        p.push(b"ijk", 6);
+        assert_eq!(p.body.len(), 6);
+    }
+
+    #[test]
+    fn sampling_takes_its_share() {
+        let mut config: LoggerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(config.sampling_percent, 100);
+        config.sampling_percent = 30;
+        let logged = (0..10_000u64)
+            .filter(|d| config.sampled(d.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7))
+            .count();
+        assert!((2_800..3_200).contains(&logged), "{logged}");
+        config.sampling_percent = 0;
+        assert!(!(0..100).any(|d| config.sampled(d)));
+        assert!(config.check("x").is_ok());
+        config.sampling_percent = 101;
+        assert!(config.check("x").unwrap_err().contains("101"));
+    }
+
+    #[test]
+    fn times_and_ids() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(1_795_612_329_123_456_789),
+            "2026-11-25T13:12:09.123456Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
+        let id = event_id(u64::MAX, 0);
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_eq!(&id[19..20], "8");
+    }
+}

@@ -1,0 +1,315 @@
+//! The `logger` root: payload logging (`meshserve_filter_core::logger`).
+//!
+//! It sits last among meshserve's filters, so it sees what the predictor gets and answers
+//! (after the transformer's rewriting of a request, before its rewriting of the answer). A
+//! stream of a revision with a logger, if sampled, has its payloads copied as they pass (never
+//! held: the request does not wait) up to the configured size; when the stream ends, its events
+//! go to the root, which sends them on its next tick to the revision's sidecar (its log intake
+//! over the revision's own cluster): the stream may be gone by then, and Envoy cancels callouts
+//! of finished streams. An event the intake does not take (unreachable, full, timeout) is
+//! counted in `meshserve.logger` with `result` `dropped_*`; the client never knows.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use meshserve_filter_core::config::Config;
+use meshserve_filter_core::logger::{
+    Exchange, INTAKE_PATH, LoggerConfig, Payload, event_id, events, rfc3339,
+};
+use meshserve_filter_core::route::{
+    COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER, REVISION_HEADER,
+};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+
+use crate::metrics::Counters;
+use crate::{configure, request_header};
+
+/// The root id Envoy must give this filter.
+pub(crate) const ROOT_ID: &str = "logger";
+/// How often queued events are sent.
+const TICK: Duration = Duration::from_millis(5);
+/// How long the intake may take to acknowledge an event.
+const INTAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most events waiting for a tick; beyond it, new ones are dropped (and counted).
+const MAX_PENDING: usize = 10_000;
+
+/// An event on its way to an intake.
+#[derive(Debug)]
+struct Outgoing {
+    cluster: String,
+    isvc: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    config: Option<Rc<Config>>,
+    counters: Counters,
+    rng: u64,
+    pending: Vec<Outgoing>,
+    /// Callouts in flight: token -> InferenceService.
+    in_flight: HashMap<u32, String>,
+}
+
+impl Shared {
+    /// splitmix64.
+    fn draw(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn count(&mut self, isvc: &str, result: &str) {
+        self.counters
+            .increment("logger", &[("isvc", isvc), ("result", result)]);
+    }
+}
+
+pub(crate) struct LoggerRoot {
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl LoggerRoot {
+    pub(crate) fn new(context_id: u32) -> Self {
+        let seed = now_nanos() as u64;
+        LoggerRoot {
+            shared: Rc::new(RefCell::new(Shared {
+                rng: seed ^ (u64::from(context_id) << 32),
+                ..Default::default()
+            })),
+        }
+    }
+}
+
+fn now_nanos() -> u128 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+impl Context for LoggerRoot {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let mut shared = self.shared.borrow_mut();
+        let Some(isvc) = shared.in_flight.remove(&token) else {
+            return;
+        };
+        let result = match status.as_deref() {
+            Some(s) if s.starts_with('2') => "sent".to_owned(),
+            Some(s) => format!("dropped_{s}"),
+            // No answer: the intake was unreachable or timed out.
+            None => "dropped_unreachable".to_owned(),
+        };
+        shared.count(&isvc, &result);
+    }
+}
+
+impl RootContext for LoggerRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        match configure(ROOT_ID) {
+            Some(config) => {
+                self.shared.borrow_mut().config = Some(Rc::new(config));
+                if let Err(status) = hostcalls::set_tick_period(TICK) {
+                    log::warn!("cannot set the tick period: {status:?}");
+                }
+                log::info!("meshserve logger configured");
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let pending = std::mem::take(&mut self.shared.borrow_mut().pending);
+        for event in pending {
+            let mut headers: Vec<(&str, &str)> = vec![
+                (":method", "POST"),
+                (":path", INTAKE_PATH),
+                (":authority", "meshserve-log-intake"),
+            ];
+            headers.extend(event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let sent = hostcalls::dispatch_http_call(
+                &event.cluster,
+                headers,
+                Some(&event.body),
+                Vec::new(),
+                INTAKE_TIMEOUT,
+            );
+            let mut shared = self.shared.borrow_mut();
+            match sent {
+                Ok(token) => {
+                    shared.in_flight.insert(token, event.isvc);
+                }
+                Err(status) => {
+                    log::warn!(
+                        "cannot send an event to {}'s intake: {status:?}",
+                        event.cluster
+                    );
+                    shared.count(&event.isvc, "dropped_unreachable");
+                }
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.shared.borrow().config.clone()?;
+        Some(Box::new(LoggerStream {
+            shared: Rc::clone(&self.shared),
+            config,
+            active: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// A stream being logged.
+struct Active {
+    logger: LoggerConfig,
+    cluster: String,
+    exchange: Exchange,
+}
+
+struct LoggerStream {
+    shared: Rc<RefCell<Shared>>,
+    config: Rc<Config>,
+    active: Option<Active>,
+}
+
+fn copy_chunk(buffer: BufferType, size: usize, payload: &mut Payload, limit: usize) {
+    if payload.body.len() >= limit {
+        payload.truncated |= size > 0;
+        return;
+    }
+    if let Ok(Some(chunk)) = hostcalls::get_buffer(buffer, 0, size) {
+        payload.push(&chunk, limit);
+    }
+}
+
+impl Context for LoggerStream {}
+
+impl HttpContext for LoggerStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let (Some(isvc), Some(namespace), Some(revision)) = (
+            request_header(ISVC_HEADER),
+            request_header(NAMESPACE_HEADER),
+            request_header(REVISION_HEADER),
+        ) else {
+            return Action::Continue;
+        };
+        let Some((logger, cluster)) = self.config.logger(&isvc, &namespace, &revision) else {
+            return Action::Continue;
+        };
+        let (draw, high, low) = {
+            let mut shared = self.shared.borrow_mut();
+            (shared.draw(), shared.draw(), shared.draw())
+        };
+        if !logger.sampled(draw) {
+            return Action::Continue;
+        }
+        let metadata = logger
+            .metadata_headers
+            .iter()
+            .filter_map(|name| Some((name.clone(), request_header(name)?)))
+            .collect();
+        self.active = Some(Active {
+            logger: logger.clone(),
+            cluster: cluster.to_owned(),
+            exchange: Exchange {
+                id: event_id(high, low),
+                time: rfc3339(now_nanos()),
+                isvc,
+                namespace,
+                component: request_header(COMPONENT_HEADER).unwrap_or_else(|| "predictor".into()),
+                endpoint: revision,
+                path: request_header(":path").unwrap_or_default(),
+                metadata,
+                request: Payload {
+                    content_type: request_header("content-type"),
+                    ..Payload::default()
+                },
+                response: None,
+            },
+        });
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if let Some(active) = self.active.as_mut() {
+            let limit = active.logger.max_payload_bytes;
+            copy_chunk(
+                BufferType::HttpRequestBody,
+                body_size,
+                &mut active.exchange.request,
+                limit,
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(active) = self.active.as_mut() {
+            let header = |name| {
+                hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+                    .ok()
+                    .flatten()
+            };
+            let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            active.exchange.response = Some((
+                status,
+                Payload {
+                    content_type: header("content-type"),
+                    ..Payload::default()
+                },
+            ));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if let Some(active) = self.active.as_mut()
+            && let Some((_, payload)) = active.exchange.response.as_mut()
+        {
+            let limit = active.logger.max_payload_bytes;
+            copy_chunk(BufferType::HttpResponseBody, body_size, payload, limit);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let mut shared = self.shared.borrow_mut();
+        for event in events(&active.exchange, active.logger.mode) {
+            if shared.pending.len() >= MAX_PENDING {
+                shared.count(&active.exchange.isvc, "dropped_queue_full");
+                continue;
+            }
+            shared.pending.push(Outgoing {
+                cluster: active.cluster.clone(),
+                isvc: active.exchange.isvc.clone(),
+                headers: event.headers,
+                body: event.body,
+            });
+        }
+    }
+}
