@@ -14,6 +14,26 @@ pub const INTAKE_PATH: &str = "/meshserve/events";
 pub const REQUEST_TYPE: &str = "org.kubeflow.serving.inference.request";
 pub const RESPONSE_TYPE: &str = "org.kubeflow.serving.inference.response";
 
+/// Whether a request is an inference call, the only ones logged: KServe V1 `:predict`, Open
+/// Inference Protocol `/infer`, gRPC `ModelInfer` (not health, metadata or repository calls).
+pub fn is_inference(path: &str) -> bool {
+    use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
+    match parse(path) {
+        Protocol::V1 {
+            verb: V1Verb::Predict,
+            ..
+        } => true,
+        Protocol::V2 { model: Some(_), .. } => path
+            .split(['?', '#'])
+            .next()
+            .is_some_and(|p| p.ends_with("/infer")),
+        Protocol::Grpc {
+            method: GrpcMethod::ModelScoped(m),
+        } => m == "ModelInfer",
+        _ => false,
+    }
+}
+
 /// What a revision logs (KServe's `logger.mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -323,6 +343,27 @@ mod tests {
         assert!(config.check("x").is_ok());
         config.sampling_percent = 101;
         assert!(config.check("x").unwrap_err().contains("101"));
+    }
+
+    #[test]
+    fn only_inference_calls_are_logged() {
+        for path in [
+            "/v1/models/m:predict",
+            "/v2/models/m/infer",
+            "/v2/models/m/versions/2/infer?x=1",
+            "/inference.GRPCInferenceService/ModelInfer",
+        ] {
+            assert!(is_inference(path), "{path}");
+        }
+        for path in [
+            "/v2/health/ready",
+            "/v2/models/m",
+            "/v1/models/m",
+            "/v2/repository/models/m/load",
+            "/inference.GRPCInferenceService/ModelMetadata",
+        ] {
+            assert!(!is_inference(path), "{path}");
+        }
     }
 
     #[test]

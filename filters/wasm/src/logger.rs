@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
 use meshserve_filter_core::logger::{
-    Exchange, INTAKE_PATH, LoggerConfig, Payload, event_id, events, rfc3339,
+    Exchange, INTAKE_PATH, LoggerConfig, Payload, event_id, events, is_inference, rfc3339,
 };
 use meshserve_filter_core::route::{
     COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER, REVISION_HEADER,
@@ -215,6 +215,10 @@ impl HttpContext for LoggerStream {
         ) else {
             return Action::Continue;
         };
+        let path = request_header(":path").unwrap_or_default();
+        if !is_inference(&path) {
+            return Action::Continue;
+        }
         let Some((logger, cluster)) = self.config.logger(&isvc, &namespace, &revision) else {
             return Action::Continue;
         };
@@ -240,7 +244,7 @@ impl HttpContext for LoggerStream {
                 namespace,
                 component: request_header(COMPONENT_HEADER).unwrap_or_else(|| "predictor".into()),
                 endpoint: revision,
-                path: request_header(":path").unwrap_or_default(),
+                path,
                 metadata,
                 request: Payload {
                     content_type: request_header("content-type"),

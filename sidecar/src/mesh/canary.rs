@@ -130,6 +130,7 @@ mod tests {
             storage: PathBuf::from("/m"),
             percent,
             batcher: None,
+            logger: None,
         };
         let isvc = InferenceService {
             name: "digits".into(),

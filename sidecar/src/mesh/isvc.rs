@@ -56,6 +56,20 @@ struct RawPredictor {
     canary_traffic_percent: Option<i64>,
     model: Option<RawModel>,
     batcher: Option<RawBatcher>,
+    logger: Option<RawLogger>,
+}
+
+/// KServe's `logger` (`mode`, `url`, `metadataHeaders`; `metadataAnnotations` only matter on
+/// Kubernetes) plus meshserve's `samplingPercent` and `maxPayloadBytes`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawLogger {
+    mode: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    metadata_headers: Vec<String>,
+    sampling_percent: Option<i64>,
+    max_payload_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +110,17 @@ pub struct RevisionSpec {
     pub percent: i64,
     /// KServe's `spec.predictor.batcher`: (`maxBatchSize`, `maxLatency` in ms), if given.
     pub batcher: Option<(Option<u64>, Option<u64>)>,
+    /// Payload logging.
+    pub logger: Option<RevisionLogger>,
+}
+
+/// A revision's payload logging: the sink its sidecar delivers to, and the filter's part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionLogger {
+    /// `http://...` or `file:///...` (KServe's `url`).
+    pub url: String,
+    /// The filter configuration's `logger` object.
+    pub filter: Value,
 }
 
 /// A validated InferenceService.
@@ -283,12 +308,51 @@ fn revision(
             format!("{} does not exist", storage.display()),
         ));
     }
+    let logger = predictor
+        .logger
+        .map(|l| logger(&format!("{path}.logger"), l))
+        .transpose()?;
     Ok(RevisionSpec {
         name: predictor.name.unwrap_or(fallback),
         storage,
         percent,
         batcher: predictor.batcher.map(|b| (b.max_batch_size, b.max_latency)),
+        logger,
     })
+}
+
+fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
+    let url = raw
+        .url
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| error(&format!("{path}.url"), "is required: where the events go"))?;
+    crate::payloads::delivery::SinkSpec::parse(&url, u64::MAX)
+        .map_err(|e| error(&format!("{path}.url"), e))?;
+    let mode = raw
+        .mode
+        .unwrap_or_else(|| "all".into())
+        .to_ascii_lowercase();
+    let headers: Vec<String> = raw
+        .metadata_headers
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    let mut filter = serde_json::json!({"mode": mode, "metadata_headers": headers});
+    if let Some(map) = filter.as_object_mut() {
+        if let Some(p) = raw.sampling_percent {
+            map.insert("sampling_percent".into(), p.into());
+        }
+        if let Some(b) = raw.max_payload_bytes {
+            map.insert("max_payload_bytes".into(), b.into());
+        }
+    }
+    // The filters' own parser, so what `up` accepts the filter does too.
+    let checked: meshserve_filter_core::logger::LoggerConfig =
+        serde_json::from_value(filter.clone()).map_err(|e| error(path, e.to_string()))?;
+    checked
+        .check(path)
+        .map_err(|e| error(path, e.trim_start_matches(path).trim_start_matches(": ")))?;
+    Ok(RevisionLogger { url, filter })
 }
 
 #[cfg(test)]
@@ -331,6 +395,38 @@ spec:
             isvc.transformer,
             Some(serde_json::json!({"response": {"steps": [{"softmax": {}}]}}))
         );
+    }
+
+    #[test]
+    fn the_kserve_logger_is_read_and_checked() {
+        let yaml = GOOD.replace(
+            "    minReplicas: 1\n",
+            "    logger:\n      mode: request\n      url: http://127.0.0.1:8090\n      metadataHeaders: [X-User]\n      samplingPercent: 50\n",
+        );
+        let isvc = InferenceService::parse(&yaml, &base()).unwrap();
+        let logger = isvc.default.logger.unwrap();
+        assert_eq!(logger.url, "http://127.0.0.1:8090");
+        assert_eq!(
+            logger.filter,
+            serde_json::json!({"mode": "request", "metadata_headers": ["x-user"], "sampling_percent": 50})
+        );
+        for (bad, field) in [
+            ("mode: sometimes", "spec.predictor.logger"),
+            ("url: ftp://x", "spec.predictor.logger.url"),
+            ("samplingPercent: 150", "spec.predictor.logger"),
+        ] {
+            let yaml = GOOD.replace(
+                "    minReplicas: 1\n",
+                &format!("    logger:\n      url: http://127.0.0.1:1\n      {bad}\n"),
+            );
+            let yaml = if bad.starts_with("url") {
+                yaml.replace("      url: http://127.0.0.1:1\n", "")
+            } else {
+                yaml
+            };
+            let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+            assert_eq!(err.path, field, "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use meshserve_filter_core::config::Config;
 use serde_json::{Value, json};
 
-use super::isvc::InferenceService;
+use super::isvc::{InferenceService, RevisionSpec};
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
 pub const ROUTER_FILTER: &str = "meshserve.router";
@@ -20,6 +20,9 @@ pub const MAX_DOWNSTREAM_CONNECTIONS: u64 = 10_000;
 pub const FILTER_CONFIG_FILE: &str = "filter.json";
 pub const ROUTER_ECDS_FILE: &str = "router.ecds.json";
 pub const TRANSFORMER_ECDS_FILE: &str = "transformer.ecds.json";
+pub const LOGGER_ECDS_FILE: &str = "logger.ecds.json";
+/// The logger filter's extension config name, present when a revision logs payloads.
+pub const LOGGER_FILTER: &str = "meshserve.logger";
 /// Envoy's per-connection buffer beyond the largest transformer body limit, so that the
 /// transformer's own 413 (which names the limit) comes before Envoy's.
 const BUFFER_HEADROOM: u64 = 1 << 20;
@@ -44,12 +47,26 @@ pub const TRANSFORMER: Filter = Filter {
     file: TRANSFORMER_ECDS_FILE,
 };
 
-/// The filters a configuration needs, in chain order: the router, then the transformer if any
-/// InferenceService has one (services without pay nothing for it).
+pub const LOGGER: Filter = Filter {
+    name: LOGGER_FILTER,
+    root_id: "logger",
+    file: LOGGER_ECDS_FILE,
+};
+
+/// The filters a configuration needs, in chain order: the router, the transformer if any
+/// InferenceService has one, the logger if any revision logs payloads (last, so that it logs
+/// what the predictor gets and answers). Services without pay nothing for them.
 pub fn filters(config: &Config) -> Vec<Filter> {
     let mut out = vec![ROUTER];
     if config.services().iter().any(|s| s.transformer.is_some()) {
         out.push(TRANSFORMER);
+    }
+    let logs = config.services().iter().any(|s| {
+        s.predictor.default.logger.is_some()
+            || s.predictor.canaries.iter().any(|c| c.logger.is_some())
+    });
+    if logs {
+        out.push(LOGGER);
     }
     out
 }
@@ -79,11 +96,16 @@ pub fn clusters(isvc: &str, revision: &str) -> (String, String) {
     (base.clone(), format!("{base}.grpc"))
 }
 
-fn revision_json(isvc: &str, name: &str, percent: Option<i64>) -> Value {
-    let (cluster, grpc_cluster) = clusters(isvc, name);
-    let mut v = json!({"name": name, "cluster": cluster, "grpc_cluster": grpc_cluster});
-    if let (Some(p), Some(map)) = (percent, v.as_object_mut()) {
-        map.insert("percent".into(), json!(p));
+fn revision_json(isvc: &str, revision: &RevisionSpec, percent: Option<i64>) -> Value {
+    let (cluster, grpc_cluster) = clusters(isvc, &revision.name);
+    let mut v = json!({"name": revision.name, "cluster": cluster, "grpc_cluster": grpc_cluster});
+    if let Some(map) = v.as_object_mut() {
+        if let Some(p) = percent {
+            map.insert("percent".into(), json!(p));
+        }
+        if let Some(logger) = &revision.logger {
+            map.insert("logger".into(), logger.filter.clone());
+        }
     }
     v
 }
@@ -99,8 +121,8 @@ pub fn filter_config(services: &[(&InferenceService, Vec<String>)]) -> Result<Va
                 "namespace": isvc.namespace,
                 "models": models,
                 "predictor": {
-                    "default": revision_json(&isvc.name, &isvc.default.name, None),
-                    "canaries": isvc.canaries.iter().map(|c| revision_json(&isvc.name, &c.name, Some(c.percent))).collect::<Vec<_>>(),
+                    "default": revision_json(&isvc.name, &isvc.default, None),
+                    "canaries": isvc.canaries.iter().map(|c| revision_json(&isvc.name, c, Some(c.percent))).collect::<Vec<_>>(),
                 },
             });
             if let (Some(transformer), Some(map)) = (&isvc.transformer, service.as_object_mut()) {
@@ -301,7 +323,6 @@ pub fn write_atomically(path: &Path, value: &Value) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::isvc::RevisionSpec;
 
     fn isvc() -> InferenceService {
         let rev = |name: &str, percent| RevisionSpec {
@@ -309,6 +330,7 @@ mod tests {
             storage: PathBuf::from("/m"),
             percent,
             batcher: None,
+            logger: None,
         };
         InferenceService {
             name: "digits".into(),

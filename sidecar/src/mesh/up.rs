@@ -299,7 +299,7 @@ fn spawn(
 async fn start_sidecar(
     name: &str,
     repository: &Path,
-    transformer: Option<&Path>,
+    extra: &[String],
 ) -> Result<(Part, Upstream), UpError> {
     let exe = std::env::current_exe().map_err(io("cannot find the meshserve executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -314,9 +314,7 @@ async fn start_sidecar(
     ]
     .map(str::to_owned)
     .to_vec();
-    if let Some(file) = transformer {
-        args.extend(["--transformer".to_owned(), file.display().to_string()]);
-    }
+    args.extend_from_slice(extra);
     let mut part = spawn(name, &exe, &args, Some(tx))?;
     let (mut http, mut grpc) = (None, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -445,8 +443,20 @@ pub async fn up(
         };
         for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
             let (repository, names) = prepare_repository(&isvc.name, revision, &state)?;
-            let (part, upstream) =
-                start_sidecar(&revision.name, &repository, transformer.as_deref()).await?;
+            let mut extra = Vec::new();
+            if let Some(file) = &transformer {
+                extra.extend(["--transformer".to_owned(), file.display().to_string()]);
+            }
+            if let Some(logger) = &revision.logger {
+                let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
+                extra.extend([
+                    "--log-sink".to_owned(),
+                    logger.url.clone(),
+                    "--log-spool".to_owned(),
+                    spool.display().to_string(),
+                ]);
+            }
+            let (part, upstream) = start_sidecar(&revision.name, &repository, &extra).await?;
             parts.push(part);
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
             for name in names {
@@ -604,6 +614,7 @@ mod tests {
             storage: PathBuf::from("/m"),
             percent: 0,
             batcher,
+            logger: None,
         };
         let config = model_config(
             "name: other\nlabels: [a, b]\n",
