@@ -48,14 +48,25 @@ impl Sidecar {
 
     /// Starts `meshserve serve` on `repository`; waits for readiness if `wait_ready`.
     pub fn start_on(repository: &Path, extra: &[&str], wait_ready: bool) -> Sidecar {
+        Sidecar::start_at(repository, (0, 0), extra, wait_ready)
+    }
+
+    /// As [`Sidecar::start_on`], on the given (REST, gRPC) ports (0: the OS picks): a restart
+    /// on the ports an Envoy already points at.
+    pub fn start_at(
+        repository: &Path,
+        (http, grpc): (u16, u16),
+        extra: &[&str],
+        wait_ready: bool,
+    ) -> Sidecar {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--model-repository".into(),
             repository.display().to_string(),
             "--http-port".into(),
-            "0".into(),
+            http.to_string(),
             "--grpc-port".into(),
-            "0".into(),
+            grpc.to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let (mut child, log) = spawn(&args);
@@ -105,6 +116,12 @@ impl Sidecar {
         panic!("meshserve never became ready:\n{}", self.log());
     }
 
+    /// Kills the process (SIGKILL: no draining, no clean-up) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let _ = Command::new("kill")
@@ -132,6 +149,74 @@ impl Drop for Sidecar {
         if std::thread::panicking() {
             eprintln!("---- meshserve log ----\n{}", self.log());
         }
+    }
+}
+
+/// `meshserve log-sink`: a CloudEvents receiver writing JSON lines to a file.
+#[derive(Debug)]
+pub struct LogSink {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub addr: SocketAddr,
+    pub out: PathBuf,
+}
+
+impl LogSink {
+    /// Starts a receiver on `port` (0: the OS picks) appending to `out`.
+    pub fn start(port: u16, out: &Path) -> LogSink {
+        let args: Vec<String> = vec![
+            "log-sink".into(),
+            "--port".into(),
+            port.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        let (mut child, log) = spawn(&args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+            if let Some(addr) = address(&text, "http") {
+                return LogSink {
+                    child,
+                    log,
+                    addr,
+                    out: out.to_owned(),
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("meshserve log-sink exited ({status}) before listening:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "meshserve log-sink did not listen within 30 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The events received so far, one JSON value each.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Stops the receiver (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for LogSink {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

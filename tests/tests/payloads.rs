@@ -1,0 +1,462 @@
+//! Payload logging end to end: the real Envoy with the wasm logger, real sidecars with their
+//! intake and spool, and `meshserve log-sink` as the sink. Every client request carries
+//! `x-request-n` (a metadata header), so each event can be traced back to its request.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshserve_e2e::{Envoy, LogSink, Sidecar, TempRepository, wasm_module};
+use meshserve_sidecar::mesh::render::{self, Upstream};
+use serde_json::{Value, json};
+
+const SAMPLE: &str = include_str!("../../models/samples/sklearn_digits_v1_request.json");
+
+struct Mesh {
+    dir: PathBuf,
+    repository: TempRepository,
+    sidecar: Sidecar,
+    spool: PathBuf,
+    sink: LogSink,
+    envoy: Envoy,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log-sink ----\n{}", self.sink.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One sidecar serving `models` (each a copy of sklearn_digits), one InferenceService per
+/// model with its own logger settings, all logging to one log-sink.
+fn start(tag: &str, loggers: &[(&str, Value)]) -> Mesh {
+    let dir = std::env::temp_dir().join(format!("meshserve-payloads-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let models: Vec<(&str, &str, &str)> = loggers
+        .iter()
+        .map(|(name, _)| (*name, "sklearn_digits", "version_policy: {latest: 1}\n"))
+        .collect();
+    let repository = TempRepository::new(tag, &models);
+    let sink = LogSink::start(0, &dir.join("events.jsonl"));
+    let spool = dir.join("spool");
+    let sink_url = format!("http://{}/", sink.addr);
+    let sidecar = Sidecar::start_on(
+        &repository.path,
+        &[
+            "--log-sink",
+            &sink_url,
+            "--log-spool",
+            &spool.display().to_string(),
+        ],
+        true,
+    );
+    let services: Vec<Value> = loggers
+        .iter()
+        .map(|(name, logger)| {
+            json!({"name": name, "models": [name], "predictor": {"default": {
+                "name": format!("{name}-v1"), "cluster": "logs.v1", "logger": logger}}})
+        })
+        .collect();
+    let config = json!({"services": services});
+    let upstreams = vec![(
+        "logs.v1".to_owned(),
+        Upstream {
+            http: sidecar.http,
+            grpc: sidecar.grpc,
+        },
+    )];
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    render::write_mesh(
+        &dir,
+        &config,
+        &wasm_module(),
+        loopback,
+        loopback,
+        &upstreams,
+    )
+    .unwrap();
+    let envoy = Envoy::start(&dir.join(render::BOOTSTRAP_FILE), &dir);
+    Mesh {
+        dir,
+        repository,
+        sidecar,
+        spool,
+        sink,
+        envoy,
+    }
+}
+
+/// Sends requests `range` to `model` at `concurrency`, each with `x-request-n`; returns the
+/// statuses by request number.
+async fn load(
+    envoy: &Envoy,
+    model: &str,
+    range: std::ops::Range<usize>,
+    concurrency: usize,
+    pause: Duration,
+) -> HashMap<usize, u16> {
+    let url = Arc::new(envoy.url(&format!("/v1/models/{model}:predict")));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(range.start));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (url, next, end) = (Arc::clone(&url), Arc::clone(&next), range.end);
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= end {
+                    return statuses;
+                }
+                let status = client
+                    .post(url.as_str())
+                    .header("x-request-n", n.to_string())
+                    .header("content-type", "application/json")
+                    .body(SAMPLE)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                statuses.push((n, status));
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }));
+    }
+    let mut out = HashMap::new();
+    for task in tasks {
+        out.extend(task.await.unwrap());
+    }
+    out
+}
+
+fn request_n(event: &Value) -> Option<usize> {
+    event["metadata"]["x-request-n"][0].as_str()?.parse().ok()
+}
+
+/// Waits until every request in `range` has its request and response events at the sink;
+/// returns the events.
+fn wait_for_pairs(sink: &LogSink, range: std::ops::Range<usize>, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let events = sink.events();
+        let mut seen: HashSet<(usize, String)> = HashSet::new();
+        for e in &events {
+            if let (Some(n), Some(kind)) = (request_n(e), e["type"].as_str()) {
+                seen.insert((n, kind.to_owned()));
+            }
+        }
+        let missing = range
+            .clone()
+            .filter(|n| {
+                !seen.contains(&(*n, "org.kubeflow.serving.inference.request".into()))
+                    || !seen.contains(&(*n, "org.kubeflow.serving.inference.response".into()))
+            })
+            .count();
+        if missing == 0 {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} requests still lack an event after {within:?}",
+            range.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Checks the pairing: per request number one ce-id, shared by its request and response
+/// events, each carrying KServe's attributes; returns the duplicates (events seen twice).
+fn check_pairs(events: &[Value], range: std::ops::Range<usize>) -> usize {
+    let mut by_id: HashMap<String, Vec<&Value>> = HashMap::new();
+    for e in events
+        .iter()
+        .filter(|e| request_n(e).is_some_and(|n| range.contains(&n)))
+    {
+        by_id
+            .entry(e["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e);
+        for attribute in [
+            "specversion",
+            "id",
+            "type",
+            "source",
+            "time",
+            "inferenceservicename",
+            "namespace",
+            "component",
+            "endpoint",
+            "metadata",
+        ] {
+            assert!(!e[attribute].is_null(), "no {attribute} in {e}");
+        }
+    }
+    assert_eq!(by_id.len(), range.len(), "one ce-id per request");
+    let mut duplicates = 0;
+    for (id, group) in by_id {
+        let mut kinds: Vec<&str> = group.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), 2, "{id}: {group:?}");
+        let n: HashSet<usize> = group.iter().filter_map(|e| request_n(e)).collect();
+        assert_eq!(n.len(), 1, "{id} carries several requests: {group:?}");
+        // A duplicate is a redelivery: the very same event again.
+        let distinct: HashSet<String> = group.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            distinct.len(),
+            2,
+            "{id}: events differ beyond redelivery: {group:?}"
+        );
+        duplicates += group.len() - 2;
+    }
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_arrives_once_and_a_sink_outage_loses_nothing() {
+    let mut mesh = start(
+        "load",
+        &[("digits", json!({"metadata_headers": ["x-request-n"]}))],
+    );
+
+    // 5,000 requests at concurrency 16, the sink up: every event once.
+    let statuses = load(&mesh.envoy, "digits", 0..5_000, 16, Duration::ZERO).await;
+    assert!(statuses.values().all(|s| *s == 200), "a request failed");
+    let events = wait_for_pairs(&mesh.sink, 0..5_000, Duration::from_secs(120));
+    assert_eq!(
+        check_pairs(&events, 0..5_000),
+        0,
+        "duplicates with the sink up"
+    );
+    assert_eq!(events.len(), 10_000);
+    assert_eq!(
+        mesh.envoy
+            .stat("wasmcustom.meshserve.logger.isvc.digits.result.sent"),
+        10_000
+    );
+
+    // The sink down for 10 s in the middle of the load.
+    let envoy = &mesh.envoy;
+    let load = load(envoy, "digits", 5_000..6_500, 4, Duration::from_millis(30));
+    let outage = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let port = mesh.sink.addr.port();
+        let out = mesh.sink.out.clone();
+        mesh.sink.stop();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        LogSink::start(port, &out)
+    };
+    let (statuses, restarted) = tokio::join!(load, outage);
+    mesh.sink = restarted;
+    assert_eq!(statuses.len(), 1_500);
+    assert!(
+        statuses.values().all(|s| *s == 200),
+        "client requests failed during the sink outage"
+    );
+    let events = wait_for_pairs(&mesh.sink, 5_000..6_500, Duration::from_secs(60));
+    let duplicates = check_pairs(&events, 5_000..6_500);
+    eprintln!("sink outage: {duplicates} events redelivered");
+    let metrics = reqwest::get(mesh.sidecar.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retried = metric(&metrics, "meshserve_payload_events_retried_total");
+    assert!(
+        retried > 0.0,
+        "the outage should have caused retries:\n{metrics}"
+    );
+    assert!(metric(&metrics, "meshserve_payload_events_delivered_total") >= 13_000.0);
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_acknowledged_before_a_sidecar_restart_arrive_after_it() {
+    let mut mesh = start(
+        "restart",
+        &[("digits", json!({"metadata_headers": ["x-request-n"]}))],
+    );
+    let (port, out) = (mesh.sink.addr.port(), mesh.sink.out.clone());
+    // The sink down: acknowledged events wait in the spool.
+    mesh.sink.stop();
+    let statuses = load(&mesh.envoy, "digits", 0..300, 8, Duration::ZERO).await;
+    assert!(statuses.values().all(|s| *s == 200));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh
+        .envoy
+        .stat("wasmcustom.meshserve.logger.isvc.digits.result.sent")
+        < 600
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the intake did not take 600 events"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Killed: no drain, no chance to flush anything.
+    let ports = (mesh.sidecar.http.port(), mesh.sidecar.grpc.port());
+    mesh.sidecar.kill();
+    mesh.sink = LogSink::start(port, &out);
+    let sink_url = format!("http://{}/", mesh.sink.addr);
+    mesh.sidecar = Sidecar::start_at(
+        &mesh.repository.path,
+        ports,
+        &[
+            "--log-sink",
+            &sink_url,
+            "--log-spool",
+            &mesh.spool.display().to_string(),
+        ],
+        true,
+    );
+    let events = wait_for_pairs(&mesh.sink, 0..300, Duration::from_secs(60));
+    check_pairs(&events, 0..300);
+    // And the restarted sidecar goes on logging.
+    let statuses = load(&mesh.envoy, "digits", 300..400, 4, Duration::ZERO).await;
+    assert!(statuses.values().all(|s| *s == 200));
+    let events = wait_for_pairs(&mesh.sink, 300..400, Duration::from_secs(60));
+    check_pairs(&events, 300..400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn modes_sampling_truncation_and_errors_behave_as_configured() {
+    let headers = json!(["x-request-n"]);
+    let mesh = start(
+        "modes",
+        &[
+            (
+                "requests",
+                json!({"mode": "request", "metadata_headers": headers}),
+            ),
+            (
+                "responses",
+                json!({"mode": "response", "metadata_headers": headers}),
+            ),
+            (
+                "sampled",
+                json!({"sampling_percent": 30, "metadata_headers": headers}),
+            ),
+            (
+                "small",
+                json!({"max_payload_bytes": 100, "metadata_headers": headers}),
+            ),
+        ],
+    );
+    load(&mesh.envoy, "requests", 0..50, 4, Duration::ZERO).await;
+    load(&mesh.envoy, "responses", 1_000..1_050, 4, Duration::ZERO).await;
+    load(&mesh.envoy, "sampled", 2_000..2_600, 8, Duration::ZERO).await;
+    load(&mesh.envoy, "small", 3_000..3_010, 2, Duration::ZERO).await;
+    // A request the model refuses (400) is logged with its answer.
+    let client = reqwest::Client::new();
+    let bad = client
+        .post(mesh.envoy.url("/v1/models/small:predict"))
+        .header("x-request-n", "3999")
+        .header("content-type", "application/json")
+        .body(r#"{"instances": [[1, 2]]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // Every logged request has gone out through the intake once these counts are reached.
+    let expected_min = 50 + 50 + 10 * 2 + 2;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let events = mesh.sink.events();
+        let logged = events.iter().filter(|e| request_n(e).is_some()).count();
+        let sent = mesh
+            .envoy
+            .stat("wasmcustom.meshserve.logger.isvc.sampled.result.sent")
+            + mesh
+                .envoy
+                .stat("wasmcustom.meshserve.logger.isvc.requests.result.sent")
+            + mesh
+                .envoy
+                .stat("wasmcustom.meshserve.logger.isvc.responses.result.sent")
+            + mesh
+                .envoy
+                .stat("wasmcustom.meshserve.logger.isvc.small.result.sent");
+        if logged >= expected_min && logged as u64 == sent {
+            break events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events still missing: {logged} of {sent}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let of = |model: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["inferenceservicename"] == model)
+            .collect()
+    };
+    let requests = of("requests");
+    assert_eq!(requests.len(), 50);
+    assert!(
+        requests
+            .iter()
+            .all(|e| e["type"] == "org.kubeflow.serving.inference.request")
+    );
+    assert_eq!(
+        requests[0]["data"]["instances"].as_array().unwrap().len(),
+        2
+    );
+    let responses = of("responses");
+    assert_eq!(responses.len(), 50);
+    assert!(
+        responses
+            .iter()
+            .all(|e| e["type"] == "org.kubeflow.serving.inference.response")
+    );
+    assert!(responses.iter().all(|e| e["statuscode"] == "200"));
+    let sampled: HashSet<usize> = of("sampled").iter().filter_map(|e| request_n(e)).collect();
+    assert!(
+        (120..=240).contains(&sampled.len()),
+        "30% of 600 sampled: {}",
+        sampled.len()
+    );
+    assert_eq!(
+        of("sampled").len(),
+        sampled.len() * 2,
+        "both events of each sampled request"
+    );
+    let small = of("small");
+    let request = small
+        .iter()
+        .find(|e| {
+            e["type"] == "org.kubeflow.serving.inference.request" && request_n(e) == Some(3_000)
+        })
+        .unwrap();
+    assert_eq!(request["truncated"], "true");
+    let kept = base64_len(request["data_base64"].as_str().unwrap());
+    assert_eq!(kept, 100, "the payload is cut at max_payload_bytes");
+    let refused = small
+        .iter()
+        .find(|e| {
+            e["type"] == "org.kubeflow.serving.inference.response" && request_n(e) == Some(3_999)
+        })
+        .expect("the 400 answer is logged");
+    assert_eq!(refused["statuscode"], "400");
+    assert!(refused["data"]["error"].as_str().unwrap().contains("shape"));
+    let _ = Path::new(&mesh.dir);
+}
+
+fn base64_len(text: &str) -> usize {
+    let padding = text.chars().rev().take_while(|c| *c == '=').count();
+    text.len() / 4 * 3 - padding
+}
