@@ -29,6 +29,20 @@ def predict(extra=None):
         return json.load(response), response.headers.get("x-meshserve-revision")
 
 
+def payload_count():
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with open(".meshserve/payloads.jsonl") as f:
+                count = sum(1 for _ in f)
+        except OSError:
+            count = 0
+        # The demo's 102 digits calls make 204 events; they arrive within moments.
+        if count >= 204 or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
+
+
 deadline = time.monotonic() + 120
 while True:
     try:
@@ -63,6 +77,9 @@ through the transformer in Envoy (decode, grayscale, crop, area-resize to 28x28,
   the CNN says {digit["digits"][0]} (score {digit["scores"][0]:.4f}; runners-up {", ".join(digit["digits"][1:])})
   {base}/v1/models/mnist:predict   (or V2: an "image" BYTES input to {base}/v2/models/mnist/infer)
   ./target/release/meshserve transform envoy-config/demo/inferenceservice.yaml < body.json   what the model gets
+
+Payload logs (KServe CloudEvents, a request and a response event per call, paired by id): {payload_count()} events
+so far in .meshserve/payloads.jsonl, written by `meshserve log-sink` (the digits predictors' logger.url)
 
 Try:
   {base}/v2/models/digits                    model metadata (Open Inference Protocol)

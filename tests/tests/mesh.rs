@@ -750,6 +750,7 @@ fn the_demo_configuration_is_current_and_valid() {
         "filter.json",
         "router.ecds.json",
         "transformer.ecds.json",
+        "logger.ecds.json",
         "envoy.json",
     ] {
         let committed = std::fs::read_to_string(rendered.join(file)).unwrap_or_default();
@@ -773,6 +774,7 @@ fn the_demo_configuration_is_current_and_valid() {
     for (i, (name, file)) in [
         ("meshserve.router", "router.ecds.json"),
         ("meshserve.transformer", "transformer.ecds.json"),
+        ("meshserve.logger", "logger.ecds.json"),
     ]
     .into_iter()
     .enumerate()
