@@ -4,11 +4,12 @@
 #   batching  dynamic batching off / on vs MLServer's adaptive batching, concurrency 1/16/64 (~5 min)
 #   mesh      Envoy + the wasm router in front of a sidecar: overhead and memory (~2 min)
 #   transformer  a 1024x768 JPEG through Envoy's wasm transformer vs KServe's Python transformer (~2 min)
+#   logging   payload logging on vs off through Envoy, and the spool's events/s (~1.5 min)
 #
-#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|all] [--update-docs] [--rounds N] [--duration S]
+#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|logging|all] [--update-docs] [--rounds N] [--duration S]
 #                     [--warmup S] [--results-dir DIR] [--keep-workdir] [suite flags]    (--help: all)
 #
-# Default: --suite all (about 18-19 minutes on 2 cores). --update-docs also rewrites each suite's
+# Default: --suite all (about 20 minutes on 2 cores). --update-docs also rewrites each suite's
 # generated block in docs/benchmarks.md (between its <!-- bench:<suite>:begin/end --> markers).
 # Needs the repo's set-up (.venv, target/release/meshserve, the wasm: bash scripts/setup.sh).
 # Installs, each only when missing: h2load (Debian nghttp2-client), models/extra/mnist_mlp, and

@@ -36,7 +36,7 @@ use meshserve_filter_core::transform::Wire;
 
 use crate::error::ApiError;
 use crate::payloads::spool::SpoolError;
-use crate::payloads::{IntakeError, event_from_headers};
+use crate::payloads::{IntakeError, events_from_request};
 use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
 
 /// An endpoint, parsed from the path.
@@ -185,14 +185,13 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                 )
             })?;
             let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
-            intake
-                .take(event_from_headers(&headers, body.to_vec()))
-                .await
-                .map_err(|e| match e {
-                    IntakeError::Invalid(m) => ApiError::BadRequest(m),
-                    IntakeError::Spool(SpoolError::Full(_)) => ApiError::Overloaded(e.to_string()),
-                    IntakeError::Spool(SpoolError::Io(_)) => ApiError::Internal(e.to_string()),
-                })?;
+            let events = events_from_request(&headers, body.to_vec())
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            intake.take(events).await.map_err(|e| match e {
+                IntakeError::Invalid(m) => ApiError::BadRequest(m),
+                IntakeError::Spool(SpoolError::Full(_)) => ApiError::Overloaded(e.to_string()),
+                IntakeError::Spool(SpoolError::Io(_)) => ApiError::Internal(e.to_string()),
+            })?;
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::ACCEPTED;
             Ok(response)

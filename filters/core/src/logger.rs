@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 /// Where a sidecar takes events (a `POST` with the event's `ce-*` headers and payload).
 pub const INTAKE_PATH: &str = "/meshserve/events";
+/// The intake also takes many events in one body in this framing ([`encode_batch`]): the filter
+/// sends what a tick gathered in one call, not one call per event.
+pub const BATCH_CONTENT_TYPE: &str = "application/x-meshserve-events";
 pub const REQUEST_TYPE: &str = "org.kubeflow.serving.inference.request";
 pub const RESPONSE_TYPE: &str = "org.kubeflow.serving.inference.response";
 
@@ -216,6 +219,88 @@ fn event(exchange: &Exchange, kind: &str, payload: &Payload, status: Option<u16>
     }
 }
 
+/// One event as a record: `u32 length | u32 crc32 | payload`, little-endian; the payload is
+/// `u32 header count`, each header `u16 name length | name | u32 value length | value`, then
+/// the body. The sidecar's spool stores the same records.
+pub fn encode_record(event: &Event, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&(event.headers.len() as u32).to_le_bytes());
+    for (name, value) in &event.headers {
+        out.extend_from_slice(&(name.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+        out.extend_from_slice(
+            name.as_bytes()
+                .get(..usize::from(u16::MAX))
+                .unwrap_or(name.as_bytes()),
+        );
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(&event.body);
+    let payload = out.get(start + 8..).unwrap_or_default();
+    let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
+    if let Some(head) = out.get_mut(start..start + 8) {
+        head.copy_from_slice(&[len.to_le_bytes(), crc.to_le_bytes()].concat());
+    }
+}
+
+/// Reads the record at the start of `bytes`: the event and the record's size; `None` for a
+/// torn or corrupt record.
+pub fn decode_record(bytes: &[u8]) -> Option<(Event, usize)> {
+    fn take<'a>(at: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let head = at.get(..n)?;
+        *at = at.get(n..)?;
+        Some(head)
+    }
+    fn u32_at(at: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(take(at, 4)?.try_into().ok()?))
+    }
+    let mut at = bytes;
+    let len = u32_at(&mut at)? as usize;
+    let crc = u32_at(&mut at)?;
+    let payload = at.get(..len)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let mut at = payload;
+    let count = u32_at(&mut at)?;
+    let mut headers = Vec::with_capacity(count.min(64) as usize);
+    for _ in 0..count {
+        let n = usize::from(u16::from_le_bytes(take(&mut at, 2)?.try_into().ok()?));
+        let name = String::from_utf8(take(&mut at, n)?.to_vec()).ok()?;
+        let n = u32_at(&mut at)? as usize;
+        let value = String::from_utf8(take(&mut at, n)?.to_vec()).ok()?;
+        headers.push((name, value));
+    }
+    Some((
+        Event {
+            headers,
+            body: at.to_vec(),
+        },
+        8 + len,
+    ))
+}
+
+/// Many events in one body, records one after another.
+pub fn encode_batch(events: &[Event]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for event in events {
+        encode_record(event, &mut out);
+    }
+    out
+}
+
+/// The events of a batch; `None` if any record is torn or corrupt (the sender retries whole).
+pub fn decode_batch(mut bytes: &[u8]) -> Option<Vec<Event>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (event, size) = decode_record(bytes)?;
+        out.push(event);
+        bytes = bytes.get(size..)?;
+    }
+    Some(out)
+}
+
 /// A time since the Unix epoch as RFC 3339 in UTC with microseconds
 /// (`2026-11-25T13:12:09.123456Z`).
 pub fn rfc3339(unix_nanos: u128) -> String {
@@ -343,6 +428,19 @@ mod tests {
         assert!(config.check("x").is_ok());
         config.sampling_percent = 101;
         assert!(config.check("x").unwrap_err().contains("101"));
+    }
+
+    #[test]
+    fn batches_round_trip_and_corruption_is_caught() {
+        let both = events(&exchange(), Mode::All);
+        let batch = encode_batch(&both);
+        assert_eq!(decode_batch(&batch).unwrap(), both);
+        assert_eq!(decode_batch(&[]).unwrap(), vec![]);
+        let mut bad = batch.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(decode_batch(&bad).is_none());
+        assert!(decode_batch(&batch[..batch.len() - 3]).is_none());
     }
 
     #[test]

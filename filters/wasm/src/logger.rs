@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
 use meshserve_filter_core::logger::{
-    Exchange, INTAKE_PATH, LoggerConfig, Payload, event_id, events, is_inference, rfc3339,
+    BATCH_CONTENT_TYPE, Event, Exchange, INTAKE_PATH, LoggerConfig, Payload, encode_batch,
+    event_id, events, is_inference, rfc3339,
 };
 use meshserve_filter_core::route::{
     COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER, REVISION_HEADER,
@@ -42,9 +43,11 @@ const MAX_PENDING: usize = 10_000;
 struct Outgoing {
     cluster: String,
     isvc: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    event: Event,
 }
+
+/// The most events in one call to an intake.
+const MAX_BATCH: usize = 1_000;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -52,8 +55,8 @@ struct Shared {
     counters: Counters,
     rng: u64,
     pending: Vec<Outgoing>,
-    /// Callouts in flight: token -> InferenceService.
-    in_flight: HashMap<u32, String>,
+    /// Callouts in flight: token -> the InferenceService of each event in it.
+    in_flight: HashMap<u32, Vec<String>>,
 }
 
 impl Shared {
@@ -107,7 +110,7 @@ impl Context for LoggerRoot {
             .ok()
             .flatten();
         let mut shared = self.shared.borrow_mut();
-        let Some(isvc) = shared.in_flight.remove(&token) else {
+        let Some(isvcs) = shared.in_flight.remove(&token) else {
             return;
         };
         let result = match status.as_deref() {
@@ -116,7 +119,9 @@ impl Context for LoggerRoot {
             // No answer: the intake was unreachable or timed out.
             None => "dropped_unreachable".to_owned(),
         };
-        shared.count(&isvc, &result);
+        for isvc in isvcs {
+            shared.count(&isvc, &result);
+        }
     }
 }
 
@@ -137,31 +142,47 @@ impl RootContext for LoggerRoot {
 
     fn on_tick(&mut self) {
         let pending = std::mem::take(&mut self.shared.borrow_mut().pending);
-        for event in pending {
-            let mut headers: Vec<(&str, &str)> = vec![
+        if pending.is_empty() {
+            return;
+        }
+        // One call per intake (cluster) and tick, with every event gathered for it.
+        let mut by_cluster: Vec<(String, Vec<Outgoing>)> = Vec::new();
+        for outgoing in pending {
+            match by_cluster
+                .iter_mut()
+                .find(|(c, group)| *c == outgoing.cluster && group.len() < MAX_BATCH)
+            {
+                Some((_, group)) => group.push(outgoing),
+                None => by_cluster.push((outgoing.cluster.clone(), vec![outgoing])),
+            }
+        }
+        for (cluster, group) in by_cluster {
+            let (events, isvcs): (Vec<Event>, Vec<String>) =
+                group.into_iter().map(|o| (o.event, o.isvc)).unzip();
+            let body = encode_batch(&events);
+            let headers = vec![
                 (":method", "POST"),
                 (":path", INTAKE_PATH),
                 (":authority", "meshserve-log-intake"),
+                ("content-type", BATCH_CONTENT_TYPE),
             ];
-            headers.extend(event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let sent = hostcalls::dispatch_http_call(
-                &event.cluster,
+                &cluster,
                 headers,
-                Some(&event.body),
+                Some(&body),
                 Vec::new(),
                 INTAKE_TIMEOUT,
             );
             let mut shared = self.shared.borrow_mut();
             match sent {
                 Ok(token) => {
-                    shared.in_flight.insert(token, event.isvc);
+                    shared.in_flight.insert(token, isvcs);
                 }
                 Err(status) => {
-                    log::warn!(
-                        "cannot send an event to {}'s intake: {status:?}",
-                        event.cluster
-                    );
-                    shared.count(&event.isvc, "dropped_unreachable");
+                    log::warn!("cannot send events to {cluster}'s intake: {status:?}");
+                    for isvc in isvcs {
+                        shared.count(&isvc, "dropped_unreachable");
+                    }
                 }
             }
         }
@@ -311,8 +332,7 @@ impl HttpContext for LoggerStream {
             shared.pending.push(Outgoing {
                 cluster: active.cluster.clone(),
                 isvc: active.exchange.isvc.clone(),
-                headers: event.headers,
-                body: event.body,
+                event,
             });
         }
     }

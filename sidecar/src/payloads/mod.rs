@@ -14,7 +14,7 @@ pub mod spool;
 use std::path::PathBuf;
 
 use base64::Engine;
-use meshserve_filter_core::logger::Event;
+use meshserve_filter_core::logger::{BATCH_CONTENT_TYPE, Event, decode_batch};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::{Map, Value};
 
@@ -108,20 +108,26 @@ impl Intake {
         Ok(Intake { spool, metrics })
     }
 
-    /// Takes one event (its `ce-*` and `content-type` headers, its payload); returns once it
-    /// is durable.
-    pub async fn take(&self, event: Event) -> Result<(), IntakeError> {
-        for required in ["ce-id", "ce-type", "ce-specversion"] {
-            if event.header(required).is_none_or(str::is_empty) {
-                self.metrics.dropped.with_label_values(&["invalid"]).inc();
-                return Err(IntakeError::Invalid(format!(
-                    "a CloudEvent in binary mode needs the {required} header"
-                )));
+    /// Takes events (each with its `ce-*` and `content-type` headers and its payload), all or
+    /// none; returns once they are durable.
+    pub async fn take(&self, events: Vec<Event>) -> Result<(), IntakeError> {
+        for event in &events {
+            for required in ["ce-id", "ce-type", "ce-specversion"] {
+                if event.header(required).is_none_or(str::is_empty) {
+                    self.metrics
+                        .dropped
+                        .with_label_values(&["invalid"])
+                        .inc_by(events.len() as u64);
+                    return Err(IntakeError::Invalid(format!(
+                        "a CloudEvent in binary mode needs the {required} header"
+                    )));
+                }
             }
         }
-        match self.spool.append(event).await {
+        let count = events.len() as u64;
+        match self.spool.append_all(events).await {
             Ok(()) => {
-                self.metrics.received.inc();
+                self.metrics.received.inc_by(count);
                 self.metrics
                     .spool_bytes
                     .set(i64::try_from(self.spool.bytes()).unwrap_or(i64::MAX));
@@ -132,11 +138,32 @@ impl Intake {
                     SpoolError::Full(_) => "spool_full",
                     SpoolError::Io(_) => "spool_error",
                 };
-                self.metrics.dropped.with_label_values(&[reason]).inc();
+                self.metrics
+                    .dropped
+                    .with_label_values(&[reason])
+                    .inc_by(count);
                 Err(e.into())
             }
         }
     }
+}
+
+/// The events of an intake request: a batch ([`BATCH_CONTENT_TYPE`], what the logger filter
+/// sends), or one CloudEvent in binary mode.
+pub fn events_from_request(
+    headers: &http::HeaderMap,
+    body: Vec<u8>,
+) -> Result<Vec<Event>, IntakeError> {
+    let batch = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(BATCH_CONTENT_TYPE));
+    if batch {
+        return decode_batch(&body).ok_or_else(|| {
+            IntakeError::Invalid("a torn or corrupt record in the event batch".into())
+        });
+    }
+    Ok(vec![event_from_headers(headers, body)])
 }
 
 /// An event from HTTP headers in CloudEvents binary mode: the `ce-*` ones and `content-type`.

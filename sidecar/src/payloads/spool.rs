@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use meshserve_filter_core::logger::Event;
+use meshserve_filter_core::logger::{Event, decode_record, encode_record};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A segment is closed and a new one started past this size.
@@ -42,7 +42,7 @@ pub enum SpoolError {
 
 #[derive(Debug)]
 struct Append {
-    event: Event,
+    events: Vec<Event>,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
@@ -78,45 +78,9 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 pub fn encode(event: &Event) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(event.body.len() + 512);
-    payload.extend_from_slice(&(event.headers.len() as u32).to_le_bytes());
-    for (name, value) in &event.headers {
-        payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        payload.extend_from_slice(name.as_bytes());
-        payload.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        payload.extend_from_slice(value.as_bytes());
-    }
-    payload.extend_from_slice(&event.body);
-    let mut record = Vec::with_capacity(payload.len() + 8);
-    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    record.extend_from_slice(&payload);
-    record
-}
-
-fn decode(payload: &[u8]) -> Option<Event> {
-    fn take<'a>(at: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        if at.len() < n {
-            return None;
-        }
-        let (head, rest) = at.split_at(n);
-        *at = rest;
-        Some(head)
-    }
-    let mut at = payload;
-    let count = u32::from_le_bytes(take(&mut at, 4)?.try_into().ok()?);
-    let mut headers = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let n = u16::from_le_bytes(take(&mut at, 2)?.try_into().ok()?) as usize;
-        let name = String::from_utf8(take(&mut at, n)?.to_vec()).ok()?;
-        let n = u32::from_le_bytes(take(&mut at, 4)?.try_into().ok()?) as usize;
-        let value = String::from_utf8(take(&mut at, n)?.to_vec()).ok()?;
-        headers.push((name, value));
-    }
-    Some(Event {
-        headers,
-        body: at.to_vec(),
-    })
+    let mut out = Vec::new();
+    encode_record(event, &mut out);
+    out
 }
 
 /// Reads the record at the file's position: `Ok(None)` at a clean end or a torn tail.
@@ -128,17 +92,14 @@ fn read_record(file: &mut File) -> io::Result<Option<(Event, u64)>> {
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let mut payload = vec![0u8; len];
-    match file.read_exact(&mut payload) {
+    let mut record = vec![0u8; 8 + len];
+    record[..8].copy_from_slice(&head);
+    match file.read_exact(&mut record[8..]) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    if crc32fast::hash(&payload) != crc {
-        return Ok(None);
-    }
-    Ok(decode(&payload).map(|e| (e, 8 + len as u64)))
+    Ok(decode_record(&record).map(|(event, size)| (event, size as u64)))
 }
 
 /// The end of the valid records of a segment.
@@ -215,13 +176,18 @@ pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(Spool, Reader)> {
 impl Spool {
     /// Appends an event; returns once it is on disk (synced).
     pub async fn append(&self, event: Event) -> Result<(), SpoolError> {
-        let size = encode_len(&event);
+        self.append_all(vec![event]).await
+    }
+
+    /// Appends events, all or none; returns once they are on disk (synced).
+    pub async fn append_all(&self, events: Vec<Event>) -> Result<(), SpoolError> {
+        let size: u64 = events.iter().map(encode_len).sum();
         if self.bytes.load(Ordering::Relaxed) + size > self.max_bytes {
             return Err(SpoolError::Full(self.max_bytes));
         }
         let (done, answer) = oneshot::channel();
         self.tx
-            .send(Append { event, done })
+            .send(Append { events, done })
             .await
             .map_err(|_| SpoolError::Io("the spool writer stopped".into()))?;
         answer
@@ -276,8 +242,8 @@ impl Writer {
             self.roll()?;
         }
         let mut buffer = Vec::new();
-        for append in batch {
-            buffer.extend_from_slice(&encode(&append.event));
+        for event in batch.iter().flat_map(|a| &a.events) {
+            encode_record(event, &mut buffer);
         }
         self.file.seek(SeekFrom::Start(self.offset))?;
         if let Err(e) = self
