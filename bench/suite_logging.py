@@ -28,14 +28,19 @@ from pathlib import Path
 import bench as b
 
 SAMPLE = b.ROOT / "models/samples/sklearn_digits_v1_request.json"
-OFF, ON, INTAKE = "(a) logging off", "(b) logging on (mode all)", "(c) intake alone: durable events"
+OFF, ON, ON_FILE, INTAKE = (
+    "(a) logging off",
+    "(b) logging on, HTTP sink (binary mode, an HTTP request per event)",
+    "(b2) logging on, JSON-lines file sink",
+    "(c) intake alone: durable events",
+)
 
 
 def add_arguments(group) -> None:
     group.add_argument("--logging-concurrency", default="1,16")
 
 
-def isvc_yaml(sink_port: int) -> str:
+def isvc_yaml(sink_port: int, file_sink: Path) -> str:
     model = b.ROOT / "models/repository/sklearn_digits/1/model.onnx"
     doc = """apiVersion: serving.kserve.io/v1beta1
 kind: InferenceService
@@ -45,7 +50,12 @@ spec:
 {logger}    model: {{modelFormat: {{name: onnx}}, storageUri: "file://{model}"}}
 """
     logger = f"    logger: {{mode: all, url: \"http://127.0.0.1:{sink_port}/\"}}\n"
-    return doc.format(name="plain", logger="", model=model) + "---\n" + doc.format(name="logged", logger=logger, model=model)
+    to_file = f"    logger: {{mode: all, url: \"file://{file_sink}\"}}\n"
+    return "---\n".join([
+        doc.format(name="plain", logger="", model=model),
+        doc.format(name="logged", logger=logger, model=model),
+        doc.format(name="logfile", logger=to_file, model=model),
+    ])
 
 
 def body() -> bytes:
@@ -78,7 +88,8 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     sink = b.spawn("log-sink", [str(b.ROOT / "target/release/meshserve"), "log-sink", "--port", str(sink_port),
                                 "--out", str(events_file)], workdir / "sink.log")
     spec = workdir / "isvc.yaml"
-    spec.write_text(isvc_yaml(sink_port))
+    file_sink = workdir / "file-sink.jsonl"
+    spec.write_text(isvc_yaml(sink_port, file_sink))
     port = b.free_port()
     mesh = b.spawn("meshserve up", [str(b.ROOT / "target/release/meshserve"), "up", str(spec), "--port", str(port),
                                     "--state-dir", str(workdir / "state")], workdir / "up.log")
@@ -97,7 +108,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     (workdir / "event.json").write_bytes(event)
 
     sizes = {}
-    for label, model in ((OFF, "plain"), (ON, "logged")):
+    for label, model in ((OFF, "plain"), (ON, "logged"), (ON_FILE, "logfile")):
         with urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/models/{model}:predict", data=request,
                 headers={"content-type": "application/json"}), timeout=10) as response:
@@ -112,6 +123,8 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
               f"http://127.0.0.1:{port}/v1/models/plain:predict"],
         ON: ["--h1", "-d", str(workdir / "request.json"), "-H", "content-type: application/json",
              f"http://127.0.0.1:{port}/v1/models/logged:predict"],
+        ON_FILE: ["--h1", "-d", str(workdir / "request.json"), "-H", "content-type: application/json",
+                  f"http://127.0.0.1:{port}/v1/models/logfile:predict"],
         INTAKE: ["--h1", "-d", str(workdir / "event.json"), "-H", "content-type: application/json",
                  "-H", "ce-specversion: 1.0", "-H", "ce-id: bench", "-H", "ce-type: org.kubeflow.serving.inference.request",
                  "-H", "ce-source: /bench", f"http://127.0.0.1:{intake_port}/meshserve/events"],
@@ -163,10 +176,12 @@ def report(rows, delivery, info, args, concurrencies, request_bytes, answer_byte
                      f"{b.fmt_ms(r['p99'])} | {r['failed']} | {r['server_cpu']:.2f} |")
     lines.append("")
     for c in concurrencies:
-        off, on = by.get((OFF, c)), by.get((ON, c))
-        if off and on:
-            lines.append(f"- concurrency {c}: logging on keeps {on['rps'] / off['rps']:.0%} of the throughput "
-                         f"and adds {(on['p50'] - off['p50']) * 1000:+.0f} µs to p50.")
+        off = by.get((OFF, c))
+        for label, what in ((ON, "to an HTTP sink"), (ON_FILE, "to a file sink")):
+            on = by.get((label, c))
+            if off and on:
+                lines.append(f"- concurrency {c}, logging on {what}: {on['rps'] / off['rps']:.0%} of the throughput, "
+                             f"{(on['p50'] - off['p50']) * 1000:+.0f} µs at p50.")
     intake = [r for r in rows if r["system"] == INTAKE]
     if intake:
         lines.append(f"- the spool took {intake[0]['rps']:,.0f} events/s, each synced to disk before its answer "

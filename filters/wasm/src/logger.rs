@@ -31,8 +31,9 @@ use crate::{configure, request_header};
 
 /// The root id Envoy must give this filter.
 pub(crate) const ROOT_ID: &str = "logger";
-/// How often queued events are sent.
-const TICK: Duration = Duration::from_millis(5);
+/// How often queued events are sent: each tick sends what it gathered in one call per intake,
+/// so a longer tick means fewer calls (and spool syncs) for a little more delay of the logs.
+const TICK: Duration = Duration::from_millis(20);
 /// How long the intake may take to acknowledge an event.
 const INTAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most events waiting for a tick; beyond it, new ones are dropped (and counted).

@@ -20,11 +20,16 @@ use meshserve_filter_core::logger::Event;
 use super::PayloadMetrics;
 use super::spool::Reader;
 
-/// Events sent at once to an HTTP sink.
-const BATCH: usize = 32;
+/// Events read from the spool at once: an HTTP sink gets them concurrently, a file sink in one
+/// write and one sync.
+const BATCH_HTTP: usize = 64;
+const BATCH_FILE: usize = 1024;
 /// Backoff between attempts: doubling from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// After a batch smaller than the most, delivery waits this long for more before reading again:
+/// fewer, larger writes and syncs under load, for a little delay.
+const LINGER: Duration = Duration::from_millis(20);
 /// A sink's answer is awaited this long.
 const SINK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,7 +94,12 @@ pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
         SinkSpec::Http(_) => None,
     };
     loop {
-        let batch = match reader.next_batch(BATCH).await {
+        let size = if file.is_some() {
+            BATCH_FILE
+        } else {
+            BATCH_HTTP
+        };
+        let batch = match reader.next_batch(size).await {
             Ok(batch) if batch.is_empty() => return,
             Ok(batch) => batch,
             Err(e) => {
@@ -126,6 +136,9 @@ pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
             tracing::warn!(error = %e, "cannot record the payload delivery cursor");
         }
         metrics.spool_bytes.set(reader_bytes(&reader));
+        if count < size as u64 {
+            tokio::time::sleep(LINGER).await;
+        }
     }
 }
 

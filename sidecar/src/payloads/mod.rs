@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use base64::Engine;
 use meshserve_filter_core::logger::{BATCH_CONTENT_TYPE, Event, decode_batch};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use serde_json::{Map, Value};
 
 use self::delivery::SinkSpec;
 use self::spool::{Spool, SpoolError};
@@ -179,43 +178,62 @@ pub fn event_from_headers(headers: &http::HeaderMap, body: Vec<u8>) -> Event {
 }
 
 /// The event in CloudEvents' JSON format, one line: its attributes (`ce-` dropped),
-/// `datacontenttype`, and `data` (JSON payloads as JSON) or `data_base64`.
+/// `datacontenttype`, and `data` (a JSON payload as it came, checked to be JSON) or
+/// `data_base64`.
 pub fn json_line(event: &Event) -> Vec<u8> {
-    let mut out = Map::new();
+    use serde_json::value::RawValue;
+
+    let mut line = Vec::with_capacity(event.body.len() + 512);
+    line.push(b'{');
+    let field = |line: &mut Vec<u8>, name: &str| {
+        if line.len() > 1 {
+            line.push(b',');
+        }
+        // Names and string values go through serde_json for their escaping.
+        let _ = serde_json::to_writer(&mut *line, name);
+        line.push(b':');
+    };
     let mut json_payload = false;
     for (name, value) in &event.headers {
         if let Some(attribute) = name.strip_prefix("ce-") {
-            let value = if attribute == "metadata" {
-                serde_json::from_str(value).unwrap_or_else(|_| Value::from(value.as_str()))
-            } else {
-                Value::from(value.as_str())
-            };
-            out.insert(attribute.to_owned(), value);
+            field(&mut line, attribute);
+            match serde_json::from_str::<&RawValue>(value) {
+                Ok(raw) if attribute == "metadata" => line.extend_from_slice(raw.get().as_bytes()),
+                _ => {
+                    let _ = serde_json::to_writer(&mut line, value);
+                }
+            }
         } else if name == "content-type" {
             json_payload = value.starts_with("application/json");
-            out.insert("datacontenttype".into(), Value::from(value.as_str()));
+            field(&mut line, "datacontenttype");
+            let _ = serde_json::to_writer(&mut line, value);
         }
     }
-    let data = json_payload
-        .then(|| serde_json::from_slice::<Value>(&event.body).ok())
-        .flatten();
-    match data {
-        Some(data) => {
-            out.insert("data".into(), data);
+    match json_payload
+        .then(|| serde_json::from_slice::<&RawValue>(&event.body).ok())
+        .flatten()
+    {
+        // A JSON payload as it came (checked to be JSON): no parse into values and back.
+        Some(raw) => {
+            field(&mut line, "data");
+            line.extend_from_slice(raw.get().as_bytes());
         }
         None => {
-            out.insert(
-                "data_base64".into(),
-                Value::from(base64::engine::general_purpose::STANDARD.encode(&event.body)),
+            field(&mut line, "data_base64");
+            let _ = serde_json::to_writer(
+                &mut line,
+                &base64::engine::general_purpose::STANDARD.encode(&event.body),
             );
         }
     }
-    serde_json::to_vec(&Value::Object(out)).unwrap_or_default()
+    line.push(b'}');
+    line
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn json_lines_keep_json_payloads_as_json() {

@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// The most appends waiting for the writer.
 const QUEUE: usize = 4096;
+/// The reader reads this much of a segment at once.
+const READ_CHUNK: u64 = 1 << 20;
 
 /// Where in the spool: (segment number, byte offset).
 pub type Position = (u64, u64);
@@ -310,19 +312,62 @@ impl Reader {
             let Some((_, file)) = self.file.as_mut() else {
                 break;
             };
-            file.seek(SeekFrom::Start(offset))?;
-            let limit = if seq == durable.0 {
+            let end = if seq == durable.0 {
                 durable.1
             } else {
-                u64::MAX
+                file.metadata()?.len()
             };
-            match read_record(file)? {
-                Some((event, size)) if offset + size <= limit => {
-                    offset += size;
-                    out.push(((seq, offset), event));
+            if offset >= end {
+                if seq < durable.0 {
+                    (seq, offset) = (seq + 1, 0);
+                    continue;
                 }
-                _ if seq < durable.0 => (seq, offset) = (seq + 1, 0),
-                _ => break,
+                break;
+            }
+            // One read for many records.
+            let mut chunk = vec![0u8; (end - offset).min(READ_CHUNK) as usize];
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut chunk)?;
+            let mut at = 0;
+            while out.len() < max {
+                let Some((event, size)) = chunk.get(at..).and_then(decode_record) else {
+                    break;
+                };
+                at += size;
+                offset += size as u64;
+                out.push(((seq, offset), event));
+            }
+            if at == 0 {
+                // A record longer than the chunk: read it whole.
+                let len = chunk
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, |b| u32::from_le_bytes(b) as u64);
+                let whole = 8 + len;
+                let decoded = if chunk.len() as u64 >= whole || offset + whole > end {
+                    None
+                } else {
+                    let mut record = vec![0u8; whole as usize];
+                    file.seek(SeekFrom::Start(offset))?;
+                    file.read_exact(&mut record)?;
+                    decode_record(&record)
+                };
+                match decoded {
+                    Some((event, size)) => {
+                        offset += size as u64;
+                        out.push(((seq, offset), event));
+                    }
+                    None => {
+                        // Synced records only get here through a disk fault: skip the rest of
+                        // the segment rather than stall delivery for good.
+                        tracing::error!(
+                            segment = seq,
+                            offset,
+                            "a corrupt record in the payload spool; skipping the rest of the segment"
+                        );
+                        offset = end;
+                    }
+                }
             }
         }
         Ok(out)
