@@ -187,8 +187,9 @@ def report(rows, delivery, info, args, concurrencies, request_bytes, answer_byte
         lines.append(f"- the spool took {intake[0]['rps']:,.0f} events/s, each synced to disk before its answer "
                      f"(concurrency {intake[0]['concurrency']}).")
     for d in delivery:
-        lines.append(f"- after a logging-on run at concurrency {d['concurrency']}: {d['arrived']} of {d['expected']} "
-                     f"events at the sink, the last {d['after_s']:.2f} s after the load ended.")
+        lines.append(f"- after a run to the HTTP sink at concurrency {d['concurrency']}: {d['arrived']} of "
+                     f"{d['expected']} events (warm-up included) at the sink, the last {d['after_s']:.2f} s after "
+                     "the load ended.")
     lines.append("")
     lines += b.notes_lines([n for r in rows for n in r["notes"]], log_errors)
     return "\n".join(lines) + "\n"
