@@ -349,9 +349,15 @@ fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
     // The filters' own parser, so what `up` accepts the filter does too.
     let checked: meshserve_filter_core::logger::LoggerConfig =
         serde_json::from_value(filter.clone()).map_err(|e| error(path, e.to_string()))?;
-    checked
-        .check(path)
-        .map_err(|e| error(path, e.trim_start_matches(path).trim_start_matches(": ")))?;
+    checked.check(path).map_err(|e| {
+        error(
+            path,
+            e.trim_start_matches(path)
+                .trim_start_matches('.')
+                .replace("sampling_percent", "samplingPercent")
+                .replace("metadata_headers", "metadataHeaders"),
+        )
+    })?;
     Ok(RevisionLogger { url, filter })
 }
 

@@ -30,6 +30,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// After a batch smaller than the most, delivery waits this long for more before reading again:
 /// fewer, larger writes and syncs under load, for a little delay.
 const LINGER: Duration = Duration::from_millis(20);
+/// A sink that refuses an event outright (a 4xx other than 408 and 429) gets this many attempts
+/// before the event is dropped (counted, logged): one bad event must not stall every later one.
+const REFUSALS: u32 = 10;
 /// A sink's answer is awaited this long.
 const SINK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -178,7 +181,21 @@ async fn send_until_taken(
             Ok(request) => {
                 match tokio::time::timeout(SINK_TIMEOUT, client.request(request)).await {
                     Ok(Ok(response)) if response.status().is_success() => return,
-                    Ok(Ok(response)) => format!("the sink answered {}", response.status()),
+                    Ok(Ok(response)) => {
+                        let status = response.status();
+                        let refused = status.is_client_error()
+                            && status != http::StatusCode::REQUEST_TIMEOUT
+                            && status != http::StatusCode::TOO_MANY_REQUESTS;
+                        if refused && attempt + 1 >= REFUSALS {
+                            tracing::error!(sink = %uri, %status, "the sink refuses an event; dropped after {REFUSALS} attempts");
+                            metrics
+                                .dropped
+                                .with_label_values(&["refused_by_sink"])
+                                .inc();
+                            return;
+                        }
+                        format!("the sink answered {status}")
+                    }
                     Ok(Err(e)) => format!("cannot reach the sink: {e}"),
                     Err(_) => "the sink did not answer in time".to_owned(),
                 }

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use meshserve_filter_core::logger::{Event, decode_record, encode_record};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// A segment is closed and a new one started past this size.
+/// A segment is closed and a new one started past this size (or past a quarter of the spool's
+/// bound, if smaller: delivered events leave with their segment, so segments must be small
+/// enough for a full spool to free space as it delivers).
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// The most appends waiting for the writer.
 const QUEUE: usize = 4096;
@@ -150,6 +152,7 @@ pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(Spool, Reader)> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let writer = Writer {
         dir: dir.to_owned(),
+        segment_bytes: (max_bytes / 4).clamp(1, SEGMENT_BYTES),
         seq: last,
         offset: end,
         file,
@@ -214,6 +217,7 @@ fn encode_len(event: &Event) -> u64 {
 
 struct Writer {
     dir: PathBuf,
+    segment_bytes: u64,
     seq: u64,
     offset: u64,
     file: File,
@@ -240,7 +244,7 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &[Append]) -> io::Result<()> {
-        if self.offset >= SEGMENT_BYTES {
+        if self.offset >= self.segment_bytes {
             self.roll()?;
         }
         let mut buffer = Vec::new();
@@ -463,7 +467,11 @@ mod tests {
         let batch = reader.next_batch(100).await.unwrap();
         assert_eq!(batch.len(), accepted);
         reader.commit(batch.last().unwrap().0).unwrap();
-        assert_eq!(reader.cursor().0, 0);
+        // Delivered, the events' segments go and the spool takes new ones.
+        assert!(spool.bytes() < 300, "{}", spool.bytes());
+        spool.append(event(100)).await.unwrap();
+        let next = reader.next_batch(10).await.unwrap();
+        assert_eq!(next[0].1.header("ce-id"), Some("id-100"));
     }
 
     #[tokio::test]
