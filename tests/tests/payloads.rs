@@ -371,6 +371,18 @@ async fn modes_sampling_truncation_and_errors_behave_as_configured() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // A client cannot reach an intake through Envoy by naming its cluster.
+    let forged = client
+        .post(mesh.envoy.url("/meshserve/events"))
+        .header("x-meshserve-cluster", "logs.v1")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "forged")
+        .header("ce-type", "org.kubeflow.serving.inference.request")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 404);
 
     // Every logged request has gone out through the intake once these counts are reached.
     let expected_min = 50 + 50 + 10 * 2 + 2;
@@ -453,6 +465,7 @@ async fn modes_sampling_truncation_and_errors_behave_as_configured() {
         .expect("the 400 answer is logged");
     assert_eq!(refused["statuscode"], "400");
     assert!(refused["data"]["error"].as_str().unwrap().contains("shape"));
+    assert!(events.iter().all(|e| e["id"] != "forged"));
     let _ = Path::new(&mesh.dir);
 }
 

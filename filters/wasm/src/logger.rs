@@ -36,8 +36,10 @@ pub(crate) const ROOT_ID: &str = "logger";
 const TICK: Duration = Duration::from_millis(20);
 /// How long the intake may take to acknowledge an event.
 const INTAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most events waiting for a tick; beyond it, new ones are dropped (and counted).
+/// The most events, and event bytes, waiting for a tick in one worker; beyond them, new ones
+/// are dropped (and counted).
 const MAX_PENDING: usize = 10_000;
+const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// An event on its way to an intake.
 #[derive(Debug)]
@@ -47,8 +49,22 @@ struct Outgoing {
     event: Event,
 }
 
-/// The most events in one call to an intake.
+impl Outgoing {
+    fn size(&self) -> usize {
+        self.event.body.len()
+            + self
+                .event
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 6)
+                .sum::<usize>()
+            + 12
+    }
+}
+
+/// The most events, and bytes, in one call to an intake (under the sidecar's request limit).
 const MAX_BATCH: usize = 1_000;
+const MAX_BATCH_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -56,6 +72,7 @@ struct Shared {
     counters: Counters,
     rng: u64,
     pending: Vec<Outgoing>,
+    pending_bytes: usize,
     /// Callouts in flight: token -> the InferenceService of each event in it.
     in_flight: HashMap<u32, Vec<String>>,
 }
@@ -100,6 +117,12 @@ fn now_nanos() -> u128 {
 }
 
 impl Context for LoggerRoot {
+    fn on_done(&mut self) -> bool {
+        // The root is going (a new configuration): send what is gathered now.
+        self.send_pending();
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token: u32,
@@ -142,22 +165,51 @@ impl RootContext for LoggerRoot {
     }
 
     fn on_tick(&mut self) {
-        let pending = std::mem::take(&mut self.shared.borrow_mut().pending);
+        self.send_pending();
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.shared.borrow().config.clone()?;
+        Some(Box::new(LoggerStream {
+            shared: Rc::clone(&self.shared),
+            config,
+            active: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl LoggerRoot {
+    fn send_pending(&mut self) {
+        let pending = {
+            let mut shared = self.shared.borrow_mut();
+            shared.pending_bytes = 0;
+            std::mem::take(&mut shared.pending)
+        };
         if pending.is_empty() {
             return;
         }
-        // One call per intake (cluster) and tick, with every event gathered for it.
-        let mut by_cluster: Vec<(String, Vec<Outgoing>)> = Vec::new();
+        // One call per intake (cluster) and tick, with every event gathered for it (up to a
+        // batch's count and bytes).
+        let mut by_cluster: Vec<(String, usize, Vec<Outgoing>)> = Vec::new();
         for outgoing in pending {
-            match by_cluster
-                .iter_mut()
-                .find(|(c, group)| *c == outgoing.cluster && group.len() < MAX_BATCH)
-            {
-                Some((_, group)) => group.push(outgoing),
-                None => by_cluster.push((outgoing.cluster.clone(), vec![outgoing])),
+            let size = outgoing.size();
+            match by_cluster.iter_mut().find(|(c, bytes, group)| {
+                *c == outgoing.cluster
+                    && group.len() < MAX_BATCH
+                    && *bytes + size <= MAX_BATCH_BYTES
+            }) {
+                Some((_, bytes, group)) => {
+                    *bytes += size;
+                    group.push(outgoing);
+                }
+                None => by_cluster.push((outgoing.cluster.clone(), size, vec![outgoing])),
             }
         }
-        for (cluster, group) in by_cluster {
+        for (cluster, _, group) in by_cluster {
             let (events, isvcs): (Vec<Event>, Vec<String>) =
                 group.into_iter().map(|o| (o.event, o.isvc)).unzip();
             let body = encode_batch(&events);
@@ -187,19 +239,6 @@ impl RootContext for LoggerRoot {
                 }
             }
         }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.shared.borrow().config.clone()?;
-        Some(Box::new(LoggerStream {
-            shared: Rc::clone(&self.shared),
-            config,
-            active: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 }
 
@@ -326,15 +365,20 @@ impl HttpContext for LoggerStream {
         };
         let mut shared = self.shared.borrow_mut();
         for event in events(&active.exchange, active.logger.mode) {
-            if shared.pending.len() >= MAX_PENDING {
-                shared.count(&active.exchange.isvc, "dropped_queue_full");
-                continue;
-            }
-            shared.pending.push(Outgoing {
+            let outgoing = Outgoing {
                 cluster: active.cluster.clone(),
                 isvc: active.exchange.isvc.clone(),
                 event,
-            });
+            };
+            let size = outgoing.size();
+            if shared.pending.len() >= MAX_PENDING
+                || shared.pending_bytes + size > MAX_PENDING_BYTES
+            {
+                shared.count(&active.exchange.isvc, "dropped_queue_full");
+                continue;
+            }
+            shared.pending_bytes += size;
+            shared.pending.push(outgoing);
         }
     }
 }

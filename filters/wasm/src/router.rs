@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
 use meshserve_filter_core::route::{
-    Choice, Decision, REVISION_HEADER, Reply, Request, Route, decide,
+    CLUSTER_HEADER, COMPONENT_HEADER, Choice, Decision, ISVC_HEADER, NAMESPACE_HEADER,
+    REVISION_HEADER, Reply, Request, Route, decide,
 };
 use meshserve_filter_core::shadow::agree;
+use meshserve_filter_core::transform::TRANSFORMED_HEADER;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
@@ -19,6 +21,15 @@ use crate::{configure, request_header};
 
 /// The root id Envoy must give this filter.
 pub(crate) const ROOT_ID: &str = "router";
+/// Request headers the filters set and clients may not (`x-meshserve-revision` is the
+/// client's pin, and stays).
+const INTERNAL_HEADERS: [&str; 5] = [
+    CLUSTER_HEADER,
+    ISVC_HEADER,
+    NAMESPACE_HEADER,
+    COMPONENT_HEADER,
+    TRANSFORMED_HEADER,
+];
 /// The most response bytes kept to compare a primary answer with its shadow's.
 const SHADOW_COMPARE_LIMIT: usize = 1 << 20;
 /// How often queued shadow copies are sent.
@@ -431,6 +442,13 @@ impl Context for RouterStream {}
 
 impl HttpContext for RouterStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Headers only the filters may set: a client's copies would pick a cluster (the log
+        // intake's, say) or skip a transformer.
+        for name in INTERNAL_HEADERS {
+            if let Err(status) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
+                log::warn!("cannot remove {name}: {status:?}");
+            }
+        }
         // A request without a body decides here for good (`end_of_body`): a gRPC call with no
         // message gets its 400 instead of waiting for bytes that will not come.
         let decision = self.decide(&[], end_of_stream);

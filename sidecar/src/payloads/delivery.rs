@@ -171,7 +171,7 @@ async fn send_until_taken(
 ) {
     let body = Bytes::from(event.body);
     let mut delay = BACKOFF_FIRST;
-    let mut attempt = 0u32;
+    let (mut attempt, mut refusals) = (0u32, 0u32);
     loop {
         let mut request = http::Request::post(uri.clone());
         for (name, value) in &event.headers {
@@ -186,7 +186,8 @@ async fn send_until_taken(
                         let refused = status.is_client_error()
                             && status != http::StatusCode::REQUEST_TIMEOUT
                             && status != http::StatusCode::TOO_MANY_REQUESTS;
-                        if refused && attempt + 1 >= REFUSALS {
+                        refusals += u32::from(refused);
+                        if refusals >= REFUSALS {
                             tracing::error!(sink = %uri, %status, "the sink refuses an event; dropped after {REFUSALS} attempts");
                             metrics
                                 .dropped
@@ -243,8 +244,13 @@ impl FileSink {
             .create(true)
             .append(true)
             .open(&self.path)?;
-        file.write_all(&out)?;
-        file.sync_data()
+        let before = file.metadata()?.len();
+        let written = file.write_all(&out).and_then(|()| file.sync_data());
+        if written.is_err() {
+            // No torn line for the retry to append after.
+            let _ = file.set_len(before);
+        }
+        written
     }
 
     /// events.jsonl -> events.jsonl.1 -> ... -> events.jsonl.<keep> (the oldest goes).

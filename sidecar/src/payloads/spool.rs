@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// The most appends waiting for the writer.
 const QUEUE: usize = 4096;
+/// No record is larger (the intake takes at most --max-request-bytes per request).
+const MAX_RECORD: usize = 1 << 30;
 /// The reader reads this much of a segment at once.
 const READ_CHUNK: u64 = 1 << 20;
 
@@ -96,6 +98,10 @@ fn read_record(file: &mut File) -> io::Result<Option<(Event, u64)>> {
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_RECORD {
+        // No record this large was ever written: a torn or corrupt length.
+        return Ok(None);
+    }
     let mut record = vec![0u8; 8 + len];
     record[..8].copy_from_slice(&head);
     match file.read_exact(&mut record[8..]) {
@@ -126,6 +132,26 @@ fn read_cursor(dir: &Path) -> Option<Position> {
 /// yet delivered are read again.
 pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(Spool, Reader)> {
     std::fs::create_dir_all(dir)?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    // A spool closing in this process lets go within moments (its writer thread ends).
+    let mut tries = 0;
+    while lock.try_lock().is_err() {
+        tries += 1;
+        if tries > 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another meshserve (one spool per sidecar: give each --log-spool its own directory)",
+                    dir.display()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let mut seqs = segments(dir)?;
     if seqs.is_empty() {
         File::create(segment_path(dir, 0))?.sync_all()?;
@@ -156,8 +182,8 @@ pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(Spool, Reader)> {
         seq: last,
         offset: end,
         file,
-        bytes: Arc::clone(&bytes),
         durable: durable_tx,
+        _lock: lock,
     };
     std::thread::Builder::new()
         .name("payload-spool".into())
@@ -187,17 +213,23 @@ impl Spool {
     /// Appends events, all or none; returns once they are on disk (synced).
     pub async fn append_all(&self, events: Vec<Event>) -> Result<(), SpoolError> {
         let size: u64 = events.iter().map(encode_len).sum();
-        if self.bytes.load(Ordering::Relaxed) + size > self.max_bytes {
+        // Reserved before writing, so concurrent appends cannot overshoot the bound together.
+        let before = self.bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
             return Err(SpoolError::Full(self.max_bytes));
         }
         let (done, answer) = oneshot::channel();
-        self.tx
-            .send(Append { events, done })
-            .await
-            .map_err(|_| SpoolError::Io("the spool writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| SpoolError::Io("the spool writer stopped".into()))?
+        let result = match self.tx.send(Append { events, done }).await {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(SpoolError::Io("the spool writer stopped".into()))),
+            Err(_) => Err(SpoolError::Io("the spool writer stopped".into())),
+        };
+        if result.is_err() {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+        }
+        result
     }
 
     /// Bytes on disk (undelivered events and delivered ones in segments not yet deleted).
@@ -221,8 +253,9 @@ struct Writer {
     seq: u64,
     offset: u64,
     file: File,
-    bytes: Arc<AtomicU64>,
     durable: watch::Sender<Position>,
+    /// Held for the spool's lifetime: one process per spool directory.
+    _lock: File,
 }
 
 impl Writer {
@@ -262,7 +295,6 @@ impl Writer {
             return Err(e);
         }
         self.offset += buffer.len() as u64;
-        self.bytes.fetch_add(buffer.len() as u64, Ordering::Relaxed);
         let _ = self.durable.send((self.seq, self.offset));
         Ok(())
     }
@@ -361,15 +393,17 @@ impl Reader {
                         offset += size as u64;
                         out.push(((seq, offset), event));
                     }
+                    None if !out.is_empty() => break,
                     None => {
-                        // Synced records only get here through a disk fault: skip the rest of
-                        // the segment rather than stall delivery for good.
+                        // Synced records only get here through a disk fault: skip what is
+                        // synced of the segment rather than stall delivery for good.
                         tracing::error!(
                             segment = seq,
                             offset,
-                            "a corrupt record in the payload spool; skipping the rest of the segment"
+                            "a corrupt record in the payload spool; skipping to the end of what is synced"
                         );
                         offset = end;
+                        self.cursor = (seq, end);
                     }
                 }
             }
@@ -472,6 +506,18 @@ mod tests {
         spool.append(event(100)).await.unwrap();
         let next = reader.next_batch(10).await.unwrap();
         assert_eq!(next[0].1.header("ce-id"), Some("id-100"));
+    }
+
+    #[tokio::test]
+    async fn one_spool_directory_serves_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _reader) = open(dir.path(), 1 << 20).unwrap();
+        let err = open(dir.path(), 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by another meshserve"),
+            "{err}"
+        );
+        drop(spool);
     }
 
     #[tokio::test]

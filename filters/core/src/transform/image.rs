@@ -192,7 +192,11 @@ fn decode_jpeg(
         .set_max_height(height);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     let pixels = decoder.decode().map_err(fail)?;
-    if pixels.len() != width * height * channels {
+    if width
+        .checked_mul(height)
+        .and_then(|p| p.checked_mul(channels))
+        .is_none_or(|n| n != pixels.len())
+    {
         return Err(TransformError::bad(format!(
             "cannot decode the JPEG image: {} bytes of pixels for {width}x{height}",
             pixels.len()

@@ -111,6 +111,14 @@ pub struct TransformLimits {
     /// The most instances (images) in one request (default 64).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// The most pixels decoded for one request, all its images together (default 33,554,432:
+    /// two 4096 x 4096 pictures): bounds the time and memory one request takes.
+    #[serde(default = "default_max_request_pixels")]
+    pub max_request_pixels: u64,
+    /// The most bytes of the batch tensor the transformer builds, as 32-bit floats before any
+    /// `cast` (default 64 MiB).
+    #[serde(default = "default_max_tensor_bytes")]
+    pub max_tensor_bytes: usize,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -125,12 +133,22 @@ fn default_max_batch() -> usize {
     64
 }
 
+fn default_max_request_pixels() -> u64 {
+    2 * 4096 * 4096
+}
+
+fn default_max_tensor_bytes() -> usize {
+    64 << 20
+}
+
 impl Default for TransformLimits {
     fn default() -> Self {
         TransformLimits {
             max_body_bytes: default_max_body_bytes(),
             max_image_pixels: default_max_image_pixels(),
             max_batch: default_max_batch(),
+            max_request_pixels: default_max_request_pixels(),
+            max_tensor_bytes: default_max_tensor_bytes(),
         }
     }
 }
@@ -237,7 +255,12 @@ impl TryFrom<RawTransformer> for Transformer {
 
     fn try_from(raw: RawTransformer) -> Result<Self, String> {
         let limits = raw.limits;
-        if limits.max_body_bytes == 0 || limits.max_image_pixels == 0 || limits.max_batch == 0 {
+        if limits.max_body_bytes == 0
+            || limits.max_image_pixels == 0
+            || limits.max_batch == 0
+            || limits.max_request_pixels == 0
+            || limits.max_tensor_bytes == 0
+        {
             return Err("transformer.limits: every limit must be above 0".into());
         }
         let request = match raw.request {
@@ -293,6 +316,7 @@ fn plan(raw: RawRequest) -> Result<RequestPlan, String> {
         (false, true) => {}
     }
     let mut kind = Kind::Bytes;
+    let mut normalized = false;
     let mut channels: Option<usize> = None;
     let mut datatype = DataType::Fp32;
     let mut emit = None;
@@ -308,13 +332,19 @@ fn plan(raw: RawRequest) -> Result<RequestPlan, String> {
                 (Kind::Image, Kind::Image)
             }
             Step::Resize(r) => {
-                if r.width == 0 || r.height == 0 || r.width * r.height > 1 << 24 {
+                let pixels = (r.width as u64).saturating_mul(r.height as u64);
+                if r.width == 0 || r.height == 0 || pixels > 1 << 24 {
                     return Err(format!(
                         "{at}.resize: {}x{} is not a usable size",
                         r.width, r.height
                     ));
                 }
                 (Kind::Image, Kind::Image)
+            }
+            Step::Invert if normalized => {
+                return Err(format!(
+                    "{at}: invert after normalize has no range to invert within; invert first"
+                ));
             }
             Step::Invert | Step::Scale(_) => (Kind::Image, Kind::Image),
             Step::Normalize { mean, std } => {
@@ -328,6 +358,7 @@ fn plan(raw: RawRequest) -> Result<RequestPlan, String> {
                 if std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
                     return Err(format!("{at}.normalize: std must be finite and not 0"));
                 }
+                normalized = true;
                 (Kind::Image, Kind::Image)
             }
             Step::Layout(_) => (Kind::Image, Kind::Tensor),
@@ -506,15 +537,19 @@ impl Transformer {
         let mut shape: Option<Vec<usize>> = None;
         let mut data: Vec<f32> = Vec::new();
         let count = values.len();
+        let mut pixels_left = self.limits.max_request_pixels;
+        let bytes_per_element = std::mem::size_of::<f32>();
         for (i, value) in values.into_iter().enumerate() {
-            let (item_shape, item) = self.run(value, steps).map_err(|e| TransformError {
-                message: if count > 1 {
-                    format!("instance {i}: {}", e.message)
-                } else {
-                    e.message
-                },
-                ..e
-            })?;
+            let (item_shape, item) =
+                self.run(value, steps, &mut pixels_left)
+                    .map_err(|e| TransformError {
+                        message: if count > 1 {
+                            format!("instance {i}: {}", e.message)
+                        } else {
+                            e.message
+                        },
+                        ..e
+                    })?;
             match &shape {
                 None => shape = Some(item_shape),
                 Some(first) if *first != item_shape => {
@@ -523,6 +558,14 @@ impl Transformer {
                     )));
                 }
                 Some(_) => {}
+            }
+            if (data.len() + item.len()).saturating_mul(bytes_per_element)
+                > self.limits.max_tensor_bytes
+            {
+                return Err(TransformError::too_large(format!(
+                    "the tensor for the model would pass {} bytes (limits.max_tensor_bytes) at instance {i}: add a resize step or send fewer instances",
+                    self.limits.max_tensor_bytes
+                )));
             }
             data.extend_from_slice(&item);
         }
@@ -536,7 +579,12 @@ impl Transformer {
         })
     }
 
-    fn run(&self, value: Value2, steps: &[Step]) -> Result<(Vec<usize>, Vec<f32>), TransformError> {
+    fn run(
+        &self,
+        value: Value2,
+        steps: &[Step],
+        pixels_left: &mut u64,
+    ) -> Result<(Vec<usize>, Vec<f32>), TransformError> {
         let mut bytes = value;
         let mut image: Option<Image> = None;
         for (i, step) in steps.iter().enumerate() {
@@ -548,11 +596,20 @@ impl Transformer {
                         Some(Step::Color(c)) => Some(*c),
                         _ => None,
                     };
-                    image = Some(image::decode(
-                        &bytes.data,
-                        self.limits.max_image_pixels,
-                        want,
-                    )?);
+                    let limit = self.limits.max_image_pixels.min(*pixels_left);
+                    let decoded = image::decode(&bytes.data, limit, want).map_err(|e| {
+                        if e.status == 413 && limit < self.limits.max_image_pixels {
+                            TransformError::too_large(format!(
+                                "the request's pictures pass {} pixels in all (limits.max_request_pixels)",
+                                self.limits.max_request_pixels
+                            ))
+                        } else {
+                            e
+                        }
+                    })?;
+                    *pixels_left =
+                        pixels_left.saturating_sub((decoded.width * decoded.height) as u64);
+                    image = Some(decoded);
                 }
                 Step::Layout(layout) => {
                     if let Some(img) = image.take() {

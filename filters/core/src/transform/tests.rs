@@ -332,6 +332,14 @@ fn bad_pipelines_are_refused_with_the_step_named() {
         ),
         (json!({"limits": {"max_batch": 0}}), "above 0"),
         (
+            json!({"request": {"steps": ["image_decode", {"normalize": {"mean": [0.5], "std": [0.5]}}, "invert", {"layout": "nchw"}, {"emit": {"input": "x"}}]}}),
+            "steps[2]: invert after normalize",
+        ),
+        (
+            json!({"request": {"steps": ["image_decode", {"resize": {"width": 65536, "height": 65536}}, {"layout": "nchw"}, {"emit": {"input": "x"}}]}}),
+            "65536x65536 is not a usable size",
+        ),
+        (
             json!({"limits": {"max_bytes": 1}}),
             "unknown field `max_bytes`",
         ),
@@ -387,5 +395,37 @@ fn the_filter_selects_predict_and_infer_calls_of_services_with_a_transformer() {
             "/v1/models/mnist_cnn:explain"
         )
         .is_none()
+    );
+}
+
+#[test]
+fn a_request_is_bounded_as_a_whole() {
+    let png = picture(ImageFormat::Png);
+    let body = json!({"instances": [{"b64": b64(&png)}, {"b64": b64(&png)}, {"b64": b64(&png)}]});
+    let steps = json!(["image_decode", {"layout": "flat"}, {"emit": {"input": "x"}}]);
+    // 8x8 pictures: two fit in 150 pixels, the third does not.
+    let t =
+        transformer(json!({"request": {"steps": steps}, "limits": {"max_request_pixels": 150}}))
+            .unwrap();
+    let err = t
+        .request(Wire::V1, body.to_string().as_bytes(), None)
+        .unwrap_err();
+    assert_eq!(err.status, 413);
+    assert!(
+        err.message.contains("instance 2") && err.message.contains("limits.max_request_pixels"),
+        "{err}"
+    );
+    // 64 floats a picture, 4 bytes each: two fit in 600 bytes, the third does not.
+    let t = transformer(json!({"request": {"steps": steps}, "limits": {"max_tensor_bytes": 600}}))
+        .unwrap();
+    let err = t
+        .request(Wire::V1, body.to_string().as_bytes(), None)
+        .unwrap_err();
+    assert_eq!(err.status, 413);
+    assert!(err.message.contains("limits.max_tensor_bytes"), "{err}");
+    let t = transformer(json!({"request": {"steps": steps}})).unwrap();
+    assert!(
+        t.request(Wire::V1, body.to_string().as_bytes(), None)
+            .is_ok()
     );
 }
