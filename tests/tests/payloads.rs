@@ -35,6 +35,11 @@ impl Drop for Mesh {
 /// One sidecar serving `models` (each a copy of sklearn_digits), one InferenceService per
 /// model with its own logger settings, all logging to one log-sink.
 fn start(tag: &str, loggers: &[(&str, Value)]) -> Mesh {
+    start_with(tag, loggers, &[])
+}
+
+/// As [`start`], with more `meshserve serve` flags for the sidecar.
+fn start_with(tag: &str, loggers: &[(&str, Value)], extra: &[&str]) -> Mesh {
     let dir = std::env::temp_dir().join(format!("meshserve-payloads-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -46,16 +51,10 @@ fn start(tag: &str, loggers: &[(&str, Value)]) -> Mesh {
     let sink = LogSink::start(0, &dir.join("events.jsonl"));
     let spool = dir.join("spool");
     let sink_url = format!("http://{}/", sink.addr);
-    let sidecar = Sidecar::start_on(
-        &repository.path,
-        &[
-            "--log-sink",
-            &sink_url,
-            "--log-spool",
-            &spool.display().to_string(),
-        ],
-        true,
-    );
+    let spool_dir = spool.display().to_string();
+    let mut flags = vec!["--log-sink", &sink_url, "--log-spool", &spool_dir];
+    flags.extend_from_slice(extra);
+    let sidecar = Sidecar::start_on(&repository.path, &flags, true);
     let services: Vec<Value> = loggers
         .iter()
         .map(|(name, logger)| {
@@ -472,4 +471,47 @@ async fn modes_sampling_truncation_and_errors_behave_as_configured() {
 fn base64_len(text: &str) -> usize {
     let padding = text.chars().rev().take_while(|c| *c == '=').count();
     text.len() / 4 * 3 - padding
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_spool_drops_events_counted_and_every_request_still_succeeds() {
+    let mut mesh = start_with(
+        "full",
+        &[("digits", json!({"metadata_headers": ["x-request-n"]}))],
+        &["--log-spool-max-bytes", "20000"],
+    );
+    // The sink down: the spool fills and stays full.
+    mesh.sink.stop();
+    let statuses = load(&mesh.envoy, "digits", 0..200, 8, Duration::ZERO).await;
+    assert!(statuses.values().all(|s| *s == 200), "a request failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dropped = mesh
+            .envoy
+            .stat("wasmcustom.meshserve.logger.isvc.digits.result.dropped_429");
+        let sent = mesh
+            .envoy
+            .stat("wasmcustom.meshserve.logger.isvc.digits.result.sent");
+        if dropped > 0 && dropped + sent == 400 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events unaccounted for: {sent} sent, {dropped} dropped of 400"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = reqwest::get(mesh.sidecar.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "meshserve_payload_events_dropped_total{reason=\"spool_full\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
 }

@@ -269,3 +269,55 @@ impl FileSink {
         std::fs::rename(&self.path, numbered(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_sink_rotates_and_keeps_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut sink = FileSink {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 2,
+        };
+        let event = Event {
+            headers: vec![
+                ("ce-id".into(), "1".into()),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: br#"{"a": 1}"#.to_vec(),
+        };
+        for _ in 0..10 {
+            sink.append(&[event.clone(), event.clone()]).unwrap();
+        }
+        let numbered = |n: u32| dir.path().join(format!("events.jsonl.{n}"));
+        assert!(path.exists() && numbered(1).exists() && numbered(2).exists());
+        assert!(!numbered(3).exists(), "only `keep` old files stay");
+        for file in [path, numbered(1), numbered(2)] {
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert_eq!(text.lines().count(), 2, "{}", file.display());
+            for line in text.lines() {
+                let event: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(event["data"]["a"], 1);
+            }
+        }
+    }
+
+    #[test]
+    fn sink_urls_are_checked() {
+        assert!(matches!(
+            SinkSpec::parse("http://127.0.0.1:8090/x", 1),
+            Ok(SinkSpec::Http(_))
+        ));
+        assert!(matches!(
+            SinkSpec::parse("file:///tmp/e.jsonl", 1),
+            Ok(SinkSpec::File { .. })
+        ));
+        for bad in ["file://relative.jsonl", "https://x", "ftp://x", "nonsense"] {
+            assert!(SinkSpec::parse(bad, 1).is_err(), "{bad}");
+        }
+    }
+}
