@@ -11,9 +11,9 @@ use serde::Deserialize;
 
 /// Where a sidecar takes events (a `POST` with the event's `ce-*` headers and payload).
 pub const INTAKE_PATH: &str = "/meshserve/events";
-/// The intake also takes many events in one body in this framing ([`encode_batch`]): the filter
-/// sends what a tick gathered in one call, not one call per event.
-pub const BATCH_CONTENT_TYPE: &str = "application/x-meshserve-events";
+/// The filter sends the intake what a tick gathered in one call, as exchange records
+/// ([`encode_exchange`]): the sidecar makes the CloudEvents, natively, not the wasm VM.
+pub const EXCHANGES_CONTENT_TYPE: &str = "application/x-meshserve-exchanges";
 pub const REQUEST_TYPE: &str = "org.kubeflow.serving.inference.request";
 pub const RESPONSE_TYPE: &str = "org.kubeflow.serving.inference.response";
 
@@ -281,22 +281,145 @@ pub fn decode_record(bytes: &[u8]) -> Option<(Event, usize)> {
     ))
 }
 
-/// Many events in one body, records one after another.
-pub fn encode_batch(events: &[Event]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for event in events {
-        encode_record(event, &mut out);
-    }
-    out
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
 }
 
-/// The events of a batch; `None` if any record is torn or corrupt (the sender retries whole).
-pub fn decode_batch(mut bytes: &[u8]) -> Option<Vec<Event>> {
+fn put_payload(out: &mut Vec<u8>, payload: &Payload) {
+    out.push(u8::from(payload.truncated));
+    match &payload.content_type {
+        Some(ct) => {
+            out.push(1);
+            put(out, ct.as_bytes());
+        }
+        None => out.push(0),
+    }
+    put(out, &payload.body);
+}
+
+/// One exchange and the mode it is logged in, as a record (`u32 length | u32 crc32 | payload`,
+/// as [`encode_record`]), appended to `out`. Returns the number of events it makes.
+pub fn encode_exchange(exchange: &Exchange, mode: Mode, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.push(match mode {
+        Mode::All => 0,
+        Mode::Request => 1,
+        Mode::Response => 2,
+    });
+    for text in [
+        &exchange.id,
+        &exchange.time,
+        &exchange.isvc,
+        &exchange.namespace,
+        &exchange.component,
+        &exchange.endpoint,
+        &exchange.path,
+    ] {
+        put(out, text.as_bytes());
+    }
+    out.extend_from_slice(&(exchange.metadata.len() as u32).to_le_bytes());
+    for (name, value) in &exchange.metadata {
+        put(out, name.as_bytes());
+        put(out, value.as_bytes());
+    }
+    put_payload(out, &exchange.request);
+    match &exchange.response {
+        Some((status, payload)) => {
+            out.push(1);
+            out.extend_from_slice(&status.to_le_bytes());
+            put_payload(out, payload);
+        }
+        None => out.push(0),
+    }
+    let payload = out.get(start + 8..).unwrap_or_default();
+    let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
+    if let Some(head) = out.get_mut(start..start + 8) {
+        head.copy_from_slice(&[len.to_le_bytes(), crc.to_le_bytes()].concat());
+    }
+    usize::from(mode != Mode::Response)
+        + usize::from(mode != Mode::Request && exchange.response.is_some())
+}
+
+/// The exchanges of an intake body; `None` if any record is torn or corrupt.
+pub fn decode_exchanges(mut input: &[u8]) -> Option<Vec<(Exchange, Mode)>> {
+    fn take<'a>(at: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let head = at.get(..n)?;
+        *at = at.get(n..)?;
+        Some(head)
+    }
+    fn u32_at(at: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(take(at, 4)?.try_into().ok()?))
+    }
+    fn bytes<'a>(at: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = u32_at(at)? as usize;
+        take(at, n)
+    }
+    fn text(at: &mut &[u8]) -> Option<String> {
+        String::from_utf8(bytes(at)?.to_vec()).ok()
+    }
+    fn payload(at: &mut &[u8]) -> Option<Payload> {
+        let truncated = *take(at, 1)?.first()? == 1;
+        let content_type = match *take(at, 1)?.first()? {
+            1 => Some(text(at)?),
+            _ => None,
+        };
+        Some(Payload {
+            content_type,
+            body: bytes(at)?.to_vec(),
+            truncated,
+        })
+    }
     let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (event, size) = decode_record(bytes)?;
-        out.push(event);
-        bytes = bytes.get(size..)?;
+    while !input.is_empty() {
+        let mut at = input;
+        let len = u32_at(&mut at)? as usize;
+        let crc = u32_at(&mut at)?;
+        let mut record = take(&mut at, len)?;
+        if crc32fast::hash(record) != crc {
+            return None;
+        }
+        input = at;
+        let mode = match *take(&mut record, 1)?.first()? {
+            0 => Mode::All,
+            1 => Mode::Request,
+            _ => Mode::Response,
+        };
+        let mut fields = Vec::with_capacity(7);
+        for _ in 0..7 {
+            fields.push(text(&mut record)?);
+        }
+        let count = u32_at(&mut record)?;
+        let mut metadata = Vec::with_capacity(count.min(64) as usize);
+        for _ in 0..count {
+            metadata.push((text(&mut record)?, text(&mut record)?));
+        }
+        let request = payload(&mut record)?;
+        let response = match *take(&mut record, 1)?.first()? {
+            1 => {
+                let status = u16::from_le_bytes(take(&mut record, 2)?.try_into().ok()?);
+                Some((status, payload(&mut record)?))
+            }
+            _ => None,
+        };
+        let mut fields = fields.into_iter();
+        let mut next = || fields.next().unwrap_or_default();
+        out.push((
+            Exchange {
+                id: next(),
+                time: next(),
+                isvc: next(),
+                namespace: next(),
+                component: next(),
+                endpoint: next(),
+                path: next(),
+                metadata,
+                request,
+                response,
+            },
+            mode,
+        ));
     }
     Some(out)
 }
@@ -431,16 +554,27 @@ mod tests {
     }
 
     #[test]
-    fn batches_round_trip_and_corruption_is_caught() {
-        let both = events(&exchange(), Mode::All);
-        let batch = encode_batch(&both);
-        assert_eq!(decode_batch(&batch).unwrap(), both);
-        assert_eq!(decode_batch(&[]).unwrap(), vec![]);
+    fn records_and_exchanges_round_trip_and_corruption_is_caught() {
+        for event in events(&exchange(), Mode::All) {
+            let mut record = Vec::new();
+            encode_record(&event, &mut record);
+            assert_eq!(decode_record(&record), Some((event, record.len())));
+        }
+        let mut batch = Vec::new();
+        assert_eq!(encode_exchange(&exchange(), Mode::All, &mut batch), 2);
+        let mut no_answer = exchange();
+        no_answer.response = None;
+        assert_eq!(encode_exchange(&no_answer, Mode::Response, &mut batch), 0);
+        assert_eq!(
+            decode_exchanges(&batch).unwrap(),
+            vec![(exchange(), Mode::All), (no_answer, Mode::Response)]
+        );
+        assert_eq!(decode_exchanges(&[]).unwrap(), vec![]);
         let mut bad = batch.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(decode_batch(&bad).is_none());
-        assert!(decode_batch(&batch[..batch.len() - 3]).is_none());
+        assert!(decode_exchanges(&bad).is_none());
+        assert!(decode_exchanges(&batch[..batch.len() - 3]).is_none());
     }
 
     #[test]

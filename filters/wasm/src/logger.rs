@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
 use meshserve_filter_core::logger::{
-    BATCH_CONTENT_TYPE, Event, Exchange, INTAKE_PATH, LoggerConfig, Payload, encode_batch,
-    event_id, events, is_inference, rfc3339,
+    EXCHANGES_CONTENT_TYPE, Exchange, INTAKE_PATH, LoggerConfig, Payload, encode_exchange,
+    event_id, is_inference, rfc3339,
 };
 use meshserve_filter_core::route::{
     COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER, REVISION_HEADER,
@@ -41,24 +41,18 @@ const INTAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PENDING: usize = 10_000;
 const MAX_PENDING_BYTES: usize = 64 << 20;
 
-/// An event on its way to an intake.
+/// An exchange on its way to an intake, as its record, and the events it makes there.
 #[derive(Debug)]
 struct Outgoing {
     cluster: String,
     isvc: String,
-    event: Event,
+    record: Vec<u8>,
+    events: usize,
 }
 
 impl Outgoing {
     fn size(&self) -> usize {
-        self.event.body.len()
-            + self
-                .event
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 6)
-                .sum::<usize>()
-            + 12
+        self.record.len()
     }
 }
 
@@ -73,8 +67,9 @@ struct Shared {
     rng: u64,
     pending: Vec<Outgoing>,
     pending_bytes: usize,
-    /// Callouts in flight: token -> the InferenceService of each event in it.
-    in_flight: HashMap<u32, Vec<String>>,
+    /// Callouts in flight: token -> the InferenceService of each exchange in it, and its
+    /// events.
+    in_flight: HashMap<u32, Vec<(String, usize)>>,
 }
 
 impl Shared {
@@ -143,8 +138,10 @@ impl Context for LoggerRoot {
             // No answer: the intake was unreachable or timed out.
             None => "dropped_unreachable".to_owned(),
         };
-        for isvc in isvcs {
-            shared.count(&isvc, &result);
+        for (isvc, events) in isvcs {
+            for _ in 0..events {
+                shared.count(&isvc, &result);
+            }
         }
     }
 }
@@ -209,15 +206,18 @@ impl LoggerRoot {
                 None => by_cluster.push((outgoing.cluster.clone(), size, vec![outgoing])),
             }
         }
-        for (cluster, _, group) in by_cluster {
-            let (events, isvcs): (Vec<Event>, Vec<String>) =
-                group.into_iter().map(|o| (o.event, o.isvc)).unzip();
-            let body = encode_batch(&events);
+        for (cluster, bytes, group) in by_cluster {
+            let mut body = Vec::with_capacity(bytes);
+            let mut isvcs = Vec::with_capacity(group.len());
+            for outgoing in group {
+                body.extend_from_slice(&outgoing.record);
+                isvcs.push((outgoing.isvc, outgoing.events));
+            }
             let headers = vec![
                 (":method", "POST"),
                 (":path", INTAKE_PATH),
                 (":authority", "meshserve-log-intake"),
-                ("content-type", BATCH_CONTENT_TYPE),
+                ("content-type", EXCHANGES_CONTENT_TYPE),
             ];
             let sent = hostcalls::dispatch_http_call(
                 &cluster,
@@ -233,8 +233,10 @@ impl LoggerRoot {
                 }
                 Err(status) => {
                     log::warn!("cannot send events to {cluster}'s intake: {status:?}");
-                    for isvc in isvcs {
-                        shared.count(&isvc, "dropped_unreachable");
+                    for (isvc, events) in isvcs {
+                        for _ in 0..events {
+                            shared.count(&isvc, "dropped_unreachable");
+                        }
                     }
                 }
             }
@@ -364,21 +366,34 @@ impl HttpContext for LoggerStream {
             return;
         };
         let mut shared = self.shared.borrow_mut();
-        for event in events(&active.exchange, active.logger.mode) {
-            let outgoing = Outgoing {
-                cluster: active.cluster.clone(),
-                isvc: active.exchange.isvc.clone(),
-                event,
-            };
-            let size = outgoing.size();
-            if shared.pending.len() >= MAX_PENDING
-                || shared.pending_bytes + size > MAX_PENDING_BYTES
-            {
-                shared.count(&active.exchange.isvc, "dropped_queue_full");
-                continue;
-            }
-            shared.pending_bytes += size;
-            shared.pending.push(outgoing);
+        let mut record = Vec::with_capacity(
+            active.exchange.request.body.len()
+                + active
+                    .exchange
+                    .response
+                    .as_ref()
+                    .map_or(0, |(_, p)| p.body.len())
+                + 512,
+        );
+        let events = encode_exchange(&active.exchange, active.logger.mode, &mut record);
+        if events == 0 {
+            return;
         }
+        let isvc = active.exchange.isvc;
+        if shared.pending.len() >= MAX_PENDING
+            || shared.pending_bytes + record.len() > MAX_PENDING_BYTES
+        {
+            for _ in 0..events {
+                shared.count(&isvc, "dropped_queue_full");
+            }
+            return;
+        }
+        shared.pending_bytes += record.len();
+        shared.pending.push(Outgoing {
+            cluster: active.cluster,
+            isvc,
+            record,
+            events,
+        });
     }
 }

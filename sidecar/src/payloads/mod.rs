@@ -14,7 +14,7 @@ pub mod spool;
 use std::path::PathBuf;
 
 use base64::Engine;
-use meshserve_filter_core::logger::{BATCH_CONTENT_TYPE, Event, decode_batch};
+use meshserve_filter_core::logger::{EXCHANGES_CONTENT_TYPE, Event, decode_exchanges, events};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use self::delivery::SinkSpec;
@@ -147,20 +147,24 @@ impl Intake {
     }
 }
 
-/// The events of an intake request: a batch ([`BATCH_CONTENT_TYPE`], what the logger filter
-/// sends), or one CloudEvent in binary mode.
+/// The events of an intake request: exchanges ([`EXCHANGES_CONTENT_TYPE`], what the logger
+/// filter sends; their CloudEvents are made here, natively), or one CloudEvent in binary mode.
 pub fn events_from_request(
     headers: &http::HeaderMap,
     body: Vec<u8>,
 ) -> Result<Vec<Event>, IntakeError> {
-    let batch = headers
+    let exchanges = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with(BATCH_CONTENT_TYPE));
-    if batch {
-        return decode_batch(&body).ok_or_else(|| {
-            IntakeError::Invalid("a torn or corrupt record in the event batch".into())
-        });
+        .is_some_and(|v| v.starts_with(EXCHANGES_CONTENT_TYPE));
+    if exchanges {
+        let decoded = decode_exchanges(&body).ok_or_else(|| {
+            IntakeError::Invalid("a torn or corrupt record in the exchanges".into())
+        })?;
+        return Ok(decoded
+            .iter()
+            .flat_map(|(exchange, mode)| events(exchange, *mode))
+            .collect());
     }
     Ok(vec![event_from_headers(headers, body)])
 }
