@@ -367,6 +367,30 @@ def start_meshserve(
     return server
 
 
+def start_up(workdir: Path, spec: Path) -> Server:
+    """`meshserve up` on the InferenceService file `spec`, Envoy on a free port (`.http`), waited
+    for until it says it is up. Its log names the parts: see `sidecar_port`."""
+    port = free_port()
+    server = spawn("meshserve up", [str(ROOT / "target/release/meshserve"), "up", str(spec), "--port", str(port),
+                                    "--state-dir", str(workdir / "state")], workdir / "up.log")
+    server.http = port
+    deadline = time.monotonic() + 120
+    while "meshserve is up" not in server.log.read_text(errors="replace"):
+        if not server.alive() or time.monotonic() > deadline:
+            raise BenchError(f"meshserve up did not come up; its log:\n{tail(server.log)}")
+        time.sleep(0.2)
+    return server
+
+
+def sidecar_port(up: Server, revision: str) -> int:
+    """The REST port of the sidecar `meshserve up` started for `revision` (a name prefix)."""
+    found = re.search(rf"\[{re.escape(revision)}[^\]]*\].*listening on http=127\.0\.0\.1:(\d+)",
+                      up.log.read_text(errors="replace"))
+    if not found:
+        raise BenchError(f"no address for sidecar {revision} in the log:\n{tail(up.log)}")
+    return int(found.group(1))
+
+
 def start_kserve(workdir: Path) -> Server:
     http, grpc_port = free_port(), free_port()
     argv = [sys.executable, str(BENCH / "kserve_onnx_server.py"), "--bench-http-port", str(http), "--bench-grpc-port", str(grpc_port)]

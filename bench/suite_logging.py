@@ -90,19 +90,9 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     spec = workdir / "isvc.yaml"
     file_sink = workdir / "file-sink.jsonl"
     spec.write_text(isvc_yaml(sink_port, file_sink))
-    port = b.free_port()
-    mesh = b.spawn("meshserve up", [str(b.ROOT / "target/release/meshserve"), "up", str(spec), "--port", str(port),
-                                    "--state-dir", str(workdir / "state")], workdir / "up.log")
-    mesh.http = port
-    deadline = time.monotonic() + 120
-    while "meshserve is up" not in mesh.log.read_text(errors="replace"):
-        if not mesh.alive() or time.monotonic() > deadline:
-            raise b.BenchError(f"meshserve up did not come up; its log:\n{b.tail(mesh.log)}")
-        time.sleep(0.2)
-    found = re.search(r"\[logged-predictor[^\]]*\].*listening on http=127\.0\.0\.1:(\d+)", mesh.log.read_text())
-    if not found:
-        raise b.BenchError(f"no logged sidecar address in the log:\n{b.tail(mesh.log)}")
-    intake_port = int(found.group(1))
+    mesh = b.start_up(workdir, spec)
+    port = mesh.http
+    intake_port = b.sidecar_port(mesh, "logged-predictor")
     admin = int(re.search(r"admin http://127\.0\.0\.1:(\d+)", mesh.log.read_text()).group(1))
     event = json.dumps({"instances": json.loads(SAMPLE.read_text())["instances"]}).encode()[:1024]
     (workdir / "event.json").write_bytes(event)

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -70,19 +68,8 @@ def start_mesh(workdir: Path) -> tuple[b.Server, int]:
     """meshserve up on the InferenceService; returns (the up process group, the sidecar's REST port)."""
     spec = workdir / "isvc.yaml"
     spec.write_text(isvc_yaml())
-    port = b.free_port()
-    server = b.spawn("meshserve up", [str(b.ROOT / "target/release/meshserve"), "up", str(spec), "--port", str(port),
-                                      "--state-dir", str(workdir / "state")], workdir / "up.log")
-    server.http = port
-    deadline = time.monotonic() + 120
-    while "meshserve is up" not in server.log.read_text(errors="replace"):
-        if not server.alive() or time.monotonic() > deadline:
-            raise b.BenchError(f"meshserve up did not come up; its log:\n{b.tail(server.log)}")
-        time.sleep(0.2)
-    found = re.search(r"\[mnist-predictor[^\]]*\].*listening on http=127\.0\.0\.1:(\d+)", server.log.read_text(errors="replace"))
-    if not found:
-        raise b.BenchError(f"no sidecar address in the log:\n{b.tail(server.log)}")
-    return server, int(found.group(1))
+    server = b.start_up(workdir, spec)
+    return server, b.sidecar_port(server, "mnist-predictor")
 
 
 def start_kserve(workdir: Path) -> tuple[b.Server, b.Server]:

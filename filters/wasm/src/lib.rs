@@ -86,6 +86,29 @@ fn configure(expected: &str) -> Option<Config> {
     }
 }
 
+/// splitmix64: a fresh uniform draw per call (canary splits, shadows, sampling, event ids).
+#[derive(Debug, Default)]
+struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the host's clock and the context id.
+    fn seeded(context_id: u32) -> Rng {
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        Rng(now ^ (u64::from(context_id) << 32) ^ u64::from(context_id))
+    }
+
+    fn draw(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 fn request_header(name: &str) -> Option<String> {
     hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
         .ok()

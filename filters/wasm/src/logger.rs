@@ -27,7 +27,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 use crate::metrics::Counters;
-use crate::{configure, request_header};
+use crate::{Rng, configure, request_header};
 
 /// The root id Envoy must give this filter.
 pub(crate) const ROOT_ID: &str = "logger";
@@ -64,7 +64,7 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 struct Shared {
     config: Option<Rc<Config>>,
     counters: Counters,
-    rng: u64,
+    rng: Rng,
     pending: Vec<Outgoing>,
     pending_bytes: usize,
     /// Callouts in flight: token -> the InferenceService of each exchange in it, and its
@@ -73,15 +73,6 @@ struct Shared {
 }
 
 impl Shared {
-    /// splitmix64.
-    fn draw(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn count(&mut self, isvc: &str, result: &str) {
         self.counters
             .increment("logger", &[("isvc", isvc), ("result", result)]);
@@ -94,10 +85,9 @@ pub(crate) struct LoggerRoot {
 
 impl LoggerRoot {
     pub(crate) fn new(context_id: u32) -> Self {
-        let seed = now_nanos() as u64;
         LoggerRoot {
             shared: Rc::new(RefCell::new(Shared {
-                rng: seed ^ (u64::from(context_id) << 32),
+                rng: Rng::seeded(context_id),
                 ..Default::default()
             })),
         }
@@ -287,7 +277,7 @@ impl HttpContext for LoggerStream {
         };
         let (draw, high, low) = {
             let mut shared = self.shared.borrow_mut();
-            (shared.draw(), shared.draw(), shared.draw())
+            (shared.rng.draw(), shared.rng.draw(), shared.rng.draw())
         };
         if !logger.sampled(draw) {
             return Action::Continue;

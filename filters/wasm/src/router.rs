@@ -17,7 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 use crate::metrics::Counters;
-use crate::{configure, request_header};
+use crate::{Rng, configure, request_header};
 
 /// The root id Envoy must give this filter.
 pub(crate) const ROOT_ID: &str = "router";
@@ -60,7 +60,7 @@ struct PendingShadow {
 struct Shared {
     config: Option<Rc<Config>>,
     counters: Counters,
-    rng: u64,
+    rng: Rng,
     next_shadow: u64,
     /// Copies queued by streams; the root sends them, so their answers reach the root even
     /// after the client's stream (and its context) is gone.
@@ -70,13 +70,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// splitmix64: a fresh uniform draw per call.
     fn draw(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.rng.draw()
     }
 
     fn count_shadow(&mut self, id: u64, result: &str) {
@@ -130,15 +125,11 @@ pub(crate) struct RouterRoot {
 
 impl RouterRoot {
     pub(crate) fn new(context_id: u32) -> Self {
-        let seed = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64);
         RouterRoot {
             shared: Rc::new(RefCell::new(Shared {
                 config: None,
                 counters: Counters::default(),
-                rng: seed ^ u64::from(context_id),
+                rng: Rng::seeded(context_id),
                 next_shadow: 0,
                 pending: Vec::new(),
                 shadows: HashMap::new(),
