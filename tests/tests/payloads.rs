@@ -263,18 +263,22 @@ async fn every_event_arrives_once_and_a_sink_outage_loses_nothing() {
     let events = wait_for_pairs(&mesh.sink, 5_000..6_500, Duration::from_secs(60));
     let duplicates = check_pairs(&events, 5_000..6_500);
     eprintln!("sink outage: {duplicates} events redelivered");
-    let metrics = reqwest::get(mesh.sidecar.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar_metrics(&mesh.sidecar).await;
     let retried = metric(&metrics, "meshserve_payload_events_retried_total");
     assert!(
         retried > 0.0,
         "the outage should have caused retries:\n{metrics}"
     );
     assert!(metric(&metrics, "meshserve_payload_events_delivered_total") >= 13_000.0);
+}
+
+async fn sidecar_metrics(sidecar: &Sidecar) -> String {
+    reqwest::get(sidecar.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -501,12 +505,7 @@ async fn a_full_spool_drops_events_counted_and_every_request_still_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let metrics = reqwest::get(mesh.sidecar.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar_metrics(&mesh.sidecar).await;
     assert!(
         metric(
             &metrics,
