@@ -46,6 +46,8 @@ struct Queued {
     id: u64,
     job: Job,
     enqueued: Instant,
+    /// Open while the request waits; closed when a batch takes it.
+    waiting: tracing::Span,
     reply: oneshot::Sender<Result<Vec<OutputTensor>>>,
 }
 
@@ -127,6 +129,7 @@ impl Batcher {
     /// Queues a request, or refuses it at once when the queue is full.
     pub(crate) fn submit(&self, job: Job) -> Result<Ticket> {
         let (reply, answer) = oneshot::channel();
+        let waiting = queue_span(&job.span);
         let mut queue = self.shared.lock();
         let max = self.shared.policy.max_queue;
         if max > 0 && queue.waiting.len() >= max {
@@ -141,6 +144,7 @@ impl Batcher {
             id,
             job,
             enqueued: Instant::now(),
+            waiting,
             reply,
         });
         self.shared.metrics.pending.set(queue.waiting.len() as i64);
@@ -229,12 +233,24 @@ fn next_batch(shared: &Shared) -> Option<Vec<Queued>> {
 fn run_batch(shared: &Shared, session: &mut Session, batch: Vec<Queued>) {
     let started = Instant::now();
     let rows: usize = batch.iter().map(|q| q.job.rows).sum();
-    let span = tracing::info_span!("batch", model = %shared.model, rows, requests = batch.len());
+    // The batch belongs to the trace of its oldest request; the others link to it.
+    let span = tracing::info_span!(
+        target: crate::TRACE_TARGET,
+        parent: batch.first().and_then(|q| q.job.span.id()),
+        "batch",
+        model.name = %shared.model,
+        batch.rows = rows,
+        batch.requests = batch.len(),
+    );
     let mut inputs = Vec::with_capacity(batch.len());
     let mut plans = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for queued in batch {
-        span.follows_from(&queued.job.span);
+    for (i, mut queued) in batch.into_iter().enumerate() {
+        // Closes the request's `queue` span.
+        queued.waiting = tracing::Span::none();
+        if i > 0 {
+            span.follows_from(&queued.job.span);
+        }
         let queue_time = started.saturating_duration_since(queued.enqueued);
         shared.metrics.queued_for(queue_time.as_secs_f64());
         tracing::debug!(parent: &queued.job.span, queue_us = queue_time.as_micros() as u64, batch_rows = rows, "scheduled");
@@ -309,12 +325,14 @@ impl Pool {
         let enqueued = Instant::now();
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         let waiter = Waiter(self);
+        let queued = queue_span(&job.span);
         self.metrics.pending.set(waiting as i64 + 1);
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| PredictorError::Runtime(format!("model '{}' was unloaded", self.model)))?;
         drop(waiter);
+        drop(queued);
         self.metrics.queued_for(enqueued.elapsed().as_secs_f64());
         let session = lock(&self.sessions).pop();
         let Some(mut session) = session else {
@@ -357,6 +375,11 @@ impl Pool {
             .next()
             .ok_or_else(|| PredictorError::Runtime("no outputs".into()))
     }
+}
+
+/// The span of a request's wait for a batch or a session.
+fn queue_span(request: &tracing::Span) -> tracing::Span {
+    tracing::info_span!(target: crate::TRACE_TARGET, parent: request, "queue")
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -412,7 +435,9 @@ fn execute(
             .map_err(|e| PredictorError::invalid(format!("input '{name}': {e}")))?;
         values.push((name, SessionInputValue::from(value)));
     }
-    let results = session.run(values).map_err(|e| runtime(e.to_string()))?;
+    let results = tracing::info_span!(target: crate::TRACE_TARGET, "onnxruntime.run", batch.rows = total_rows)
+        .in_scope(|| session.run(values))
+        .map_err(|e| runtime(e.to_string()))?;
 
     // Every output any request asked for, converted once.
     let mut converted: HashMap<&str, Shaped> = HashMap::new();

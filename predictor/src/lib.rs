@@ -24,6 +24,11 @@ pub mod repository;
 pub mod runtime;
 mod tensors;
 
+/// The `tracing` target of the spans meant for trace export (`predict`, `queue`, `batch`,
+/// `onnxruntime.run`), kept apart from logs: a sidecar that exports no traces turns the
+/// target off, so these spans cost nothing there.
+pub const TRACE_TARGET: &str = "meshserve::trace";
+
 pub use config::{DynamicBatching, ModelConfig, VersionPolicy};
 pub use error::PredictorError;
 pub use metrics::Metrics;

@@ -12,11 +12,22 @@
 //! | `meshserve_inference_batch_size` | histogram | (Triton's batch statistics) | rows per execution |
 //! | `meshserve_inference_pending_request_count` | gauge | `nv_inference_pending_request_count` | requests queued now |
 //!
-//! Every metric has the labels `model` and `version`.
+//! Every metric above has the labels `model` and `version`. Beside them, KServe's model-server
+//! histograms under KServe's names and labels (`model_name`, plus `model_version`), so KServe
+//! dashboards and alerts read meshserve unchanged:
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `request_preprocess_seconds` | histogram | request body to tensors: parsing, and the sidecar's transformer when it runs |
+//! | `request_predict_seconds` | histogram | the model's part: validation, queue, execution, splitting |
+//! | `request_postprocess_seconds` | histogram | outputs to the response body (and the transformer's response steps) |
+//!
+//! And the repository's state, read at each scrape: `meshserve_models_loaded` (model
+//! versions ready) and `meshserve_model_ready{model,version}` (1 ready).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Why a request failed, as the `reason` label says.
@@ -51,9 +62,16 @@ pub struct Metrics {
     compute: HistogramVec,
     batch_size: HistogramVec,
     pending: IntGaugeVec,
+    preprocess: HistogramVec,
+    predict: HistogramVec,
+    postprocess: HistogramVec,
+    loaded: IntGauge,
+    ready: IntGaugeVec,
 }
 
 const LABELS: [&str; 2] = ["model", "version"];
+/// KServe's label for the model, and the version beside it.
+const KSERVE_LABELS: [&str; 2] = ["model_name", "model_version"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -70,11 +88,14 @@ impl Metrics {
             register(&registry, Box::new(c.clone()), name);
             c
         };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &LABELS)
+        let histogram_with = |name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .unwrap_or_else(|e| unreachable_metric(name, e));
             register(&registry, Box::new(h.clone()), name);
             h
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            histogram_with(name, help, buckets, &LABELS)
         };
         let seconds = vec![
             25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
@@ -90,7 +111,39 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable_metric("pending", e));
         register(&registry, Box::new(pending.clone()), "pending");
+        let loaded = IntGauge::new("meshserve_models_loaded", "Model versions ready to serve")
+            .unwrap_or_else(|e| unreachable_metric("loaded", e));
+        register(&registry, Box::new(loaded.clone()), "loaded");
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "meshserve_model_ready",
+                "1 when the model version is ready to serve",
+            ),
+            &LABELS,
+        )
+        .unwrap_or_else(|e| unreachable_metric("ready", e));
+        register(&registry, Box::new(ready.clone()), "ready");
         Metrics {
+            preprocess: histogram_with(
+                "request_preprocess_seconds",
+                "Pre-processing latency: request body to tensors (KServe's name)",
+                seconds.clone(),
+                &KSERVE_LABELS,
+            ),
+            predict: histogram_with(
+                "request_predict_seconds",
+                "Prediction latency: validation, queue, execution (KServe's name)",
+                seconds.clone(),
+                &KSERVE_LABELS,
+            ),
+            postprocess: histogram_with(
+                "request_postprocess_seconds",
+                "Post-processing latency: outputs to the response body (KServe's name)",
+                seconds.clone(),
+                &KSERVE_LABELS,
+            ),
+            loaded,
+            ready,
             success: counter(
                 "meshserve_inference_request_success_total",
                 "Inference requests answered",
@@ -144,6 +197,17 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Sets the repository gauges from `(model, version)` of every version ready now.
+    pub fn set_loaded<'a>(&self, ready: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.ready.reset();
+        let mut count = 0;
+        for (model, version) in ready {
+            self.ready.with_label_values(&[model, version]).set(1);
+            count += 1;
+        }
+        self.loaded.set(count);
+    }
+
     /// The handles for one model version.
     pub(crate) fn model(&self, model: &str, version: &str) -> ModelMetrics {
         let labels = [model, version];
@@ -155,6 +219,9 @@ impl Metrics {
             count: self.count.with_label_values(&labels),
             exec_count: self.exec_count.with_label_values(&labels),
             pending: self.pending.with_label_values(&labels),
+            preprocess: self.preprocess.with_label_values(&labels),
+            predict: self.predict.with_label_values(&labels),
+            postprocess: self.postprocess.with_label_values(&labels),
         }
     }
 }
@@ -181,6 +248,9 @@ pub(crate) struct ModelMetrics {
     count: IntCounter,
     exec_count: IntCounter,
     pub(crate) pending: IntGauge,
+    preprocess: Histogram,
+    predict: Histogram,
+    postprocess: Histogram,
 }
 
 impl ModelMetrics {
@@ -193,6 +263,18 @@ impl ModelMetrics {
             .failure
             .with_label_values(&[&self.model, &self.version, reason.label()])
             .inc();
+    }
+
+    pub(crate) fn preprocessed(&self, seconds: f64) {
+        self.preprocess.observe(seconds);
+    }
+
+    pub(crate) fn predicted(&self, seconds: f64) {
+        self.predict.observe(seconds);
+    }
+
+    pub(crate) fn postprocessed(&self, seconds: f64) {
+        self.postprocess.observe(seconds);
     }
 
     pub(crate) fn queued_for(&self, seconds: f64) {
@@ -229,7 +311,27 @@ mod tests {
         m.failed(FailureReason::QueueFull);
         m.executed(8, 0.001);
         m.queued_for(0.0002);
+        m.predicted(0.003);
+        m.preprocessed(0.0001);
+        metrics.set_loaded([("digits", "2"), ("mnist", "1")]);
         let text = metrics.encode();
+        for line in [
+            r#"request_predict_seconds_count{model_name="digits",model_version="2"} 1"#,
+            r#"request_predict_seconds_bucket{model_name="digits",model_version="2",le="0.005"} 1"#,
+            r#"request_preprocess_seconds_count{model_name="digits",model_version="2"} 1"#,
+            r#"request_postprocess_seconds_count{model_name="digits",model_version="2"} 0"#,
+            "meshserve_models_loaded 2",
+            r#"meshserve_model_ready{model="mnist",version="1"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metrics.set_loaded([("mnist", "1")]);
+        let text = metrics.encode();
+        assert!(text.contains("meshserve_models_loaded 1"), "{text}");
+        assert!(
+            !text.contains(r#"meshserve_model_ready{model="digits""#),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"meshserve_inference_request_success_total{model="digits",version="2"} 1"#

@@ -10,6 +10,7 @@ use meshserve_proto::{
 };
 use ort::session::Session;
 use ort::value::ValueType;
+use tracing::Instrument as _;
 
 use crate::batcher::{Batcher, Job, Policy, Pool};
 use crate::config::{ModelConfig, TensorOverride};
@@ -153,11 +154,31 @@ impl ModelVersion {
         &self.config
     }
 
+    /// Counts the front end's work before [`ModelVersion::infer`] (KServe's
+    /// `request_preprocess_seconds`).
+    pub fn observe_preprocess(&self, took: Duration) {
+        self.metrics.preprocessed(took.as_secs_f64());
+    }
+
+    /// Counts the front end's work after [`ModelVersion::infer`] (KServe's
+    /// `request_postprocess_seconds`).
+    pub fn observe_postprocess(&self, took: Duration) {
+        self.metrics.postprocessed(took.as_secs_f64());
+    }
+
     /// Runs one request: checks it against the metadata, queues it for the model's instances
     /// (batched with others if configured), and answers with the requested outputs (all of
     /// them, in the model's order, when none are named).
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
-        let result = self.run(request).await;
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            target: crate::TRACE_TARGET,
+            "predict",
+            model.name = %self.name,
+            model.version = self.version,
+        );
+        let result = self.run(request).instrument(span).await;
+        self.metrics.predicted(started.elapsed().as_secs_f64());
         match &result {
             Ok(_) => self.metrics.succeeded(),
             Err(e) => self.metrics.failed(match e {

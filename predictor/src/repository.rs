@@ -99,6 +99,14 @@ impl Repository {
         &self.metrics
     }
 
+    /// The Prometheus text of every metric, with the loaded-model gauges read now.
+    pub fn encode_metrics(&self) -> String {
+        let ready = self.index(true);
+        self.metrics
+            .set_loaded(ready.iter().map(|e| (e.name.as_str(), e.version.as_str())));
+        self.metrics.encode()
+    }
+
     /// The model directories present on disk, sorted.
     pub fn models_on_disk(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)

@@ -96,6 +96,10 @@ pub struct UpArgs {
     /// Envoy worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub envoy_concurrency: usize,
+    /// Trace every request, from Envoy through the sidecars, to this OTLP/gRPC collector
+    /// (e.g. http://127.0.0.1:4317).
+    #[arg(long, env = "MESHSERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +150,8 @@ pub struct ServeArgs {
     /// The model repository: <dir>/<model>/<version>/model.onnx, optional <dir>/<model>/config.yaml.
     #[arg(long, env = "MESHSERVE_MODEL_REPOSITORY")]
     pub model_repository: PathBuf,
+    #[command(flatten)]
+    pub traces: crate::telemetry::TraceArgs,
     /// Address to listen on. Only loopback unless you say otherwise.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST), env = "MESHSERVE_HOST")]
     pub host: IpAddr,
@@ -228,6 +234,7 @@ pub async fn up(args: UpArgs) -> Result<(), crate::mesh::up::UpError> {
             wasm: args.wasm,
             state_dir: args.state_dir,
             envoy_concurrency: args.envoy_concurrency,
+            otlp_endpoint: args.otlp_endpoint,
         },
         stop_signal(),
     )
@@ -311,10 +318,10 @@ pub fn render(args: RenderArgs) -> Result<(), String> {
                     models.push(name);
                 }
             }
-            let upstream = Upstream {
-                http: SocketAddr::new(loopback, port),
-                grpc: SocketAddr::new(loopback, port.saturating_add(1)),
-            };
+            let upstream = Upstream::local(
+                SocketAddr::new(loopback, port),
+                SocketAddr::new(loopback, port.saturating_add(1)),
+            );
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
             port = port.saturating_add(2);
         }
@@ -324,7 +331,14 @@ pub fn render(args: RenderArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let listener = SocketAddr::new(loopback, args.port);
     let admin = SocketAddr::new(loopback, args.admin_port);
-    let written = render::write_mesh(&args.out, &config, &args.wasm, listener, admin, &upstreams)?;
+    let envoy = render::EnvoySpec {
+        listener,
+        admin,
+        config_dir: &args.out,
+        upstreams: &upstreams,
+        otlp: None,
+    };
+    let written = render::write_mesh(&args.out, &config, &args.wasm, &envoy)?;
     println!("wrote {} to {}", written.join(", "), args.out.display());
     Ok(())
 }

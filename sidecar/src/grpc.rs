@@ -15,9 +15,11 @@ use meshserve_proto::inference::{
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
+use crate::telemetry::{grpc_span, postprocess_span, preprocess_span, record_grpc_status, timed};
 
 #[derive(Debug, Clone)]
 pub struct GrpcService {
@@ -56,6 +58,27 @@ fn failed(error: ApiError) -> Status {
         tracing::warn!(%error, "gRPC request failed");
     }
     error.to_status()
+}
+
+impl GrpcService {
+    async fn infer(&self, message: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+        let permit = self.service.admit().map_err(failed)?;
+        let (prepared, took) = timed(preprocess_span(), || {
+            let (model, version, request) = request_from_grpc(message)?;
+            let found = self.service.model(&model, &version)?;
+            Ok::<_, ApiError>((found, request))
+        });
+        let (found, request) = prepared.map_err(failed)?;
+        found.observe_preprocess(took);
+        let response = self
+            .service
+            .infer(permit, Arc::clone(&found), request)
+            .await
+            .map_err(failed)?;
+        let (response, took) = timed(postprocess_span(), || response_to_grpc(response));
+        found.observe_postprocess(took);
+        Ok(response)
+    }
 }
 
 #[tonic::async_trait]
@@ -129,16 +152,11 @@ impl GrpcInferenceService for GrpcService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let permit = self.service.admit().map_err(failed)?;
-        let (model, version, request) =
-            request_from_grpc(request.into_inner()).map_err(|e| failed(e.into()))?;
-        let found = self.service.model(&model, &version).map_err(failed)?;
-        let response = self
-            .service
-            .infer(permit, found, request)
-            .await
-            .map_err(failed)?;
-        Ok(Response::new(response_to_grpc(response)))
+        let (metadata, _, message) = request.into_parts();
+        let span = grpc_span("ModelInfer", &metadata.into_headers());
+        let result = self.infer(message).instrument(span.clone()).await;
+        record_grpc_status(&span, result.as_ref().err());
+        result.map(Response::new)
     }
 
     async fn repository_index(

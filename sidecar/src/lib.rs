@@ -5,6 +5,7 @@
 //! - [`rest`] and [`grpc`]: the two front ends.
 //! - [`error`]: one error taxonomy, mapped once to HTTP and once to gRPC.
 //! - [`server`]: listeners, serving and draining; [`cli`]: the command line.
+//! - [`telemetry`]: logs, and traces over OTLP.
 //! - [`payloads`]: payload logging's intake, durable spool, delivery and test receiver.
 
 pub mod cli;
@@ -15,3 +16,4 @@ pub mod payloads;
 pub mod rest;
 pub mod server;
 pub mod service;
+pub mod telemetry;

@@ -1,31 +1,32 @@
 //! `meshserve`: parse the command line, set up logging, run, exit.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshserve_sidecar::cli::{
-    Cli, Command, LogFormat, canary, log_sink, render, serve, transform, up,
-};
-use tracing_subscriber::EnvFilter;
+use meshserve_sidecar::cli::{Cli, Command, canary, log_sink, render, serve, transform, up};
+use meshserve_sidecar::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
+            eprintln!("meshserve: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let traces = match &cli.command {
+        Command::Serve(args) => Some(&args.traces),
+        _ => None,
+    };
+    // The OTLP exporter's channel lives on the runtime; `_telemetry` flushes spans at exit.
+    let _telemetry = match runtime.block_on(async { telemetry::init(cli.log_format, traces) }) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("meshserve: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -30,6 +30,7 @@ use meshserve_proto::rest::{
 };
 use meshserve_proto::v1;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use meshserve_filter_core::logger::INTAKE_PATH;
 use meshserve_filter_core::transform::Wire;
@@ -38,6 +39,7 @@ use crate::error::ApiError;
 use crate::payloads::spool::SpoolError;
 use crate::payloads::{IntakeError, events_from_request};
 use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
+use crate::telemetry::{postprocess_span, preprocess_span, record_status, server_span, timed};
 
 /// An endpoint, parsed from the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +145,8 @@ pub async fn handle(
 ) -> Result<HttpResponse, std::convert::Infallible> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let response = match dispatch(&service, request).await {
+    let span = server_span(&method, &path, request.headers());
+    let response = match dispatch(&service, request).instrument(span.clone()).await {
         Ok(response) => response,
         Err(error) => {
             if error.status().is_server_error() {
@@ -154,6 +157,7 @@ pub async fn handle(
             error_response(&error)
         }
     };
+    record_status(&span, response.status().as_u16());
     Ok(response)
 }
 
@@ -197,7 +201,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(response)
         }
         Route::Metrics => {
-            let mut response = Response::new(Full::new(Bytes::from(repository.metrics().encode())));
+            let mut response = Response::new(Full::new(Bytes::from(repository.encode_metrics())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -258,38 +262,28 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
             check_content_type(&headers)?;
             let header_length = inference_header_length(&headers)?;
-            if let Some(transformer) = service.transformer_for(&headers, Wire::V2) {
-                let request = if transformer.transforms_request(Wire::V2) {
-                    transformer.infer_request(Wire::V2, &body, header_length)?
-                } else {
-                    parse_infer_request(&body, header_length)?
-                };
-                drop(body);
-                let response = service.infer(permit, found, request).await?;
-                let answer = transformer.answer(Wire::V2, response)?;
-                return Ok(json_response(StatusCode::OK, answer));
-            }
-            let request = parse_infer_request(&body, header_length)?;
+            let transformer = service.transformer_for(&headers, Wire::V2);
+            let (request, took) = timed(preprocess_span(), || match transformer {
+                Some(t) if t.transforms_request(Wire::V2) => t
+                    .infer_request(Wire::V2, &body, header_length)
+                    .map_err(ApiError::from),
+                _ => parse_infer_request(&body, header_length).map_err(ApiError::from),
+            });
+            found.observe_preprocess(took);
+            let request = request?;
             drop(body);
             let parameters = request.parameters.clone();
             let requested = request.outputs.clone();
-            let response = service.infer(permit, found, request).await?;
-            let encoded = encode_infer_response(&response, |name| {
-                wants_binary(&parameters, &requested, name)
+            let response = service.infer(permit, Arc::clone(&found), request).await?;
+            let (answer, took) = timed(postprocess_span(), || match transformer {
+                Some(t) => t
+                    .answer(Wire::V2, response)
+                    .map(|answer| json_response(StatusCode::OK, answer))
+                    .map_err(ApiError::from),
+                None => Ok(infer_response(&response, &parameters, &requested)),
             });
-            Ok(match encoded.header_length {
-                None => json_response(StatusCode::OK, encoded.body),
-                Some(n) => {
-                    let mut response = Response::new(Full::new(Bytes::from(encoded.body)));
-                    let headers = response.headers_mut();
-                    headers.insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static("application/octet-stream"),
-                    );
-                    headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
-                    response
-                }
-            })
+            found.observe_postprocess(took);
+            answer
         }
         Route::RepositoryIndex => {
             let (_, body) = read_body(request, service.limits().max_request_bytes).await?;
@@ -346,19 +340,49 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
             check_content_type(&headers)?;
-            if let Some(transformer) = service.transformer_for(&headers, Wire::V1) {
-                let request = transformer.infer_request(Wire::V1, &body, None)?;
-                drop(body);
-                let response = service.infer(permit, found, request).await?;
-                let answer = transformer.answer(Wire::V1, response)?;
-                return Ok(json_response(StatusCode::OK, answer));
-            }
-            let request = v1::request_from_v1(&body, found.inputs())?;
+            let transformer = service.transformer_for(&headers, Wire::V1);
+            let (request, took) = timed(preprocess_span(), || match transformer {
+                Some(t) => t
+                    .infer_request(Wire::V1, &body, None)
+                    .map_err(ApiError::from),
+                None => v1::request_from_v1(&body, found.inputs()).map_err(ApiError::from),
+            });
+            found.observe_preprocess(took);
+            let request = request?;
             drop(body);
-            let v1_output = found.config().v1_output.clone();
-            let response = service.infer(permit, found, request).await?;
-            let predictions = v1::predictions(&response, v1_output.as_deref());
-            Ok(json_response(StatusCode::OK, to_json(&predictions)))
+            let response = service.infer(permit, Arc::clone(&found), request).await?;
+            let (answer, took) = timed(postprocess_span(), || match transformer {
+                Some(t) => t.answer(Wire::V1, response).map_err(ApiError::from),
+                None => Ok(to_json(&v1::predictions(
+                    &response,
+                    found.config().v1_output.as_deref(),
+                ))),
+            });
+            found.observe_postprocess(took);
+            Ok(json_response(StatusCode::OK, answer?))
+        }
+    }
+}
+
+/// A V2 response: JSON, or JSON and binary data (the binary tensor extension) for the outputs
+/// the request asked that way.
+fn infer_response(
+    response: &meshserve_proto::InferResponse,
+    parameters: &meshserve_proto::Parameters,
+    requested: &[meshserve_proto::RequestedOutput],
+) -> HttpResponse {
+    let encoded = encode_infer_response(response, |name| wants_binary(parameters, requested, name));
+    match encoded.header_length {
+        None => json_response(StatusCode::OK, encoded.body),
+        Some(n) => {
+            let mut response = Response::new(Full::new(Bytes::from(encoded.body)));
+            let headers = response.headers_mut();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+            response
         }
     }
 }

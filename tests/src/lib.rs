@@ -1,6 +1,8 @@
 //! Test harness: runs the real `meshserve` binary on 127.0.0.1 with OS-chosen ports, reads the
 //! bound addresses from its log, keeps its log to print when a test fails, and kills it on drop.
 
+pub mod otlp;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -553,4 +555,30 @@ impl Drop for Envoy {
             eprintln!("---- Envoy log ----\n{}", self.log());
         }
     }
+}
+
+/// Writes a local mesh for `config` into `dir` (Envoy on OS-picked loopback ports, the
+/// workspace's wasm module) and returns the bootstrap's path. `upstreams`: (cluster, REST
+/// address, gRPC address). `otlp`: a collector for Envoy's traces.
+pub fn write_local_mesh(
+    dir: &Path,
+    config: &serde_json::Value,
+    upstreams: &[(&str, SocketAddr, SocketAddr)],
+    otlp: Option<SocketAddr>,
+) -> PathBuf {
+    use meshserve_sidecar::mesh::render::{self, EnvoySpec, Upstream};
+    let upstreams: Vec<(String, Upstream)> = upstreams
+        .iter()
+        .map(|(name, http, grpc)| ((*name).to_owned(), Upstream::local(*http, *grpc)))
+        .collect();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let spec = EnvoySpec {
+        listener: loopback,
+        admin: loopback,
+        config_dir: dir,
+        upstreams: &upstreams,
+        otlp: otlp.map(Into::into),
+    };
+    render::write_mesh(dir, config, &wasm_module(), &spec).expect("the mesh's files");
+    dir.join(render::BOOTSTRAP_FILE)
 }

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use meshserve_e2e::{Envoy, Sidecar, TempRepository, wasm_module};
+use meshserve_e2e::{Envoy, Sidecar, TempRepository, wasm_module, write_local_mesh};
 use meshserve_proto::TensorData;
 use meshserve_proto::grpc::response_from_grpc;
 use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use meshserve_proto::inference::model_infer_request::InferInputTensor;
 use meshserve_proto::inference::{ModelInferRequest, ServerLiveRequest};
 use meshserve_sidecar::mesh::canary::{Change, apply};
-use meshserve_sidecar::mesh::render::{self, ROUTER_ECDS_FILE, Upstream};
+use meshserve_sidecar::mesh::render::{self, ROUTER_ECDS_FILE};
 use serde_json::{Value, json};
 
 /// A tiny upstream that answers every request with `body` after `delay`, counting them.
@@ -145,47 +145,17 @@ impl Mesh {
             {"name": "other", "namespace": "team", "models": ["other-model"],
              "predictor": {"default": revision("other-v1", "digits.v1")}},
         ]});
-        let upstreams = vec![
-            (
-                "digits.v1".to_owned(),
-                Upstream {
-                    http: default.http,
-                    grpc: default.grpc,
-                },
-            ),
-            (
-                "digits.v2".to_owned(),
-                Upstream {
-                    http: canary.http,
-                    grpc: canary.grpc,
-                },
-            ),
-            (
-                "digits.explainer".to_owned(),
-                Upstream {
-                    http: explainer.addr,
-                    grpc: explainer.addr,
-                },
-            ),
-            (
-                "digits.shadow".to_owned(),
-                Upstream {
-                    http: shadow.addr,
-                    grpc: shadow.addr,
-                },
-            ),
-        ];
-        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        render::write_mesh(
+        let bootstrap = write_local_mesh(
             &dir,
             &config,
-            &wasm_module(),
-            loopback(0),
-            loopback(0),
-            &upstreams,
-        )
-        .unwrap();
-        let bootstrap = dir.join(render::BOOTSTRAP_FILE);
+            &[
+                ("digits.v1", default.http, default.grpc),
+                ("digits.v2", canary.http, canary.grpc),
+                ("digits.explainer", explainer.addr, explainer.addr),
+                ("digits.shadow", shadow.addr, shadow.addr),
+            ],
+            None,
+        );
         let envoy = Envoy::start(&bootstrap, &dir);
         Mesh {
             dir,

@@ -3,13 +3,11 @@
 //! `x-request-n` (a metadata header), so each event can be traced back to its request.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshserve_e2e::{Envoy, LogSink, Sidecar, TempRepository, wasm_module};
-use meshserve_sidecar::mesh::render::{self, Upstream};
+use meshserve_e2e::{Envoy, LogSink, Sidecar, TempRepository, write_local_mesh};
 use serde_json::{Value, json};
 
 const SAMPLE: &str = include_str!("../../models/samples/sklearn_digits_v1_request.json");
@@ -63,24 +61,13 @@ fn start_with(tag: &str, loggers: &[(&str, Value)], extra: &[&str]) -> Mesh {
         })
         .collect();
     let config = json!({"services": services});
-    let upstreams = vec![(
-        "logs.v1".to_owned(),
-        Upstream {
-            http: sidecar.http,
-            grpc: sidecar.grpc,
-        },
-    )];
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    render::write_mesh(
+    let bootstrap = write_local_mesh(
         &dir,
         &config,
-        &wasm_module(),
-        loopback,
-        loopback,
-        &upstreams,
-    )
-    .unwrap();
-    let envoy = Envoy::start(&dir.join(render::BOOTSTRAP_FILE), &dir);
+        &[("logs.v1", sidecar.http, sidecar.grpc)],
+        None,
+    );
+    let envoy = Envoy::start(&bootstrap, &dir);
     Mesh {
         dir,
         repository,

@@ -83,12 +83,82 @@ pub fn buffer_limit(config: &Config) -> u64 {
 }
 pub const BOOTSTRAP_FILE: &str = "envoy.json";
 
-/// Where one revision's sidecar listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Upstream {
-    pub http: SocketAddr,
-    pub grpc: SocketAddr,
+/// Where Envoy reaches something: an IP address (a STATIC cluster) or a DNS name (STRICT_DNS:
+/// a compose service, a Kubernetes Service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
 }
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl Endpoint {
+    /// `http://host:port` (or `https://`, or just `host:port`), as OTLP endpoints are written.
+    pub fn from_url(url: &str) -> Result<Endpoint, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .unwrap_or(url);
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{url}' has no port (e.g. http://127.0.0.1:4317)"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("'{url}': '{port}' is not a port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("'{url}' has no host"));
+        }
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Where one revision's sidecar listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub http: Endpoint,
+    pub grpc: Endpoint,
+}
+
+impl Upstream {
+    pub fn local(http: SocketAddr, grpc: SocketAddr) -> Upstream {
+        Upstream {
+            http: http.into(),
+            grpc: grpc.into(),
+        }
+    }
+}
+
+/// What an Envoy bootstrap is made of, besides the filters.
+#[derive(Debug, Clone)]
+pub struct EnvoySpec<'a> {
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    /// The directory of the ECDS files, as Envoy sees it.
+    pub config_dir: &'a Path,
+    /// (cluster base name, where that revision's sidecar listens).
+    pub upstreams: &'a [(String, Upstream)],
+    /// An OTLP/gRPC collector: Envoy traces every request there (OpenTelemetry tracer) and
+    /// passes the W3C `traceparent` on to the sidecars.
+    pub otlp: Option<Endpoint>,
+}
+
+/// The cluster Envoy sends its spans to.
+pub const OTLP_CLUSTER: &str = "meshserve.otlp";
+/// How often Envoy sends the spans it has (Envoy's default is 5 s).
+const TRACE_FLUSH_MS: u64 = 1000;
 
 /// A revision's Envoy cluster names (REST and gRPC).
 pub fn clusters(isvc: &str, revision: &str) -> (String, String) {
@@ -182,9 +252,7 @@ pub fn write_mesh(
     dir: &Path,
     config: &Value,
     wasm: &Path,
-    listener: SocketAddr,
-    admin: SocketAddr,
-    upstreams: &[(String, Upstream)],
+    envoy: &EnvoySpec<'_>,
 ) -> Result<Vec<&'static str>, String> {
     let checked = check(config)?;
     let write = |name: &str, value: &Value| {
@@ -200,26 +268,24 @@ pub fn write_mesh(
     }
     write(
         BOOTSTRAP_FILE,
-        &bootstrap(
-            listener,
-            admin,
-            dir,
-            &filters,
-            buffer_limit(&checked),
-            upstreams,
-        ),
+        &bootstrap(envoy, &filters, buffer_limit(&checked)),
     )?;
     written.push(BOOTSTRAP_FILE);
     Ok(written)
 }
 
-fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
+fn cluster(name: &str, at: &Endpoint, http2: bool) -> Value {
+    let kind = if at.host.parse::<std::net::IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
     let mut c = json!({
         "name": name,
-        "type": "STATIC",
+        "type": kind,
         "connect_timeout": "2s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}}}]}]},
+            "socket_address": {"address": at.host, "port_value": at.port}}}}]}]},
     });
     if http2 && let Some(map) = c.as_object_mut() {
         map.insert(
@@ -233,23 +299,18 @@ fn cluster(name: &str, addr: SocketAddr, http2: bool) -> Value {
 }
 
 /// The Envoy bootstrap: one listener whose HTTP filters are meshserve's `filters` (each one's
-/// config read from its ECDS file in `dir`, reloaded when that file is replaced) and Envoy's
-/// router; routes pick the cluster the router filter names in `x-meshserve-cluster`; one
-/// cluster per revision and protocol. `upstreams`: (cluster base name, addresses). Stats tags
-/// turn the filters' stat names into Prometheus labels. `buffer_limit`: the most bytes a
-/// filter may hold of one request or response (Envoy answers 413 above it).
-pub fn bootstrap(
-    listener: SocketAddr,
-    admin: SocketAddr,
-    dir: &Path,
-    filters: &[Filter],
-    buffer_limit: u64,
-    upstreams: &[(String, Upstream)],
-) -> Value {
+/// config read from its ECDS file in the spec's directory, reloaded when that file is
+/// replaced) and Envoy's router; routes pick the cluster the router filter names in
+/// `x-meshserve-cluster`; one cluster per revision and protocol. Stats tags turn the
+/// filters' stat names into Prometheus labels. `buffer_limit`: the most bytes a filter may
+/// hold of one request or response (Envoy answers 413 above it). With an OTLP collector,
+/// Envoy's OpenTelemetry tracer traces every request (a server span, and a client span per
+/// upstream request whose context goes on as `traceparent`).
+pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -> Value {
     let mut clusters = Vec::new();
-    for (name, upstream) in upstreams {
-        clusters.push(cluster(name, upstream.http, false));
-        clusters.push(cluster(&format!("{name}.grpc"), upstream.grpc, true));
+    for (name, upstream) in envoy.upstreams {
+        clusters.push(cluster(name, &upstream.http, false));
+        clusters.push(cluster(&format!("{name}.grpc"), &upstream.grpc, true));
     }
     // `wasmcustom.meshserve.requests.isvc.digits.revision.v1.outcome.routed` becomes
     // `envoy_wasmcustom_meshserve_requests{isvc="digits",revision="v1",outcome="routed"}`.
@@ -263,7 +324,7 @@ pub fn bootstrap(
         .iter()
         .map(|f| {
             json!({"name": f.name, "config_discovery": {
-                "config_source": {"path_config_source": {"path": dir.join(f.file).display().to_string()}},
+                "config_source": {"path_config_source": {"path": envoy.config_dir.join(f.file).display().to_string()}},
                 "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}})
         })
         .collect();
@@ -271,6 +332,35 @@ pub fn bootstrap(
         json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}),
     );
+    let mut manager = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "meshserve",
+        "codec_type": "AUTO",
+        "route_config": {"name": "meshserve", "virtual_hosts": [{"name": "inference", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/", "headers": [{"name": "x-meshserve-cluster", "present_match": true}]},
+             "route": {"cluster_header": "x-meshserve-cluster", "timeout": "60s"}},
+            {"match": {"prefix": "/"},
+             "direct_response": {"status": 404, "body": {"inline_string": "{\"error\": \"not an inference endpoint\"}"}},
+             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+        ]}]},
+        "http_filters": http_filters,
+    });
+    let mut runtime = json!({});
+    if let Some(otlp) = &envoy.otlp {
+        clusters.push(cluster(OTLP_CLUSTER, otlp, true));
+        if let Some(map) = manager.as_object_mut() {
+            map.insert("tracing".into(), json!({
+                "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "2s"},
+                    "service_name": "meshserve-envoy",
+                }},
+                "spawn_upstream_span": true,
+            }));
+        }
+        runtime = json!({"tracing.opentelemetry.flush_interval_ms": TRACE_FLUSH_MS});
+    }
     json!({
         "node": {"id": "meshserve", "cluster": "meshserve"},
         // A named limit on client connections (Envoy warns when there is none).
@@ -281,29 +371,20 @@ pub fn bootstrap(
                 "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
             },
         }]},
-        "admin": {"address": {"socket_address": {"address": admin.ip().to_string(), "port_value": admin.port()}}},
+        "layered_runtime": {"layers": [
+            {"name": "static", "static_layer": runtime},
+            {"name": "admin", "admin_layer": {}},
+        ]},
+        "admin": {"address": {"socket_address": {"address": envoy.admin.ip().to_string(), "port_value": envoy.admin.port()}}},
         "stats_config": {"stats_tags": tags},
         "static_resources": {
             "listeners": [{
                 "name": "meshserve",
-                "address": {"socket_address": {"address": listener.ip().to_string(), "port_value": listener.port()}},
+                "address": {"socket_address": {"address": envoy.listener.ip().to_string(), "port_value": envoy.listener.port()}},
                 "per_connection_buffer_limit_bytes": buffer_limit,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "meshserve",
-                        "codec_type": "AUTO",
-                        "route_config": {"name": "meshserve", "virtual_hosts": [{"name": "inference", "domains": ["*"], "routes": [
-                            {"match": {"prefix": "/", "headers": [{"name": "x-meshserve-cluster", "present_match": true}]},
-                             "route": {"cluster_header": "x-meshserve-cluster", "timeout": "60s"}},
-                            {"match": {"prefix": "/"},
-                             "direct_response": {"status": 404, "body": {"inline_string": "{\"error\": \"not an inference endpoint\"}"}},
-                             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
-                                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
-                        ]}]},
-                        "http_filters": http_filters,
-                    },
+                    "typed_config": manager,
                 }]}],
             }],
             "clusters": clusters,
@@ -372,8 +453,14 @@ mod tests {
         assert_eq!(buffer_limit(&checked), 4_000_000 + BUFFER_HEADROOM);
         let dir = tempfile::tempdir().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let written =
-            write_mesh(dir.path(), &config, Path::new("/x.wasm"), addr, addr, &[]).unwrap();
+        let spec = EnvoySpec {
+            listener: addr,
+            admin: addr,
+            config_dir: dir.path(),
+            upstreams: &[],
+            otlp: None,
+        };
+        let written = write_mesh(dir.path(), &config, Path::new("/x.wasm"), &spec).unwrap();
         assert_eq!(
             written,
             vec![

@@ -49,6 +49,8 @@ pub struct UpOptions {
     pub state_dir: PathBuf,
     /// Envoy worker threads (0: Envoy's default, one per core).
     pub envoy_concurrency: usize,
+    /// An OTLP/gRPC collector for Envoy's and the sidecars' spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Reads every InferenceService in a (multi-document) YAML file.
@@ -342,7 +344,7 @@ async fn start_sidecar(
         grpc = grpc.or_else(|| parse("grpc"));
     }
     match (http, grpc) {
-        (Some(http), Some(grpc)) => Ok((part, Upstream { http, grpc })),
+        (Some(http), Some(grpc)) => Ok((part, Upstream::local(http, grpc))),
         _ => Err(UpError::Start(format!(
             "sidecar {name} reported no addresses"
         ))),
@@ -447,6 +449,19 @@ pub async fn up(
             if let Some(file) = &transformer {
                 extra.extend(["--transformer".to_owned(), file.display().to_string()]);
             }
+            if let Some(endpoint) = &options.otlp_endpoint {
+                extra.extend([
+                    "--otlp-endpoint".to_owned(),
+                    endpoint.clone(),
+                    "--otlp-service-name".to_owned(),
+                    format!("{}-predictor", isvc.name),
+                    "--otlp-resource".to_owned(),
+                    format!(
+                        "serving.kserve.io/inferenceservice={},k8s.namespace.name={},meshserve.revision={}",
+                        isvc.name, isvc.namespace, revision.name
+                    ),
+                ]);
+            }
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
                 extra.extend([
@@ -470,7 +485,18 @@ pub async fn up(
     let config = render::filter_config(&served).map_err(UpError::Input)?;
     let listener = SocketAddr::new(options.host, options.port);
     let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.admin_port);
-    render::write_mesh(&state, &config, &wasm, listener, admin, &upstreams)
+    let otlp = match &options.otlp_endpoint {
+        Some(url) => Some(render::Endpoint::from_url(url).map_err(UpError::Input)?),
+        None => None,
+    };
+    let envoy_spec = render::EnvoySpec {
+        listener,
+        admin,
+        config_dir: &state,
+        upstreams: &upstreams,
+        otlp,
+    };
+    render::write_mesh(&state, &config, &wasm, &envoy_spec)
         .map_err(|e| UpError::Input(format!("cannot write the mesh's files: {e}")))?;
     let bootstrap_path = state.join(BOOTSTRAP_FILE);
 

@@ -1,0 +1,267 @@
+//! Logs on stderr and, when an OTLP endpoint is configured, traces exported over OTLP/gRPC.
+//!
+//! Spans for export use the target [`TRACE_TARGET`]: the log output never shows them, and
+//! without an exporter they are disabled at their call sites, so a sidecar that does not
+//! trace pays nothing for them. The server span of each request continues the trace of the
+//! W3C `traceparent` it came with (Envoy's span, when Envoy traces), and the predictor's
+//! spans (`predict`, `queue`, `batch`, `onnxruntime.run`) hang below it.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use http::HeaderMap;
+use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+use crate::cli::LogFormat;
+
+pub use meshserve_predictor::TRACE_TARGET;
+
+/// Where and how to export traces (`meshserve serve` flags).
+#[derive(Debug, Clone, Args)]
+pub struct TraceArgs {
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317). Without
+    /// it, nothing is traced.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans. `OTEL_RESOURCE_ATTRIBUTES` adds attributes.
+    #[arg(long, default_value = "meshserve", env = "OTEL_SERVICE_NAME")]
+    pub otlp_service_name: String,
+    /// More resource attributes for exported spans: KEY=VALUE,KEY=VALUE (added to
+    /// `OTEL_RESOURCE_ATTRIBUTES`).
+    #[arg(long, value_parser = parse_attributes, default_value = "")]
+    pub otlp_resource: Attributes,
+    /// The share of new traces (requests without a sampled `traceparent`) to record, 0 to 1.
+    /// A request whose `traceparent` says sampled (or not) is followed as it says.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sampling: f64,
+    /// How long finished spans wait before they are sent (OTLP batches).
+    #[arg(long, default_value_t = 1000)]
+    pub otlp_export_interval_ms: u64,
+}
+
+/// Resource attributes given on the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes(pub Vec<(String, String)>);
+
+fn parse_attributes(text: &str) -> Result<Attributes, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(format!("'{pair}' is not KEY=VALUE")),
+        })
+        .collect::<Result<_, _>>()
+        .map(Attributes)
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("'{text}' is not a ratio between 0 and 1")),
+    }
+}
+
+/// Keeps the exporter running; dropping it sends the spans still waiting.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "traces not all exported at exit");
+        }
+    }
+}
+
+/// Sets up logging on stderr (filtered by `RUST_LOG`, default `info`) and, when `traces`
+/// names an endpoint, the OTLP exporter. Call it inside the Tokio runtime: the exporter's
+/// gRPC channel runs on it.
+pub fn init(format: LogFormat, traces: Option<&TraceArgs>) -> Result<Telemetry, String> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{TRACE_TARGET}=off")
+                .parse()
+                .map_err(|e| format!("log filter: {e}"))?,
+        );
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+    };
+    let provider = match traces.and_then(|t| t.otlp_endpoint.as_deref().map(|e| (t, e))) {
+        Some((args, endpoint)) => Some(provider(args, endpoint)?),
+        None => None,
+    };
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("meshserve"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(TRACE_TARGET, tracing::Level::TRACE),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .map_err(|e| format!("logging: {e}"))?;
+    if let Some(args) = traces
+        && let Some(endpoint) = &args.otlp_endpoint
+    {
+        tracing::info!(%endpoint, service = %args.otlp_service_name, sampling = args.trace_sampling, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+fn provider(args: &TraceArgs, endpoint: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?;
+    let batches = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_millis(args.otlp_export_interval_ms))
+                .build(),
+        )
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(batches)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            args.trace_sampling,
+        ))))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(args.otlp_service_name.clone())
+                .with_attributes(
+                    args.otlp_resource
+                        .0
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                )
+                .build(),
+        )
+        .build())
+}
+
+/// The server span of one request, continuing the trace its `traceparent` names. Disabled
+/// (and free) when nothing exports traces.
+pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        "request",
+        otel.name = %format_args!("{method} {path}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// Records the answer's status on a server span (`ERROR` for 5xx, as OpenTelemetry's HTTP
+/// conventions say for servers).
+pub fn record_status(span: &tracing::Span, status: u16) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Records a call's gRPC status on its span (`ERROR` for the codes that mean a server fault).
+pub fn record_grpc_status(span: &tracing::Span, error: Option<&tonic::Status>) {
+    if span.is_disabled() {
+        return;
+    }
+    let code = error.map_or(tonic::Code::Ok, tonic::Status::code);
+    span.record("rpc.grpc.status_code", code as i32);
+    if matches!(
+        code,
+        tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DataLoss
+    ) {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// The gRPC server span of one call (`rpc.system` grpc), continuing the trace of its metadata.
+pub fn grpc_span(method: &str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        "rpc",
+        otel.name = %format_args!("inference.GRPCInferenceService/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "inference.GRPCInferenceService",
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The span of a request's way from body to tensors (parsing, the sidecar's transformer).
+pub fn preprocess_span() -> tracing::Span {
+    tracing::info_span!(target: TRACE_TARGET, "preprocess")
+}
+
+/// The span of a response's way from tensors to body.
+pub fn postprocess_span() -> tracing::Span {
+    tracing::info_span!(target: TRACE_TARGET, "postprocess")
+}
+
+/// Runs `work` inside `span` and says how long it took.
+pub fn timed<T>(span: tracing::Span, work: impl FnOnce() -> T) -> (T, Duration) {
+    let started = Instant::now();
+    let result = span.in_scope(work);
+    (result, started.elapsed())
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}

@@ -1,0 +1,284 @@
+//! What operators see: one request traced from Envoy through the sidecar to ONNX Runtime in a
+//! real OTLP receiver, and Prometheus figures that match the requests sent.
+
+use std::time::Duration;
+
+use meshserve_e2e::otlp::{OtlpReceiver, Received, hex};
+use meshserve_e2e::{Envoy, Sidecar, TempRepository, write_local_mesh};
+use serde_json::{Value, json};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+/// A sidecar serving `digits` (no batching) and `digits_batched` (dynamic batching), behind
+/// Envoy with the router filter; both export traces to `otlp` when given.
+struct Stack {
+    envoy: Envoy,
+    sidecar: Sidecar,
+    _repository: TempRepository,
+    _dir: std::path::PathBuf,
+}
+
+fn stack(tag: &str, otlp: Option<&OtlpReceiver>) -> Stack {
+    let repository = TempRepository::new(
+        tag,
+        &[
+            ("digits", "sklearn_digits", ""),
+            (
+                "digits_batched",
+                "sklearn_digits",
+                "max_batch_size: 8\ndynamic_batching: {max_queue_delay_microseconds: 200}\n",
+            ),
+        ],
+    );
+    let url = otlp.map(OtlpReceiver::url).unwrap_or_default();
+    let mut flags = vec![];
+    if otlp.is_some() {
+        flags.extend([
+            "--otlp-endpoint",
+            &url,
+            "--otlp-service-name",
+            "digits-predictor",
+            "--otlp-resource",
+            "meshserve.revision=digits-v1",
+            "--otlp-export-interval-ms",
+            "100",
+        ]);
+    }
+    let sidecar = Sidecar::start_on(&repository.path, &flags, true);
+    let dir = std::env::temp_dir().join(format!("meshserve-{tag}-mesh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({"services": [{"name": "digits", "namespace": "default",
+        "models": ["digits", "digits_batched"],
+        "predictor": {"default": {"name": "digits-v1", "cluster": "digits.v1", "grpc_cluster": "digits.v1.grpc"}}}]});
+    let bootstrap = write_local_mesh(
+        &dir,
+        &config,
+        &[("digits.v1", sidecar.http, sidecar.grpc)],
+        otlp.map(|r| r.addr),
+    );
+    let envoy = Envoy::start(&bootstrap, &dir);
+    Stack {
+        envoy,
+        sidecar,
+        _repository: repository,
+        _dir: dir,
+    }
+}
+
+fn digits_request(input: &str) -> Value {
+    json!({"inputs": [{"name": input, "datatype": "FP32", "shape": [1, 64], "data": vec![3.0; 64]}]})
+}
+
+async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut request = reqwest::Client::new().post(url).json(body);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+fn one<'a>(spans: &'a [Received], what: &str, pick: impl Fn(&Received) -> bool) -> &'a Received {
+    let found: Vec<&Received> = spans.iter().filter(|s| pick(s)).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {what}, found {}: {:#?}",
+        found.len(),
+        summary(spans)
+    );
+    found[0]
+}
+
+fn summary(spans: &[Received]) -> Vec<String> {
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} kind={} trace={} id={} parent={}",
+                s.service,
+                s.span.name,
+                s.span.kind,
+                hex(&s.span.trace_id),
+                hex(&s.span.span_id),
+                hex(&s.span.parent_span_id)
+            )
+        })
+        .collect()
+}
+
+fn child_of<'a>(spans: &'a [Received], parent: &Received, name: &str) -> &'a Received {
+    one(
+        spans,
+        &format!("'{name}' under '{}'", parent.span.name),
+        |s| s.span.name == name && s.span.parent_span_id == parent.span.span_id,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_is_traced_from_envoy_to_onnx_runtime() {
+    let receiver = OtlpReceiver::start();
+    let stack = stack("traces", Some(&receiver));
+    for (model, trace, caller) in [
+        (
+            "digits",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "00f067aa0ba902b7",
+        ),
+        (
+            "digits_batched",
+            "0af7651916cd43dd8448eb211c80319c",
+            "b7ad6b7169203331",
+        ),
+    ] {
+        let traceparent = format!("00-{trace}-{caller}-01");
+        let (status, body) = post(
+            &stack.envoy.url(&format!("/v2/models/{model}/infer")),
+            &digits_request("input"),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+
+        let expected = if model == "digits" { 8 } else { 9 };
+        let of_trace = |spans: &[Received]| -> Vec<Received> {
+            spans
+                .iter()
+                .filter(|s| hex(&s.span.trace_id) == trace)
+                .cloned()
+                .collect()
+        };
+        let spans = receiver
+            .wait_for(Duration::from_secs(20), |spans| {
+                of_trace(spans).len() >= expected
+            })
+            .map(|s| of_trace(&s))
+            .unwrap_or_else(|s| {
+                panic!(
+                    "the trace did not arrive whole:\n{:#?}\nsidecar log:\n{}\nEnvoy log:\n{}",
+                    summary(&s),
+                    stack.sidecar.log(),
+                    stack.envoy.log()
+                )
+            });
+
+        // Envoy continues the caller's trace: its server span, and the client span of the
+        // upstream request whose context went on as `traceparent`.
+        let ingress = one(&spans, "Envoy server span", |s| {
+            s.service == "meshserve-envoy" && s.span.kind == SERVER
+        });
+        assert_eq!(hex(&ingress.span.parent_span_id), caller);
+        let egress = one(&spans, "Envoy client span", |s| {
+            s.service == "meshserve-envoy" && s.span.kind == CLIENT
+        });
+        assert_eq!(egress.span.parent_span_id, ingress.span.span_id);
+
+        // The sidecar's server span is the child of Envoy's upstream span.
+        let server = one(&spans, "sidecar server span", |s| {
+            s.service == "digits-predictor" && s.span.kind == SERVER
+        });
+        assert_eq!(
+            server.span.parent_span_id,
+            egress.span.span_id,
+            "{:#?}",
+            summary(&spans)
+        );
+        assert_eq!(server.span.name, format!("POST /v2/models/{model}/infer"));
+        assert_eq!(
+            server.attribute("http.response.status_code").as_deref(),
+            Some("200")
+        );
+        assert_eq!(
+            server.resource_attribute("meshserve.revision").as_deref(),
+            Some("digits-v1")
+        );
+        child_of(&spans, server, "preprocess");
+        child_of(&spans, server, "postprocess");
+        let predict = child_of(&spans, server, "predict");
+        assert_eq!(predict.attribute("model.name").as_deref(), Some(model));
+        child_of(&spans, predict, "queue");
+        // Without batching, the session runs for the request itself; with it, inside the
+        // batch the request started.
+        let run_parent = if model == "digits" {
+            predict
+        } else {
+            let batch = child_of(&spans, predict, "batch");
+            assert_eq!(batch.attribute("batch.rows").as_deref(), Some("1"));
+            batch
+        };
+        let run = child_of(&spans, run_parent, "onnxruntime.run");
+        assert!(run.span.end_time_unix_nano >= run.span.start_time_unix_nano);
+        assert!(
+            server.span.start_time_unix_nano <= run.span.start_time_unix_nano
+                && run.span.end_time_unix_nano <= server.span.end_time_unix_nano,
+            "the run lies inside the request"
+        );
+    }
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_requests_sent() {
+    let stack = stack("metrics", None);
+    let v2 = stack.envoy.url("/v2/models/digits/infer");
+    for _ in 0..6 {
+        let (status, body) = post(&v2, &digits_request("input"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for _ in 0..3 {
+        let (status, body) = post(
+            &stack.envoy.url("/v1/models/digits:predict"),
+            &json!({"instances": [vec![1.0; 64]]}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for _ in 0..2 {
+        let (status, body) = post(&v2, &digits_request("nope"), &[]).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    let text = reqwest::get(stack.sidecar.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = r#"{model="digits",version="1"}"#;
+    let kserve = r#"{model_name="digits",model_version="1"}"#;
+    for (series, want) in [
+        (format!("meshserve_inference_request_success_total{labels}"), 9.0),
+        (
+            r#"meshserve_inference_request_failure_total{model="digits",reason="invalid_input",version="1"}"#.to_owned(),
+            2.0,
+        ),
+        (format!("meshserve_inference_count_total{labels}"), 9.0),
+        (format!("meshserve_inference_exec_count_total{labels}"), 9.0),
+        (format!("request_preprocess_seconds_count{kserve}"), 11.0),
+        (format!("request_predict_seconds_count{kserve}"), 11.0),
+        (format!("request_postprocess_seconds_count{kserve}"), 9.0),
+        ("meshserve_models_loaded".to_owned(), 2.0),
+        (
+            r#"meshserve_model_ready{model="digits_batched",version="1"}"#.to_owned(),
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, &series), want, "{series}");
+    }
+    assert!(sample(&text, &format!("request_predict_seconds_sum{kserve}")) > 0.0);
+    // Envoy's own count of what the router sent to the revision.
+    assert_eq!(
+        stack
+            .envoy
+            .stat("wasmcustom.meshserve.requests.isvc.digits.revision.digits-v1.outcome.routed"),
+        11
+    );
+}
