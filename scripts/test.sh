@@ -23,13 +23,27 @@ if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
     cargo build --release --locked -p meshserve-proto --target wasm32-wasip1 --quiet
 fi
 
+# The rendered compose file is checked by docker-compose itself (Debian's package reads and
+# resolves a compose file without a Docker engine).
+if ! command -v docker-compose >/dev/null 2>&1; then
+    say "installing Debian's docker-compose (the tests check the rendered compose file with it)"
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "docker-compose is missing: apt-get install docker-compose" >&2; exit 1; }
+        sudo=sudo
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q docker-compose >/dev/null \
+        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q docker-compose >/dev/null; }
+fi
+
 say "cargo test"
 cargo test --release --locked --workspace
 
 # kserve and tritonclient register the same protobuf names (kserve/kserve#3099), so their
 # tests run in separate interpreters (the transformer's, which use tritonclient's gRPC client
 # and start their own mesh, too). pytest exit 5 means "no tests collected": a failure here.
-for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.py tests/python/test_transformer.py; do
+for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.py tests/python/test_transformer.py tests/python/test_render.py tests/python/test_packaging.py; do
     say "pytest $suite"
     .venv/bin/python -m pytest -q "$suite"
 done

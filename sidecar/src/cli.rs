@@ -126,30 +126,95 @@ pub struct CanaryArgs {
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
-    /// A KServe InferenceService YAML file.
+    /// A KServe InferenceService YAML file (several, separated by `---`, are fine).
     pub file: PathBuf,
-    /// The directory to write filter.json, router.ecds.json and envoy.json into.
+    /// The directory to write into: the local Envoy's files, and compose/, istio/,
+    /// kubernetes/.
     #[arg(long)]
     pub out: PathBuf,
-    /// Envoy's listener port.
+    /// Envoy's listener port (local and compose).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Envoy's admin port.
+    /// The local Envoy's admin port.
     #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
-    /// The first sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
+    /// The first local sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
     #[arg(long, default_value_t = 9000)]
     pub upstream_base_port: u16,
-    /// The path of meshserve_filters.wasm as Envoy will see it.
+    /// The path of meshserve_filters.wasm as the local Envoy will see it.
     #[arg(long, default_value = "meshserve_filters.wasm")]
     pub wasm: PathBuf,
+    /// meshserve_filters.wasm on this machine: compose mounts it, and its SHA-256 pins the
+    /// EnvoyFilter's download. Default: the workspace's build (then nothing is pinned).
+    #[arg(long)]
+    pub wasm_file: Option<PathBuf>,
+    /// The sidecar's image (built from the repository's Dockerfile).
+    #[arg(long, default_value = concat!("ghcr.io/meshserve/meshserve:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// Envoy's image for docker-compose.
+    #[arg(long, default_value = "envoyproxy/envoy:v1.40.0")]
+    pub envoy_image: String,
+    /// The filters' OCI image for Istio's WasmPlugin (scripts/package-wasm.py builds it).
+    #[arg(long, default_value = concat!("oci://ghcr.io/meshserve/meshserve-filters:", env!("CARGO_PKG_VERSION")))]
+    pub wasm_image: String,
+    /// The filters' HTTPS URL for the EnvoyFilter form.
+    #[arg(long, default_value = concat!("https://github.com/meshserve/meshserve/releases/download/v", env!("CARGO_PKG_VERSION"), "/meshserve_filters.wasm"))]
+    pub wasm_url: String,
+    /// An OTLP/gRPC collector: Envoy and the sidecars send their spans there.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Prometheus, for KEDA's request-based triggers.
+    #[arg(long, default_value = "http://prometheus-operated.monitoring.svc:9090")]
+    pub prometheus_url: String,
+    /// The PersistentVolumeClaim that holds `file://` models on Kubernetes (at the same paths,
+    /// relative to the InferenceService's file). `pvc://CLAIM/PATH` names its own.
+    #[arg(long, default_value = "meshserve-models")]
+    pub models_claim: String,
+    /// The Istio ingress gateway's namespace (WasmPlugins, EnvoyFilter and Gateway go there).
+    #[arg(long, default_value = "istio-system")]
+    pub gateway_namespace: String,
+    /// The label that selects the gateway's pods, KEY=VALUE.
+    #[arg(long, default_value = "istio=ingressgateway", value_parser = parse_label)]
+    pub gateway_selector: (String, String),
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The model repository: <dir>/<model>/<version>/model.onnx, optional <dir>/<model>/config.yaml.
-    #[arg(long, env = "MESHSERVE_MODEL_REPOSITORY")]
-    pub model_repository: PathBuf,
+    #[arg(
+        long,
+        env = "MESHSERVE_MODEL_REPOSITORY",
+        required_unless_present = "storage",
+        conflicts_with = "storage"
+    )]
+    pub model_repository: Option<PathBuf>,
+    /// A KServe storage location instead of a repository: one .onnx file, one model's
+    /// directory of versions, or a repository (KServe's /mnt/models in a container).
+    #[arg(long, env = "MESHSERVE_STORAGE")]
+    pub storage: Option<PathBuf>,
+    /// The name one model from --storage is served under (KServe: the InferenceService's).
+    #[arg(long, default_value = "model", env = "MESHSERVE_MODEL_NAME")]
+    pub model_name: String,
+    /// Batch requests to the --storage model as KServe's `batcher` does.
+    #[arg(long, requires = "storage")]
+    pub batcher: bool,
+    /// The batcher's `maxBatchSize` (default 32).
+    #[arg(long, requires = "batcher")]
+    pub batcher_max_batch_size: Option<u64>,
+    /// The batcher's `maxLatency` in milliseconds (default 500).
+    #[arg(long, requires = "batcher")]
+    pub batcher_max_latency_ms: Option<u64>,
+    /// Where the repository for --storage is built (links and a config.yaml). Default: a
+    /// directory under the system's temporary directory.
+    #[arg(long, env = "MESHSERVE_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
     #[command(flatten)]
     pub traces: crate::telemetry::TraceArgs,
     /// Address to listen on. Only loopback unless you say otherwise.
@@ -302,50 +367,51 @@ pub fn transform(args: TransformArgs) -> Result<(), String> {
 
 /// Runs `meshserve render`.
 pub fn render(args: RenderArgs) -> Result<(), String> {
-    use crate::mesh::render::{self, Upstream};
-    let services = crate::mesh::up::read_services(&args.file).map_err(|e| e.to_string())?;
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let mut served = Vec::new();
-    let mut upstreams = Vec::new();
-    let mut port = args.upstream_base_port;
-    for isvc in &services {
-        let mut models = Vec::new();
-        for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
-            for name in
-                crate::mesh::up::model_names(&isvc.name, revision).map_err(|e| e.to_string())?
-            {
-                if !models.contains(&name) {
-                    models.push(name);
-                }
-            }
-            let upstream = Upstream::local(
-                SocketAddr::new(loopback, port),
-                SocketAddr::new(loopback, port.saturating_add(1)),
-            );
-            upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
-            port = port.saturating_add(2);
-        }
-        served.push((isvc, models));
-    }
-    let config = render::filter_config(&served)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let listener = SocketAddr::new(loopback, args.port);
-    let admin = SocketAddr::new(loopback, args.admin_port);
-    let envoy = render::EnvoySpec {
-        listener,
-        admin,
-        config_dir: &args.out,
-        upstreams: &upstreams,
-        otlp: None,
+    use crate::mesh::targets;
+    // The SHA-256 pin comes from a module named on the command line (a release's); the
+    // workspace's build, found by default, changes with every build.
+    let pin = args.wasm_file.is_some();
+    let wasm_file = args
+        .wasm_file
+        .or_else(|| crate::mesh::up::find_wasm(None).ok());
+    let options = targets::RenderOptions {
+        file: args.file,
+        out: args.out,
+        port: args.port,
+        admin_port: args.admin_port,
+        upstream_base_port: args.upstream_base_port,
+        wasm: args.wasm,
+        wasm_file,
+        pin_wasm: pin,
+        settings: crate::mesh::workload::Settings {
+            image: args.image,
+            envoy_image: args.envoy_image,
+            wasm_image: args.wasm_image,
+            wasm_url: args.wasm_url,
+            wasm_sha256: None,
+            otlp: args.otlp_endpoint,
+            prometheus: args.prometheus_url,
+            models_claim: args.models_claim,
+            gateway_namespace: args.gateway_namespace,
+            gateway_selector: args.gateway_selector,
+        },
     };
-    let written = render::write_mesh(&args.out, &config, &args.wasm, &envoy)?;
-    println!("wrote {} to {}", written.join(", "), args.out.display());
+    let (written, notes) = targets::render(&options)?;
+    println!("wrote to {}:", options.out.display());
+    for file in written {
+        println!("  {file}");
+    }
+    for note in notes {
+        println!("note: {note}");
+    }
     Ok(())
 }
 
 /// Why `meshserve serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("--storage: {0}")]
+    Storage(String),
     #[error(transparent)]
     Runtime(#[from] meshserve_predictor::RuntimeError),
     #[error(transparent)]
@@ -395,7 +461,32 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         intra_op_spinning: args.intra_op_spinning,
     })?;
     tracing::info!(library = %runtime.library().display(), device = %runtime.device(), "ONNX Runtime loaded");
-    let repository = Arc::new(Repository::open(&args.model_repository, Arc::new(runtime))?);
+    let root = match (&args.model_repository, &args.storage) {
+        (Some(repository), _) => repository.clone(),
+        (None, Some(storage)) => {
+            let scratch = args.scratch_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("meshserve-{}", std::process::id()))
+            });
+            let batcher = args
+                .batcher
+                .then_some((args.batcher_max_batch_size, args.batcher_max_latency_ms));
+            let (root, names) = crate::mesh::storage::prepare_repository(
+                storage,
+                &args.model_name,
+                batcher,
+                &scratch,
+            )
+            .map_err(StartError::Storage)?;
+            tracing::info!(storage = %storage.display(), models = %names.join(","), "serving the storage");
+            root
+        }
+        (None, None) => {
+            return Err(StartError::Storage(
+                "give --model-repository or --storage".into(),
+            ));
+        }
+    };
+    let repository = Arc::new(Repository::open(&root, Arc::new(runtime))?);
     let loader = Arc::clone(&repository);
     let failures = tokio::task::spawn_blocking(move || loader.load_all())
         .await

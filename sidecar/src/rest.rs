@@ -201,7 +201,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(response)
         }
         Route::Metrics => {
-            let mut response = Response::new(Full::new(Bytes::from(repository.encode_metrics())));
+            let mut response = Response::new(Full::new(Bytes::from(service.encode_metrics())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -48,11 +48,26 @@ pub struct Service {
     transformer: Option<Transformer>,
     /// Payload logging's intake, when the sidecar has a sink.
     intake: Option<Intake>,
+    /// `meshserve_requests_in_flight`, read from the semaphore at each scrape.
+    in_flight_gauge: prometheus::IntGauge,
 }
 
 impl Service {
     pub fn new(repository: Arc<Repository>, limits: Limits) -> Service {
+        let in_flight_gauge = prometheus::IntGauge::new(
+            "meshserve_requests_in_flight",
+            "Inference requests admitted and not yet answered (what KEDA's concurrency trigger reads)",
+        )
+        .unwrap_or_else(|e| unreachable!("a constant metric: {e}"));
+        if let Err(e) = repository
+            .metrics()
+            .registry()
+            .register(Box::new(in_flight_gauge.clone()))
+        {
+            tracing::error!(error = %e, "cannot register meshserve_requests_in_flight");
+        }
         Service {
+            in_flight_gauge,
             repository,
             limits,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
@@ -88,6 +103,14 @@ impl Service {
         self.transformer
             .as_ref()
             .filter(|t| t.transforms_response(wire) && !headers.contains_key(TRANSFORMED_HEADER))
+    }
+
+    /// The Prometheus text of every metric, with the gauges read now.
+    pub fn encode_metrics(&self) -> String {
+        let free = self.in_flight.available_permits();
+        self.in_flight_gauge
+            .set(self.limits.max_in_flight.saturating_sub(free) as i64);
+        self.repository.encode_metrics()
     }
 
     pub fn repository(&self) -> &Arc<Repository> {

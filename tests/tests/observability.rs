@@ -171,10 +171,12 @@ async fn one_request_is_traced_from_envoy_to_onnx_runtime() {
             s.service == "meshserve-envoy" && s.span.kind == SERVER
         });
         assert_eq!(hex(&ingress.span.parent_span_id), caller);
+        assert_eq!(ingress.span.name, "ingress");
         let egress = one(&spans, "Envoy client span", |s| {
             s.service == "meshserve-envoy" && s.span.kind == CLIENT
         });
         assert_eq!(egress.span.parent_span_id, ingress.span.span_id);
+        assert_eq!(egress.span.name, "router digits.v1 egress");
 
         // The sidecar's server span is the child of Envoy's upstream span.
         let server = one(&spans, "sidecar server span", |s| {

@@ -120,14 +120,19 @@ fn split(config: &Value, isvc: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::isvc::{InferenceService, RevisionSpec};
+    use crate::mesh::isvc::{InferenceService, RevisionSpec, Storage};
     use crate::mesh::render::{filter_config, router_ecds};
     use std::path::PathBuf;
 
     fn state() -> tempfile::TempDir {
         let rev = |name: &str, percent| RevisionSpec {
             name: name.into(),
-            storage: PathBuf::from("/m"),
+            storage: Storage::File {
+                path: PathBuf::from("/m"),
+                relative: PathBuf::from("m"),
+            },
+            scaling: Default::default(),
+            pod: Default::default(),
             percent,
             batcher: None,
             logger: None,
@@ -138,6 +143,9 @@ mod tests {
             default: rev("v1", 0),
             canaries: vec![rev("v2", 20)],
             transformer: None,
+            autoscaler: Default::default(),
+            labels: Default::default(),
+            annotations: Default::default(),
         };
         let dir = tempfile::tempdir().unwrap();
         let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();

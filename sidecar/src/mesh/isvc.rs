@@ -5,6 +5,7 @@
 //! service accounts) are accepted and ignored; fields meshserve cannot honour locally are
 //! refused with their path.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -26,21 +27,31 @@ fn error(path: &str, message: impl Into<String>) -> IsvcError {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Raw {
     api_version: Option<String>,
     kind: Option<String>,
     metadata: RawMetadata,
     spec: RawSpec,
+    /// What a cluster reports (`kubectl get -o yaml`); not configuration.
+    #[serde(rename = "status")]
+    _status: Option<Value>,
 }
 
+/// Kubernetes metadata; fields other than these (uid, resourceVersion, ...) are the
+/// cluster's and are ignored.
 #[derive(Debug, Deserialize)]
 struct RawMetadata {
     name: Option<String>,
     namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSpec {
     predictor: Option<RawPredictor>,
     #[serde(default)]
@@ -49,55 +60,167 @@ struct RawSpec {
     explainer: Option<Value>,
 }
 
+/// KServe's predictor: the component extension fields meshserve honours, the model, and the
+/// pod fields passed to the rendered Kubernetes Deployment.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPredictor {
     name: Option<String>,
     canary_traffic_percent: Option<i64>,
     model: Option<RawModel>,
     batcher: Option<RawBatcher>,
     logger: Option<RawLogger>,
+    min_replicas: Option<i64>,
+    max_replicas: Option<i64>,
+    scale_metric: Option<String>,
+    scale_target: Option<i64>,
+    container_concurrency: Option<i64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    service_account_name: Option<String>,
+    node_selector: Option<Value>,
+    tolerations: Option<Value>,
+    affinity: Option<Value>,
+    image_pull_secrets: Option<Value>,
+    deployment_strategy: Option<Value>,
 }
 
 /// KServe's `logger` (`mode`, `url`, `metadataHeaders`; `metadataAnnotations` only matter on
 /// Kubernetes) plus meshserve's `samplingPercent` and `maxPayloadBytes`.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawLogger {
     mode: Option<String>,
     url: Option<String>,
     #[serde(default)]
     metadata_headers: Vec<String>,
+    #[serde(rename = "metadataAnnotations")]
+    _metadata_annotations: Option<Value>,
     sampling_percent: Option<i64>,
     max_payload_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawModel {
     model_format: Option<RawFormat>,
     storage_uri: Option<String>,
+    /// v1, v2 or grpc-v2: the sidecar serves all of them.
+    protocol_version: Option<String>,
+    resources: Option<Value>,
+    env: Option<Value>,
 }
 
 /// KServe's `batcher`: `maxBatchSize` rows, `maxLatency` in milliseconds.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawBatcher {
     max_batch_size: Option<u64>,
     max_latency: Option<u64>,
+    /// KServe's batcher timeout (seconds); meshserve's queue timeout is the request's.
+    #[serde(rename = "timeout")]
+    _timeout: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawFormat {
     name: Option<String>,
+    /// The format's version (an ONNX opset, say): ONNX Runtime reads it from the file.
+    #[serde(rename = "version")]
+    _version: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawCanary {
     name: Option<String>,
     predictor: Option<RawPredictor>,
     traffic_percent: Option<i64>,
+}
+
+/// Where a revision's model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// `file://PATH`, relative to the InferenceService's file: `path` is where it is here,
+    /// `relative` as written (Kubernetes finds it at that path in the models claim).
+    File { path: PathBuf, relative: PathBuf },
+    /// `pvc://CLAIM/PATH` (KServe's): a PersistentVolumeClaim, on Kubernetes only.
+    Pvc { claim: String, path: String },
+}
+
+impl Storage {
+    /// The model's location on this machine, for `meshserve up`.
+    pub fn local(&self) -> Option<&Path> {
+        match self {
+            Storage::File { path, .. } => Some(path),
+            Storage::Pvc { .. } => None,
+        }
+    }
+}
+
+/// KServe's scaling fields on a revision, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scaling {
+    /// `minReplicas` (KServe's default 1; 0 scales to zero).
+    pub min_replicas: Option<u32>,
+    /// `maxReplicas` (at least `minReplicas` and 1).
+    pub max_replicas: Option<u32>,
+    pub metric: Option<ScaleMetric>,
+    /// `scaleTarget`: per cent for cpu and memory, requests for concurrency, per second for rps.
+    pub target: Option<u32>,
+    /// `containerConcurrency`: requests one replica runs at once (the sidecar's
+    /// `--max-in-flight`); 0 or absent: the sidecar's default.
+    pub container_concurrency: Option<u32>,
+}
+
+/// KServe's `scaleMetric`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleMetric {
+    Cpu,
+    Memory,
+    Concurrency,
+    Rps,
+}
+
+impl ScaleMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScaleMetric::Cpu => "cpu",
+            ScaleMetric::Memory => "memory",
+            ScaleMetric::Concurrency => "concurrency",
+            ScaleMetric::Rps => "rps",
+        }
+    }
+
+    /// KServe's and Knative's defaults: 80% for cpu and memory, 100 requests in flight, 200
+    /// requests a second.
+    pub fn default_target(self) -> u32 {
+        match self {
+            ScaleMetric::Cpu | ScaleMetric::Memory => 80,
+            ScaleMetric::Concurrency => 100,
+            ScaleMetric::Rps => 200,
+        }
+    }
+}
+
+/// The Kubernetes-only parts of a revision, passed to its rendered Deployment as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodSettings {
+    /// `model.resources` (requests and limits) for the sidecar container.
+    pub resources: Option<Value>,
+    /// `model.env`, added to the sidecar container's.
+    pub env: Option<Value>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub service_account_name: Option<String>,
+    pub node_selector: Option<Value>,
+    pub tolerations: Option<Value>,
+    pub affinity: Option<Value>,
+    pub image_pull_secrets: Option<Value>,
+    pub deployment_strategy: Option<Value>,
 }
 
 /// A revision to run: a predictor sidecar over a model location.
@@ -106,7 +229,9 @@ pub struct RevisionSpec {
     pub name: String,
     /// The model: a directory (one model in Triton's layout, or a repository of several) or
     /// one `.onnx` file.
-    pub storage: PathBuf,
+    pub storage: Storage,
+    pub scaling: Scaling,
+    pub pod: PodSettings,
     pub percent: i64,
     /// KServe's `spec.predictor.batcher`: (`maxBatchSize`, `maxLatency` in ms), if given.
     pub batcher: Option<(Option<u64>, Option<u64>)>,
@@ -133,13 +258,36 @@ pub struct InferenceService {
     /// meshserve's declarative transformer (`spec.transformer`), checked by the filters' own
     /// parser; passed to them as written.
     pub transformer: Option<Value>,
+    /// The annotation `serving.kserve.io/autoscalerClass`: hpa (KServe's default), keda,
+    /// none or external.
+    pub autoscaler: Autoscaler,
+    /// `metadata.labels` and `metadata.annotations`, carried to what is rendered.
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
+
+/// Who scales a revision's Deployment (`serving.kserve.io/autoscalerClass`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Autoscaler {
+    /// A HorizontalPodAutoscaler on cpu or memory; KEDA where the revision scales to zero
+    /// or on requests.
+    #[default]
+    Hpa,
+    /// A KEDA ScaledObject always.
+    Keda,
+    /// Nothing: `minReplicas` replicas.
+    None,
+    /// Something else the user runs: no replicas set, no autoscaler rendered.
+    External,
+}
+
+/// KServe's annotation naming the autoscaler.
+pub const AUTOSCALER_CLASS: &str = "serving.kserve.io/autoscalerClass";
 
 impl InferenceService {
     /// Parses the YAML of one InferenceService; `file://` paths are relative to `base`.
     pub fn parse(yaml: &str, base: &Path) -> Result<InferenceService, IsvcError> {
-        let raw: Raw =
-            serde_yaml::from_str(yaml).map_err(|e| error("(document)", e.to_string()))?;
+        let raw: Raw = serde_yaml::from_str(yaml).map_err(yaml_error)?;
         if let Some(api) = &raw.api_version
             && !api.starts_with("serving.kserve.io/")
         {
@@ -248,12 +396,32 @@ impl InferenceService {
             }
             names.push(&canary.name);
         }
+        let autoscaler = match raw
+            .metadata
+            .annotations
+            .get(AUTOSCALER_CLASS)
+            .map(String::as_str)
+        {
+            None | Some("hpa") => Autoscaler::Hpa,
+            Some("keda") => Autoscaler::Keda,
+            Some("none") => Autoscaler::None,
+            Some("external") => Autoscaler::External,
+            Some(other) => {
+                return Err(error(
+                    &format!("metadata.annotations.{AUTOSCALER_CLASS}"),
+                    format!("'{other}' is not one of hpa, keda, none, external"),
+                ));
+            }
+        };
         Ok(InferenceService {
             name,
             namespace,
             default,
             canaries,
             transformer,
+            autoscaler,
+            labels: raw.metadata.labels,
+            annotations: raw.metadata.annotations,
         })
     }
 }
@@ -280,6 +448,7 @@ fn revision(
     percent: i64,
     base: &Path,
 ) -> Result<RevisionSpec, IsvcError> {
+    let scaling = scaling(path, &predictor)?;
     let model = predictor
         .model
         .ok_or_else(|| error(&format!("{path}.model"), "is required"))?;
@@ -295,30 +464,163 @@ fn revision(
     let uri = model
         .storage_uri
         .ok_or_else(|| error(&format!("{path}.model.storageUri"), "is required"))?;
-    let Some(local) = uri.strip_prefix("file://") else {
+    let storage = storage(&format!("{path}.model.storageUri"), &uri, base)?;
+    if let Some(protocol) = &model.protocol_version
+        && !["v1", "v2", "grpc-v2"].contains(&protocol.as_str())
+    {
         return Err(error(
-            &format!("{path}.model.storageUri"),
-            format!("'{uri}': meshserve up reads file:// locations only"),
-        ));
-    };
-    let storage = base.join(local);
-    if !storage.exists() {
-        return Err(error(
-            &format!("{path}.model.storageUri"),
-            format!("{} does not exist", storage.display()),
+            &format!("{path}.model.protocolVersion"),
+            format!("'{protocol}' is not v1, v2 or grpc-v2 (the sidecar serves all three)"),
         ));
     }
     let logger = predictor
         .logger
         .map(|l| logger(&format!("{path}.logger"), l))
         .transpose()?;
+    if let Some(name) = &predictor.name
+        && !is_dns_label(name)
+    {
+        return Err(error(
+            &format!("{path}.name"),
+            format!("'{name}' must be lower-case letters, digits and '-' (a DNS label)"),
+        ));
+    }
     Ok(RevisionSpec {
         name: predictor.name.unwrap_or(fallback),
         storage,
         percent,
         batcher: predictor.batcher.map(|b| (b.max_batch_size, b.max_latency)),
         logger,
+        scaling,
+        pod: PodSettings {
+            resources: model.resources,
+            env: model.env,
+            labels: predictor.labels,
+            annotations: predictor.annotations,
+            service_account_name: predictor.service_account_name,
+            node_selector: predictor.node_selector,
+            tolerations: predictor.tolerations,
+            affinity: predictor.affinity,
+            image_pull_secrets: predictor.image_pull_secrets,
+            deployment_strategy: predictor.deployment_strategy,
+        },
     })
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// `file://` (relative to the InferenceService's file, which must exist here) or `pvc://`.
+fn storage(path: &str, uri: &str, base: &Path) -> Result<Storage, IsvcError> {
+    if let Some(local) = uri.strip_prefix("file://") {
+        let relative = PathBuf::from(local);
+        let full = base.join(&relative);
+        if !full.exists() {
+            return Err(error(path, format!("{} does not exist", full.display())));
+        }
+        return Ok(Storage::File {
+            path: full,
+            relative,
+        });
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let (claim, inner) = rest.split_once('/').unwrap_or((rest, ""));
+        if !is_dns_label(claim) {
+            return Err(error(
+                path,
+                format!("'{uri}': '{claim}' is not a PersistentVolumeClaim name"),
+            ));
+        }
+        return Ok(Storage::Pvc {
+            claim: claim.to_owned(),
+            path: inner.trim_matches('/').to_owned(),
+        });
+    }
+    Err(error(
+        path,
+        format!(
+            "'{uri}': meshserve reads file:// (relative to this file) and pvc://CLAIM/PATH; copy models from object stores into a volume first"
+        ),
+    ))
+}
+
+fn scaling(path: &str, predictor: &RawPredictor) -> Result<Scaling, IsvcError> {
+    let count = |field: &str, value: Option<i64>| -> Result<Option<u32>, IsvcError> {
+        value
+            .map(|v| {
+                u32::try_from(v).map_err(|_| {
+                    error(
+                        &format!("{path}.{field}"),
+                        format!("{v} is not a whole number of 0 or more"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let min_replicas = count("minReplicas", predictor.min_replicas)?;
+    let max_replicas = count("maxReplicas", predictor.max_replicas)?;
+    if let (Some(min), Some(max)) = (min_replicas, max_replicas)
+        && max > 0
+        && min > max
+    {
+        return Err(error(
+            &format!("{path}.maxReplicas"),
+            format!("{max} is below minReplicas {min}"),
+        ));
+    }
+    let metric = match predictor.scale_metric.as_deref() {
+        None => None,
+        Some("cpu") => Some(ScaleMetric::Cpu),
+        Some("memory") => Some(ScaleMetric::Memory),
+        Some("concurrency") => Some(ScaleMetric::Concurrency),
+        Some("rps") => Some(ScaleMetric::Rps),
+        Some(other) => {
+            return Err(error(
+                &format!("{path}.scaleMetric"),
+                format!("'{other}' is not one of cpu, memory, concurrency, rps"),
+            ));
+        }
+    };
+    let target = count("scaleTarget", predictor.scale_target)?;
+    if target == Some(0) {
+        return Err(error(&format!("{path}.scaleTarget"), "must be above 0"));
+    }
+    Ok(Scaling {
+        min_replicas,
+        max_replicas,
+        metric,
+        target,
+        container_concurrency: count("containerConcurrency", predictor.container_concurrency)?
+            .filter(|&c| c > 0),
+    })
+}
+
+/// A YAML error, with the path serde_yaml tracked (`spec.predictor: unknown field ...`)
+/// as the field at fault.
+fn yaml_error(e: serde_yaml::Error) -> IsvcError {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((path, message))
+            if !path.contains(' ')
+                && (path.starts_with("spec") || path.starts_with("metadata")) =>
+        {
+            let message = match message.split_once(", expected") {
+                Some((unknown, _)) if unknown.starts_with("unknown field") => format!(
+                    "{unknown}: meshserve does not support it (docs/reference.md lists the fields it reads)"
+                ),
+                _ => message.to_owned(),
+            };
+            error(path, message)
+        }
+        _ => error("(document)", text),
+    }
 }
 
 fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
@@ -444,6 +746,108 @@ spec:
         let isvc = InferenceService::parse(&yaml, &base()).unwrap();
         assert_eq!(isvc.default.batcher, Some((Some(16), Some(5))));
         assert_eq!(isvc.canaries[0].batcher, None);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_path() {
+        for (yaml, path, word) in [
+            (
+                GOOD.replace("minReplicas: 1", "minReplica: 1"),
+                "spec.predictor",
+                "minReplica",
+            ),
+            (
+                GOOD.replace("modelFormat: {name: onnx}\n      storageUri: file://models/repository/sklearn_digits/1", "modelFormat: {name: onnx}\n      image: my/server\n      storageUri: file://models/repository/sklearn_digits/1"),
+                "spec.predictor.model",
+                "image",
+            ),
+            (
+                GOOD.replace("      trafficPercent: 20", "      trafficPercent: 20\n      weight: 3"),
+                "spec.canary[0]",
+                "weight",
+            ),
+            (
+                GOOD.replace("spec:\n", "spec:\n  sklearn: {}\n"),
+                "spec",
+                "sklearn",
+            ),
+        ] {
+            let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+            assert!(err.message.contains(word), "{err}");
+        }
+    }
+
+    #[test]
+    fn scaling_storage_and_pod_fields_are_read() {
+        let yaml = GOOD
+            .replace(
+                "  name: digits\n",
+                "  name: digits\n  annotations:\n    serving.kserve.io/autoscalerClass: keda\n",
+            )
+            .replace(
+                "    minReplicas: 1\n",
+                "    minReplicas: 0\n    maxReplicas: 5\n    scaleMetric: rps\n    scaleTarget: 50\n    containerConcurrency: 4\n    serviceAccountName: models\n",
+            )
+            .replace(
+                "storageUri: file://models/repository/sklearn_digits/2/model.onnx",
+                "storageUri: pvc://model-store/digits/v2/\n          resources: {limits: {cpu: '2'}}",
+            );
+        let isvc = InferenceService::parse(&yaml, &base()).unwrap();
+        assert_eq!(isvc.autoscaler, Autoscaler::Keda);
+        assert_eq!(
+            isvc.default.scaling,
+            Scaling {
+                min_replicas: Some(0),
+                max_replicas: Some(5),
+                metric: Some(ScaleMetric::Rps),
+                target: Some(50),
+                container_concurrency: Some(4),
+            }
+        );
+        assert_eq!(
+            isvc.default.pod.service_account_name.as_deref(),
+            Some("models")
+        );
+        assert_eq!(
+            isvc.canaries[0].storage,
+            Storage::Pvc {
+                claim: "model-store".into(),
+                path: "digits/v2".into()
+            }
+        );
+        assert_eq!(
+            isvc.canaries[0].pod.resources,
+            Some(serde_json::json!({"limits": {"cpu": "2"}}))
+        );
+        for (bad, path) in [
+            (
+                "minReplicas: 3\n    maxReplicas: 2",
+                "spec.predictor.maxReplicas",
+            ),
+            ("minReplicas: -1", "spec.predictor.minReplicas"),
+            (
+                "minReplicas: 1\n    scaleMetric: gpu",
+                "spec.predictor.scaleMetric",
+            ),
+            (
+                "minReplicas: 1\n    scaleTarget: 0",
+                "spec.predictor.scaleTarget",
+            ),
+        ] {
+            let yaml = GOOD.replace("minReplicas: 1", bad);
+            let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+            assert_eq!(err.path, path, "{bad}: {err}");
+        }
+        let yaml = GOOD.replace(
+            "  name: digits\n",
+            "  name: digits\n  annotations: {serving.kserve.io/autoscalerClass: kpa}\n",
+        );
+        let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+        assert_eq!(
+            err.path,
+            "metadata.annotations.serving.kserve.io/autoscalerClass"
+        );
     }
 
     #[test]

@@ -404,11 +404,17 @@ pub fn write_atomically(path: &Path, value: &Value) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::isvc::Storage;
 
     fn isvc() -> InferenceService {
         let rev = |name: &str, percent| RevisionSpec {
             name: name.into(),
-            storage: PathBuf::from("/m"),
+            storage: Storage::File {
+                path: PathBuf::from("/m"),
+                relative: PathBuf::from("m"),
+            },
+            scaling: Default::default(),
+            pod: Default::default(),
             percent,
             batcher: None,
             logger: None,
@@ -419,6 +425,9 @@ mod tests {
             default: rev("v1", 0),
             canaries: vec![rev("v2", 20)],
             transformer: None,
+            autoscaler: Default::default(),
+            labels: Default::default(),
+            annotations: Default::default(),
         }
     }
 

@@ -11,12 +11,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use meshserve_predictor::ModelConfig;
-use meshserve_predictor::config::CONFIG_FILE;
 use meshserve_predictor::runtime::{search_roots, site_packages};
 
 use super::isvc::{InferenceService, RevisionSpec};
 use super::render::{self, BOOTSTRAP_FILE, Upstream};
+use super::storage;
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -89,139 +88,6 @@ pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, UpError> {
     Ok(services)
 }
 
-/// How a revision's storage is laid out: one model (a `.onnx` file, or a directory of
-/// versions), served under the InferenceService's name as KServe does; or a repository of
-/// model directories, served as it is, with these model names.
-fn layout(storage: &Path) -> Result<Option<Vec<String>>, UpError> {
-    if storage.is_file() {
-        return Ok(None);
-    }
-    let entries: Vec<PathBuf> = std::fs::read_dir(storage)
-        .map_err(io(format!("{}", storage.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    let is_version = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.parse::<u64>().is_ok())
-    };
-    if entries
-        .iter()
-        .any(|p| is_version(p) && p.join("model.onnx").is_file())
-    {
-        return Ok(None);
-    }
-    let mut models: Vec<String> = entries
-        .iter()
-        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    models.sort();
-    Ok(Some(models))
-}
-
-/// The model names a revision serves.
-pub fn model_names(isvc: &str, revision: &RevisionSpec) -> Result<Vec<String>, UpError> {
-    Ok(layout(&revision.storage)?.unwrap_or_else(|| vec![isvc.to_owned()]))
-}
-
-/// A revision's model repository (made under `state` for a single model) and its model names.
-fn prepare_repository(
-    isvc: &str,
-    revision: &RevisionSpec,
-    state: &Path,
-) -> Result<(PathBuf, Vec<String>), UpError> {
-    let storage = std::fs::canonicalize(&revision.storage)
-        .map_err(io(format!("{}", revision.storage.display())))?;
-    if let Some(models) = layout(&storage)? {
-        if revision.batcher.is_some() {
-            return Err(UpError::Input(format!(
-                "revision {}: spec.predictor.batcher applies to one model; {} is a repository of several: set dynamic_batching in each model's config.yaml",
-                revision.name,
-                storage.display()
-            )));
-        }
-        return Ok((storage, models));
-    }
-    // One model, served under the InferenceService's name: a directory of links to its
-    // versions, and its config.yaml (with the KServe batcher applied) written beside them.
-    let repo = state.join("repositories").join(isvc).join(&revision.name);
-    let _ = std::fs::remove_dir_all(&repo);
-    let model_dir = repo.join(isvc);
-    std::fs::create_dir_all(&model_dir).map_err(io(format!("{}", model_dir.display())))?;
-    let mut config = String::new();
-    if storage.is_file() {
-        let version = model_dir.join("1");
-        std::fs::create_dir_all(&version).map_err(io(format!("{}", version.display())))?;
-        link(&storage, &version.join("model.onnx"))?;
-    } else {
-        for entry in std::fs::read_dir(&storage)
-            .map_err(io(format!("{}", storage.display())))?
-            .filter_map(|e| e.ok())
-        {
-            if entry.file_name() == CONFIG_FILE {
-                config = std::fs::read_to_string(entry.path())
-                    .map_err(io(format!("{}", entry.path().display())))?;
-            } else {
-                link(&entry.path(), &model_dir.join(entry.file_name()))?;
-            }
-        }
-    }
-    let config = model_config(&config, revision)
-        .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
-    if !config.is_empty() {
-        std::fs::write(model_dir.join(CONFIG_FILE), config)
-            .map_err(io(format!("{}", model_dir.display())))?;
-    }
-    Ok((repo, vec![isvc.to_owned()]))
-}
-
-/// The model's config.yaml for a revision: the storage's own, without its `name` (the model
-/// is served under the InferenceService's), with KServe's batcher applied.
-fn model_config(original: &str, revision: &RevisionSpec) -> Result<String, String> {
-    let mut config: serde_yaml::Value = if original.trim().is_empty() {
-        serde_yaml::Value::Mapping(Default::default())
-    } else {
-        serde_yaml::from_str(original).map_err(|e| format!("config.yaml: {e}"))?
-    };
-    let map = config
-        .as_mapping_mut()
-        .ok_or("config.yaml is not a mapping")?;
-    map.remove("name");
-    if let Some((max_batch_size, max_latency_ms)) = revision.batcher {
-        // The predictor's own mapping of KServe's fields, so `serve` and `up` agree.
-        let mut mapped = ModelConfig::default();
-        mapped.apply_kserve_batcher(max_batch_size, max_latency_ms);
-        let delay = mapped
-            .dynamic_batching
-            .map_or(0, |b| b.max_queue_delay_microseconds);
-        map.insert("max_batch_size".into(), mapped.max_batch_size.into());
-        let batching = map
-            .entry("dynamic_batching".into())
-            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
-        if let Some(batching) = batching.as_mapping_mut() {
-            batching.insert("max_queue_delay_microseconds".into(), delay.into());
-        }
-    }
-    if map.is_empty() {
-        return Ok(String::new());
-    }
-    serde_yaml::to_string(&config).map_err(|e| e.to_string())
-}
-
-fn link(target: &Path, at: &Path) -> Result<(), UpError> {
-    #[cfg(unix)]
-    let linked = std::os::unix::fs::symlink(target, at);
-    #[cfg(not(unix))]
-    let linked = std::fs::copy(target, at).map(|_| ());
-    linked.map_err(io(format!(
-        "cannot link {} to {}",
-        at.display(),
-        target.display()
-    )))
-}
-
 fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
@@ -239,7 +105,7 @@ fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     ))
 }
 
-fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
+pub fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
     }
@@ -297,25 +163,54 @@ fn spawn(
     })
 }
 
+/// The `meshserve serve` flags that give a revision's sidecar its model: the storage, the
+/// name one model is served under (the InferenceService's, as in KServe), KServe's batcher,
+/// and where the sidecar builds its repository.
+fn sidecar_storage_args(
+    isvc: &str,
+    revision: &RevisionSpec,
+    storage: &Path,
+    state: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "--storage".to_owned(),
+        storage.display().to_string(),
+        "--model-name".to_owned(),
+        isvc.to_owned(),
+        "--scratch-dir".to_owned(),
+        state
+            .join("repositories")
+            .join(isvc)
+            .join(&revision.name)
+            .display()
+            .to_string(),
+    ];
+    args.extend(batcher_args(revision.batcher));
+    args
+}
+
+/// KServe's batcher as `meshserve serve` flags.
+pub fn batcher_args(batcher: Option<storage::Batcher>) -> Vec<String> {
+    let Some((size, latency)) = batcher else {
+        return Vec::new();
+    };
+    let mut args = vec!["--batcher".to_owned()];
+    if let Some(size) = size {
+        args.extend(["--batcher-max-batch-size".to_owned(), size.to_string()]);
+    }
+    if let Some(ms) = latency {
+        args.extend(["--batcher-max-latency-ms".to_owned(), ms.to_string()]);
+    }
+    args
+}
+
 /// Starts a predictor sidecar and reads the addresses it bound.
-async fn start_sidecar(
-    name: &str,
-    repository: &Path,
-    extra: &[String],
-) -> Result<(Part, Upstream), UpError> {
+async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream), UpError> {
     let exe = std::env::current_exe().map_err(io("cannot find the meshserve executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut args: Vec<String> = [
-        "serve",
-        "--model-repository",
-        &repository.display().to_string(),
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut args: Vec<String> = ["serve", "--http-port", "0", "--grpc-port", "0"]
+        .map(str::to_owned)
+        .to_vec();
     args.extend_from_slice(extra);
     let mut part = spawn(name, &exe, &args, Some(tx))?;
     let (mut http, mut grpc) = (None, None);
@@ -444,8 +339,15 @@ pub async fn up(
             None => None,
         };
         for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
-            let (repository, names) = prepare_repository(&isvc.name, revision, &state)?;
-            let mut extra = Vec::new();
+            let local = revision.storage.local().ok_or_else(|| {
+                UpError::Input(format!(
+                    "revision {}: pvc:// storage is read on Kubernetes only (meshserve render); meshserve up serves file:// locations",
+                    revision.name
+                ))
+            })?;
+            let names = storage::model_names(local, &isvc.name)
+                .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
+            let mut extra = sidecar_storage_args(&isvc.name, revision, local, &state);
             if let Some(file) = &transformer {
                 extra.extend(["--transformer".to_owned(), file.display().to_string()]);
             }
@@ -471,7 +373,7 @@ pub async fn up(
                     spool.display().to_string(),
                 ]);
             }
-            let (part, upstream) = start_sidecar(&revision.name, &repository, &extra).await?;
+            let (part, upstream) = start_sidecar(&revision.name, &extra).await?;
             parts.push(part);
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
             for name in names {
@@ -626,39 +528,5 @@ async fn shutdown(parts: &mut [Part]) {
         {
             let _ = part.child.kill().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_kserve_batcher_becomes_dynamic_batching() {
-        let revision = |batcher| RevisionSpec {
-            name: "v1".into(),
-            storage: PathBuf::from("/m"),
-            percent: 0,
-            batcher,
-            logger: None,
-        };
-        let config = model_config(
-            "name: other\nlabels: [a, b]\n",
-            &revision(Some((Some(16), Some(5)))),
-        )
-        .unwrap();
-        let parsed: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
-        assert_eq!(parsed["max_batch_size"], serde_yaml::Value::from(16));
-        assert_eq!(
-            parsed["dynamic_batching"]["max_queue_delay_microseconds"],
-            serde_yaml::Value::from(5000)
-        );
-        assert_eq!(parsed["labels"][1], serde_yaml::Value::from("b"));
-        assert!(parsed.get("name").is_none());
-        assert_eq!(model_config("", &revision(None)).unwrap(), "");
-        let defaults: serde_yaml::Value =
-            serde_yaml::from_str(&model_config("", &revision(Some((None, None)))).unwrap())
-                .unwrap();
-        assert_eq!(defaults["max_batch_size"], serde_yaml::Value::from(32));
     }
 }

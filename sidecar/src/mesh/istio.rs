@@ -1,0 +1,167 @@
+//! Istio resources: meshserve's filters in the ingress gateway, as `WasmPlugin`s (one per
+//! filter root, from the filters' OCI image) or as the `EnvoyFilter` alternative for meshes
+//! without WasmPlugin (EXTENSION_CONFIG + HTTP_FILTER patches, the module fetched by Istio's
+//! agent); a `Gateway`; and per InferenceService a `VirtualService` that sends each request to
+//! the revision the router filter chose (its `x-meshserve-cluster` header) on that
+//! revision's Service. The filter configuration is the same JSON as everywhere else.
+
+use serde_json::{Value, json};
+
+use super::isvc::InferenceService;
+use super::render::{self, Filter};
+use super::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
+
+/// The gateway rendered, and the VirtualServices bound to it.
+pub const GATEWAY: &str = "meshserve-gateway";
+/// The header the router filter sets (read by the VirtualServices' matches).
+const CLUSTER_HEADER: &str = "x-meshserve-cluster";
+const WASM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+/// Where each filter sits (Istio runs higher priorities first within a phase): the router
+/// first, the transformer, then the logger, all just before Envoy's router. The logger fails
+/// open (a request is never lost for its log); the router and the transformer fail closed (a
+/// request must not reach a model unrouted or untransformed).
+fn placement(filter: Filter) -> (i64, &'static str) {
+    match filter.root_id {
+        "router" => (30, "FAIL_CLOSE"),
+        "transformer" => (20, "FAIL_CLOSE"),
+        _ => (10, "FAIL_OPEN"),
+    }
+}
+
+fn gateway_labels(settings: &Settings) -> Value {
+    let (k, v) = &settings.gateway_selector;
+    json!({k: v})
+}
+
+/// One `WasmPlugin` per filter root.
+pub fn wasm_plugins(filters: &[Filter], config: &Value, settings: &Settings) -> Vec<Value> {
+    filters
+        .iter()
+        .map(|filter| {
+            let (priority, fail) = placement(*filter);
+            json!({
+                "apiVersion": "extensions.istio.io/v1alpha1",
+                "kind": "WasmPlugin",
+                "metadata": {"name": format!("meshserve-{}", filter.root_id), "namespace": settings.gateway_namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "meshserve"}},
+                "spec": {
+                    "selector": {"matchLabels": gateway_labels(settings)},
+                    "url": settings.wasm_image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "pluginName": filter.root_id,
+                    "phase": "UNSPECIFIED_PHASE",
+                    "priority": priority,
+                    "failStrategy": fail,
+                    "type": "HTTP",
+                    "match": [{"mode": "CLIENT"}],
+                    "pluginConfig": config,
+                },
+            })
+        })
+        .collect()
+}
+
+/// The same filters as one `EnvoyFilter`: an extension config per filter (the module by
+/// URL, its SHA-256 pinned when known) and an HTTP filter per filter, inserted in order
+/// before Envoy's router in the gateway's listeners.
+pub fn envoy_filter(filters: &[Filter], config: &Value, settings: &Settings) -> Value {
+    let mut patches = Vec::new();
+    for filter in filters {
+        let (_, fail) = placement(*filter);
+        let mut remote = json!({"http_uri": {"uri": settings.wasm_url, "timeout": "30s"}});
+        if let (Some(sha), Some(map)) = (&settings.wasm_sha256, remote.as_object_mut()) {
+            map.insert("sha256".into(), json!(sha));
+        }
+        patches.push(json!({
+            "applyTo": "EXTENSION_CONFIG",
+            "patch": {"operation": "ADD", "value": {
+                "name": filter.name,
+                "typed_config": {
+                    "@type": WASM_TYPE_URL,
+                    "config": {
+                        "name": filter.root_id,
+                        "root_id": filter.root_id,
+                        "fail_open": fail == "FAIL_OPEN",
+                        "allow_on_headers_stop_iteration": true,
+                        "vm_config": {"vm_id": "meshserve", "runtime": "envoy.wasm.runtime.v8",
+                                      "code": {"remote": remote}},
+                        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                          "value": config.to_string()},
+                    },
+                },
+            }},
+        }));
+    }
+    for filter in filters {
+        patches.push(json!({
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {
+                "name": "envoy.filters.network.http_connection_manager",
+                "subFilter": {"name": "envoy.filters.http.router"}}}}},
+            "patch": {"operation": "INSERT_BEFORE", "value": {
+                "name": filter.name,
+                "config_discovery": {"config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
+                                     "type_urls": [WASM_TYPE_URL]},
+            }},
+        }));
+    }
+    json!({
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": "meshserve-filters", "namespace": settings.gateway_namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "meshserve"}},
+        "spec": {
+            "workloadSelector": {"labels": gateway_labels(settings)},
+            "configPatches": patches,
+        },
+    })
+}
+
+/// The gateway's HTTP server (port 80, every host).
+pub fn gateway(settings: &Settings) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": GATEWAY, "namespace": settings.gateway_namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "meshserve"}},
+        "spec": {
+            "selector": gateway_labels(settings),
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}],
+        },
+    })
+}
+
+/// Routes for one InferenceService: each revision's REST and gRPC cluster names (what the
+/// router filter writes in `x-meshserve-cluster`) to its Service's ports.
+pub fn virtual_service(isvc: &InferenceService, settings: &Settings) -> Value {
+    let mut routes = Vec::new();
+    for revision in workload::revisions(isvc) {
+        let (http, grpc) = render::clusters(&isvc.name, &revision.name);
+        let host = format!(
+            "{}.{}.svc.cluster.local",
+            workload::name(&isvc.name, &revision.name),
+            isvc.namespace
+        );
+        for (cluster, port, protocol) in [(grpc, GRPC_PORT, "grpc"), (http, HTTP_PORT, "http")] {
+            routes.push(json!({
+                "name": format!("{}-{protocol}", workload::name(&isvc.name, &revision.name)),
+                "match": [{"headers": {CLUSTER_HEADER: {"exact": cluster}}}],
+                "route": [{"destination": {"host": host, "port": {"number": port}}}],
+                "timeout": "60s",
+            }));
+        }
+    }
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": format!("meshserve-{}", isvc.name), "namespace": isvc.namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "meshserve",
+                                "serving.kserve.io/inferenceservice": isvc.name}},
+        "spec": {
+            "hosts": ["*"],
+            "gateways": [format!("{}/{GATEWAY}", settings.gateway_namespace)],
+            "http": routes,
+        },
+    })
+}

@@ -1,0 +1,382 @@
+//! Kubernetes manifests for InferenceServices: per revision a Deployment running the
+//! predictor sidecar (KServe's container name, ports, labels and probes) and a Service, and
+//! the autoscaler KServe's fields ask for: a HorizontalPodAutoscaler on cpu or memory, or a
+//! KEDA ScaledObject where the revision scales to zero or on requests. A transformer's
+//! pipeline travels in a ConfigMap. Envoy is Istio's: see [`super::istio`].
+
+use serde_json::{Map, Value, json};
+
+use super::isvc::{Autoscaler, InferenceService, RevisionSpec, ScaleMetric, Storage};
+use super::workload::{
+    self, GRPC_PORT, HTTP_PORT, SCRATCH_DIR, SPOOL_DIR, Settings, TRANSFORMER_DIR, TRANSFORMER_FILE,
+};
+
+/// KServe's name for the model server's container.
+pub const CONTAINER: &str = "kserve-container";
+/// Seconds a stopping pod gets: the sidecar drains for 30.
+const GRACE_SECONDS: u64 = 40;
+/// KEDA's wait before scaling an idle revision to zero (KEDA's default).
+const COOLDOWN_SECONDS: u64 = 300;
+
+/// Every object for one InferenceService, in apply order.
+pub fn objects(isvc: &InferenceService, settings: &Settings) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    if let Some(transformer) = &isvc.transformer {
+        let text = serde_json::to_string_pretty(transformer).map_err(|e| e.to_string())?;
+        out.push(json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata(&transformer_map(&isvc.name), isvc, None),
+            "data": {TRANSFORMER_FILE: text},
+        }));
+    }
+    for revision in workload::revisions(isvc) {
+        let name = workload::name(&isvc.name, &revision.name);
+        let scaler = scaler(isvc, revision);
+        out.push(deployment(isvc, revision, &name, &scaler, settings));
+        out.push(service(isvc, revision, &name));
+        match scaler {
+            Scaler::Fixed(_) => {}
+            Scaler::Hpa { .. } => out.push(hpa(isvc, revision, &name, &scaler)),
+            Scaler::Keda { .. } => out.push(keda(isvc, revision, &name, &scaler, settings)),
+        }
+    }
+    Ok(out)
+}
+
+fn transformer_map(isvc: &str) -> String {
+    format!("{isvc}-transformer")
+}
+
+/// How a revision's replicas are set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scaler {
+    /// A fixed count (`autoscalerClass: none`), or none set (`external`).
+    Fixed(Option<u32>),
+    Hpa {
+        min: u32,
+        max: u32,
+        metric: ScaleMetric,
+        target: u32,
+    },
+    Keda {
+        min: u32,
+        max: u32,
+        metric: ScaleMetric,
+        target: u32,
+    },
+}
+
+/// KServe's rules: `minReplicas` defaults to 1, `maxReplicas` to at least it; cpu at 80% by
+/// default. Scaling to zero, or on requests (concurrency, rps), needs KEDA.
+pub fn scaler(isvc: &InferenceService, revision: &RevisionSpec) -> Scaler {
+    let s = &revision.scaling;
+    let min = s.min_replicas.unwrap_or(1);
+    let max = s.max_replicas.unwrap_or(0).max(min).max(1);
+    let metric = s.metric.unwrap_or(ScaleMetric::Cpu);
+    let target = s.target.unwrap_or_else(|| metric.default_target());
+    let on_requests = matches!(metric, ScaleMetric::Concurrency | ScaleMetric::Rps);
+    match isvc.autoscaler {
+        Autoscaler::None => Scaler::Fixed(Some(min)),
+        Autoscaler::External => Scaler::Fixed(None),
+        Autoscaler::Keda => Scaler::Keda {
+            min,
+            max,
+            metric,
+            target,
+        },
+        Autoscaler::Hpa if min == 0 || on_requests => Scaler::Keda {
+            min,
+            max,
+            metric,
+            target,
+        },
+        Autoscaler::Hpa => Scaler::Hpa {
+            min,
+            max,
+            metric,
+            target,
+        },
+    }
+}
+
+/// KServe's labels, meshserve's, and the InferenceService's own.
+fn labels(isvc: &InferenceService, revision: Option<&RevisionSpec>) -> Map<String, Value> {
+    let mut labels: Map<String, Value> = isvc
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    labels.insert(
+        "serving.kserve.io/inferenceservice".into(),
+        json!(isvc.name),
+    );
+    labels.insert("app.kubernetes.io/managed-by".into(), json!("meshserve"));
+    if let Some(revision) = revision {
+        labels.insert("component".into(), json!("predictor"));
+        labels.insert("meshserve.io/revision".into(), json!(revision.name));
+        labels.insert(
+            "app".into(),
+            json!(workload::name(&isvc.name, &revision.name)),
+        );
+    }
+    labels
+}
+
+fn metadata(name: &str, isvc: &InferenceService, revision: Option<&RevisionSpec>) -> Value {
+    json!({"name": name, "namespace": isvc.namespace, "labels": labels(isvc, revision)})
+}
+
+fn deployment(
+    isvc: &InferenceService,
+    revision: &RevisionSpec,
+    name: &str,
+    scaler: &Scaler,
+    settings: &Settings,
+) -> Value {
+    let (claim, sub_path) = match &revision.storage {
+        Storage::File { relative, .. } => (
+            settings.models_claim.clone(),
+            workload::claim_path(relative),
+        ),
+        Storage::Pvc { claim, path } => (claim.clone(), path.clone()),
+    };
+    let mut model_mount = json!({"name": "models", "mountPath": workload::model_path(&revision.storage), "readOnly": true});
+    if !sub_path.is_empty()
+        && let Some(map) = model_mount.as_object_mut()
+    {
+        map.insert("subPath".into(), json!(sub_path));
+    }
+    let mut mounts = vec![
+        model_mount,
+        json!({"name": "scratch", "mountPath": SCRATCH_DIR}),
+    ];
+    let mut volumes = vec![
+        json!({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}),
+        json!({"name": "scratch", "emptyDir": {}}),
+    ];
+    if isvc.transformer.is_some() {
+        mounts.push(json!({"name": "transformer", "mountPath": TRANSFORMER_DIR, "readOnly": true}));
+        volumes.push(
+            json!({"name": "transformer", "configMap": {"name": transformer_map(&isvc.name)}}),
+        );
+    }
+    if revision.logger.is_some() {
+        // Survives container restarts; a pod that is deleted hands its undelivered events
+        // to nobody (docs/deployment.md says how to keep them).
+        mounts.push(json!({"name": "spool", "mountPath": SPOOL_DIR}));
+        volumes.push(json!({"name": "spool", "emptyDir": {}}));
+    }
+    let probe = |path: &str, period: u64, failures: u64| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures});
+    let mut container = json!({
+        "name": CONTAINER,
+        "image": settings.image,
+        "args": workload::sidecar_args(isvc, revision, settings),
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        ],
+        // Loading a large model can take minutes: the startup probe allows 5.
+        "startupProbe": probe("/v2/health/ready", 5, 60),
+        "readinessProbe": probe("/v2/health/ready", 5, 3),
+        "livenessProbe": probe("/v2/health/live", 10, 3),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    if let Some(map) = container.as_object_mut() {
+        if let Some(resources) = &revision.pod.resources {
+            map.insert("resources".into(), resources.clone());
+        }
+        if let Some(env) = &revision.pod.env {
+            map.insert("env".into(), env.clone());
+        }
+    }
+    let mut pod = json!({
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
+        "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                            "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    });
+    if let Some(map) = pod.as_object_mut() {
+        let p = &revision.pod;
+        for (key, value) in [
+            (
+                "serviceAccountName",
+                p.service_account_name.clone().map(Value::from),
+            ),
+            ("nodeSelector", p.node_selector.clone()),
+            ("tolerations", p.tolerations.clone()),
+            ("affinity", p.affinity.clone()),
+            ("imagePullSecrets", p.image_pull_secrets.clone()),
+        ] {
+            if let Some(value) = value {
+                map.insert(key.into(), value);
+            }
+        }
+    }
+    let mut pod_labels = labels(isvc, Some(revision));
+    pod_labels.extend(
+        revision
+            .pod
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v))),
+    );
+    let mut annotations: Map<String, Value> = revision
+        .pod
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    for (k, v) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "8080"),
+        ("prometheus.io/path", "/metrics"),
+    ] {
+        annotations.insert(k.into(), json!(v));
+    }
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": name}},
+        "template": {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod},
+    });
+    if let Some(map) = spec.as_object_mut() {
+        // An autoscaler owns the count; `kubectl apply` must not reset it.
+        if let Scaler::Fixed(Some(n)) = scaler {
+            map.insert("replicas".into(), json!(n));
+        }
+        if let Some(strategy) = &revision.pod.deployment_strategy {
+            map.insert("strategy".into(), strategy.clone());
+        }
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(name, isvc, Some(revision)),
+        "spec": spec,
+    })
+}
+
+fn service(isvc: &InferenceService, revision: &RevisionSpec, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name, isvc, Some(revision)),
+        "spec": {
+            "selector": {"app": name},
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+            ],
+        },
+    })
+}
+
+fn hpa(isvc: &InferenceService, revision: &RevisionSpec, name: &str, scaler: &Scaler) -> Value {
+    let Scaler::Hpa {
+        min,
+        max,
+        metric,
+        target,
+    } = *scaler
+    else {
+        return Value::Null;
+    };
+    json!({
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(name, isvc, Some(revision)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": min,
+            "maxReplicas": max,
+            "metrics": [{"type": "Resource", "resource": {"name": metric.as_str(),
+                "target": {"type": "Utilization", "averageUtilization": target}}}],
+        },
+    })
+}
+
+/// The request rate Istio's proxies (the gateway, callers' sidecars) report for a revision's
+/// Service; present while the revision has no pod, so it wakes a revision scaled to zero.
+pub fn request_rate_query(isvc: &InferenceService, workload: &str) -> String {
+    format!(
+        r#"sum(rate(istio_requests_total{{reporter="source",destination_service_name="{workload}",destination_service_namespace="{}"}}[1m]))"#,
+        isvc.namespace
+    )
+}
+
+/// Requests in flight across a revision's pods (the sidecars' gauge).
+pub fn concurrency_query(isvc: &InferenceService, workload: &str) -> String {
+    format!(
+        r#"sum(meshserve_requests_in_flight{{namespace="{}",pod=~"{workload}-.*"}})"#,
+        isvc.namespace
+    )
+}
+
+fn keda(
+    isvc: &InferenceService,
+    revision: &RevisionSpec,
+    name: &str,
+    scaler: &Scaler,
+    settings: &Settings,
+) -> Value {
+    let Scaler::Keda {
+        min,
+        max,
+        metric,
+        target,
+    } = *scaler
+    else {
+        return Value::Null;
+    };
+    let prometheus = |query: String, threshold: u32| {
+        json!({"type": "prometheus", "metadata": {
+            "serverAddress": settings.prometheus,
+            "query": query,
+            "threshold": threshold.to_string(),
+            "activationThreshold": "0",
+        }})
+    };
+    let mut triggers = vec![match metric {
+        ScaleMetric::Rps => prometheus(request_rate_query(isvc, name), target),
+        ScaleMetric::Concurrency => prometheus(concurrency_query(isvc, name), target),
+        ScaleMetric::Cpu | ScaleMetric::Memory => json!({
+            "type": metric.as_str(), "metricType": "Utilization",
+            "metadata": {"value": target.to_string()},
+        }),
+    }];
+    // A revision with no pod has no cpu and no sidecar gauge: the request rate Istio reports
+    // wakes it (and adds a replica per 200 requests a second, Knative's rps default).
+    if min == 0 && metric != ScaleMetric::Rps {
+        triggers.push(prometheus(
+            request_rate_query(isvc, name),
+            ScaleMetric::Rps.default_target(),
+        ));
+    }
+    json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": metadata(name, isvc, Some(revision)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicaCount": min,
+            "maxReplicaCount": max,
+            "cooldownPeriod": COOLDOWN_SECONDS,
+            "triggers": triggers,
+        },
+    })
+}
+
+/// Several objects as one multi-document YAML file.
+pub fn to_yaml(objects: &[Value], header: &str) -> Result<String, String> {
+    let mut out = String::from(header);
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(object).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,194 @@
+//! A predictor's model storage, as KServe's `storageUri` names it, turned into a model
+//! repository in Triton's layout. The storage is one of:
+//! - one `.onnx` file, or a directory of version directories (`1/model.onnx`, ... and an
+//!   optional `config.yaml`): one model, served under one name (KServe serves it under the
+//!   InferenceService's name);
+//! - a repository: a directory of such model directories, served as it is.
+//!
+//! `meshserve serve --storage` and `meshserve up` both go through here, so a sidecar in a
+//! container (storage mounted at `/mnt/models`) serves exactly what `up` serves locally.
+
+use std::path::{Path, PathBuf};
+
+use meshserve_predictor::ModelConfig;
+
+use super::isvc::Storage;
+use meshserve_predictor::config::CONFIG_FILE;
+
+/// KServe's `batcher`: (`maxBatchSize` rows, `maxLatency` in ms), each optional.
+pub type Batcher = (Option<u64>, Option<u64>);
+
+fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
+    move |e| format!("{}: {e}", what.display())
+}
+
+/// How storage is laid out: `None` for one model, or the model names of a repository.
+pub fn layout(storage: &Path) -> Result<Option<Vec<String>>, String> {
+    if storage.is_file() {
+        return Ok(None);
+    }
+    let entries: Vec<PathBuf> = std::fs::read_dir(storage)
+        .map_err(io(storage))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    let is_version = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+    };
+    if entries
+        .iter()
+        .any(|p| is_version(p) && p.join("model.onnx").is_file())
+    {
+        return Ok(None);
+    }
+    let mut models: Vec<String> = entries
+        .iter()
+        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    models.sort();
+    Ok(Some(models))
+}
+
+/// The model names a revision serves: its InferenceService's name for one model (and for a
+/// claim, which is read on Kubernetes only), else its repository's.
+pub fn revision_models(isvc: &str, storage: &Storage) -> Result<Vec<String>, String> {
+    match storage.local() {
+        Some(path) => model_names(path, isvc),
+        None => Ok(vec![isvc.to_owned()]),
+    }
+}
+
+/// The model names storage serves: `name` for one model, else the repository's.
+pub fn model_names(storage: &Path, name: &str) -> Result<Vec<String>, String> {
+    Ok(layout(storage)?.unwrap_or_else(|| vec![name.to_owned()]))
+}
+
+/// A model repository for `storage`, made under `scratch` for one model (links to its
+/// versions and its config.yaml with `batcher` applied), or the storage itself when it is a
+/// repository. Returns the repository and its model names.
+pub fn prepare_repository(
+    storage: &Path,
+    name: &str,
+    batcher: Option<Batcher>,
+    scratch: &Path,
+) -> Result<(PathBuf, Vec<String>), String> {
+    let storage = std::fs::canonicalize(storage).map_err(io(storage))?;
+    if let Some(models) = layout(&storage)? {
+        if batcher.is_some() {
+            return Err(format!(
+                "the KServe batcher applies to one model; {} is a repository of several: set dynamic_batching in each model's config.yaml",
+                storage.display()
+            ));
+        }
+        return Ok((storage, models));
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+    let model_dir = scratch.join(name);
+    std::fs::create_dir_all(&model_dir).map_err(io(&model_dir))?;
+    let mut config = String::new();
+    if storage.is_file() {
+        let version = model_dir.join("1");
+        std::fs::create_dir_all(&version).map_err(io(&version))?;
+        link(&storage, &version.join("model.onnx"))?;
+    } else {
+        for entry in std::fs::read_dir(&storage)
+            .map_err(io(&storage))?
+            .filter_map(|e| e.ok())
+        {
+            if entry.file_name() == CONFIG_FILE {
+                config = std::fs::read_to_string(entry.path()).map_err(io(&entry.path()))?;
+            } else {
+                link(&entry.path(), &model_dir.join(entry.file_name()))?;
+            }
+        }
+    }
+    let config = model_config(&config, batcher)?;
+    if !config.is_empty() {
+        std::fs::write(model_dir.join(CONFIG_FILE), config).map_err(io(&model_dir))?;
+    }
+    Ok((scratch.to_path_buf(), vec![name.to_owned()]))
+}
+
+/// A model's config.yaml: the storage's own, without its `name` (the model is served under
+/// the name given), with KServe's batcher applied.
+pub fn model_config(original: &str, batcher: Option<Batcher>) -> Result<String, String> {
+    let mut config: serde_yaml::Value = if original.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(original).map_err(|e| format!("config.yaml: {e}"))?
+    };
+    let map = config
+        .as_mapping_mut()
+        .ok_or("config.yaml is not a mapping")?;
+    map.remove("name");
+    if let Some((max_batch_size, max_latency_ms)) = batcher {
+        // The predictor's own mapping of KServe's fields, so `serve` and `up` agree.
+        let mut mapped = ModelConfig::default();
+        mapped.apply_kserve_batcher(max_batch_size, max_latency_ms);
+        let delay = mapped
+            .dynamic_batching
+            .map_or(0, |b| b.max_queue_delay_microseconds);
+        map.insert("max_batch_size".into(), mapped.max_batch_size.into());
+        let batching = map
+            .entry("dynamic_batching".into())
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+        if let Some(batching) = batching.as_mapping_mut() {
+            batching.insert("max_queue_delay_microseconds".into(), delay.into());
+        }
+    }
+    if map.is_empty() {
+        return Ok(String::new());
+    }
+    serde_yaml::to_string(&config).map_err(|e| e.to_string())
+}
+
+fn link(target: &Path, at: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    let linked = std::os::unix::fs::symlink(target, at);
+    #[cfg(not(unix))]
+    let linked = std::fs::copy(target, at).map(|_| ());
+    linked.map_err(|e| format!("cannot link {} to {}: {e}", at.display(), target.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kserve_batcher_becomes_dynamic_batching() {
+        let config =
+            model_config("name: other\nlabels: [a, b]\n", Some((Some(16), Some(5)))).unwrap();
+        let parsed: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(parsed["max_batch_size"], serde_yaml::Value::from(16));
+        assert_eq!(
+            parsed["dynamic_batching"]["max_queue_delay_microseconds"],
+            serde_yaml::Value::from(5000)
+        );
+        assert_eq!(parsed["labels"][1], serde_yaml::Value::from("b"));
+        assert!(parsed.get("name").is_none());
+        assert_eq!(model_config("", None).unwrap(), "");
+        let defaults: serde_yaml::Value =
+            serde_yaml::from_str(&model_config("", Some((None, None))).unwrap()).unwrap();
+        assert_eq!(defaults["max_batch_size"], serde_yaml::Value::from(32));
+    }
+
+    #[test]
+    fn one_file_becomes_a_repository_of_one_model() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/repository");
+        let scratch = tempfile::tempdir().unwrap();
+        let file = root.join("sklearn_digits/1/model.onnx");
+        let (repo, names) =
+            prepare_repository(&file, "digits", Some((Some(8), None)), scratch.path()).unwrap();
+        assert_eq!(names, vec!["digits"]);
+        assert!(repo.join("digits/1/model.onnx").is_file());
+        assert!(repo.join("digits/config.yaml").is_file());
+        // A repository is served as it is, and refuses the single-model batcher.
+        let (same, names) = prepare_repository(&root, "x", None, scratch.path()).unwrap();
+        assert_eq!(same, std::fs::canonicalize(&root).unwrap());
+        assert!(names.contains(&"mnist_cnn".to_owned()));
+        assert!(prepare_repository(&root, "x", Some((None, None)), scratch.path()).is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! `meshserve render`: every target from one InferenceService file, from the same filter
+//! configuration.
+//!
+//! | directory | what |
+//! |---|---|
+//! | `.` | a local Envoy: `filter.json`, one `*.ecds.json` per filter, `envoy.json` (sidecars on loopback ports) |
+//! | `compose/` | docker-compose: the same files for Envoy's container, each transformer's JSON, `docker-compose.yaml` |
+//! | `istio/` | `wasmplugins.yaml`, or `envoyfilter.yaml` instead; `gateway.yaml`; `virtualservices.yaml` |
+//! | `kubernetes/` | `<isvc>.yaml`: Deployments, Services, ConfigMaps, HorizontalPodAutoscalers or KEDA ScaledObjects |
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::isvc::Storage;
+use super::render::{self, EnvoySpec, Upstream};
+use super::workload::{self, Settings};
+use super::{compose, istio, kube, storage};
+
+pub const COMPOSE_DIR: &str = "compose";
+pub const ISTIO_DIR: &str = "istio";
+pub const KUBERNETES_DIR: &str = "kubernetes";
+
+/// What `meshserve render` was asked.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    pub file: PathBuf,
+    pub out: PathBuf,
+    /// Envoy's listener port (local and compose).
+    pub port: u16,
+    /// The local Envoy's admin port.
+    pub admin_port: u16,
+    /// The first local sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
+    pub upstream_base_port: u16,
+    /// The module's path as the local Envoy sees it.
+    pub wasm: PathBuf,
+    /// The module on this machine (compose mounts it; its SHA-256 pins the EnvoyFilter's).
+    pub wasm_file: Option<PathBuf>,
+    /// Pin the EnvoyFilter's download to `wasm_file`'s SHA-256.
+    pub pin_wasm: bool,
+    pub settings: Settings,
+}
+
+/// Renders every target; returns the files written, relative to `out`, and notes for the
+/// user (targets skipped, and why).
+pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), String> {
+    let services = super::up::read_services(&options.file).map_err(|e| e.to_string())?;
+    workload::check_names(&services)?;
+    let mut settings = options.settings.clone();
+    if settings.wasm_sha256.is_none()
+        && options.pin_wasm
+        && let Some(file) = &options.wasm_file
+        && let Ok(bytes) = std::fs::read(file)
+    {
+        settings.wasm_sha256 = Some(hex(&Sha256::digest(&bytes)));
+    }
+    let mut served = Vec::new();
+    for isvc in &services {
+        let mut models = Vec::new();
+        for revision in workload::revisions(isvc) {
+            for name in storage::revision_models(&isvc.name, &revision.storage)? {
+                if !models.contains(&name) {
+                    models.push(name);
+                }
+            }
+        }
+        served.push((isvc, models));
+    }
+    let config = render::filter_config(&served)?;
+    let checked = render::check(&config)?;
+    let filters = render::filters(&checked);
+    let mut written = Vec::new();
+    let mut notes = Vec::new();
+    for isvc in &services {
+        for revision in workload::revisions(isvc) {
+            if let Some(logger) = &revision.logger
+                && ["://127.", "://localhost", "://[::1]"]
+                    .iter()
+                    .any(|l| logger.url.contains(l))
+            {
+                notes.push(format!(
+                    "{}: revision {}: the logger's url {} is loopback: in a container that is the container itself; give the sink's service address for compose and Kubernetes",
+                    isvc.name, revision.name, logger.url
+                ));
+            }
+        }
+    }
+
+    // Local Envoy.
+    let out = &options.out;
+    create(out)?;
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut port = options.upstream_base_port;
+    let mut upstreams = Vec::new();
+    for isvc in &services {
+        for revision in workload::revisions(isvc) {
+            upstreams.push((
+                render::clusters(&isvc.name, &revision.name).0,
+                Upstream::local(
+                    SocketAddr::new(loopback, port),
+                    SocketAddr::new(loopback, port.saturating_add(1)),
+                ),
+            ));
+            port = port.saturating_add(2);
+        }
+    }
+    let otlp = settings
+        .otlp
+        .as_deref()
+        .map(render::Endpoint::from_url)
+        .transpose()?;
+    let local = EnvoySpec {
+        listener: SocketAddr::new(loopback, options.port),
+        admin: SocketAddr::new(loopback, options.admin_port),
+        config_dir: out,
+        upstreams: &upstreams,
+        otlp,
+    };
+    written.extend(
+        render::write_mesh(out, &config, &options.wasm, &local)?
+            .into_iter()
+            .map(str::to_owned),
+    );
+
+    // docker-compose, where every model is a local file.
+    let on_claims = services
+        .iter()
+        .any(|isvc| workload::revisions(isvc).any(|r| matches!(r.storage, Storage::Pvc { .. })));
+    if on_claims {
+        notes.push(format!(
+            "{COMPOSE_DIR}/: skipped: pvc:// storage exists on Kubernetes only"
+        ));
+    } else {
+        let dir = out.join(COMPOSE_DIR);
+        create(&dir)?;
+        let wasm = options
+            .wasm_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("meshserve_filters.wasm"));
+        for file in compose::write(
+            &dir,
+            &options.file,
+            &services,
+            &config,
+            &wasm,
+            options.port,
+            &settings,
+        )? {
+            written.push(format!("{COMPOSE_DIR}/{file}"));
+        }
+    }
+
+    // Istio.
+    let dir = out.join(ISTIO_DIR);
+    create(&dir)?;
+    let header = format!(
+        "# Rendered by `meshserve render` from {}: edit the InferenceService and render again.\n",
+        options
+            .file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    );
+    let istio_files: [(&str, Vec<Value>, &str); 4] = [
+        (
+            "wasmplugins.yaml",
+            istio::wasm_plugins(&filters, &config, &settings),
+            "# meshserve's filters in the ingress gateway, one WasmPlugin per filter (Istio 1.12 and later).\n",
+        ),
+        (
+            "envoyfilter.yaml",
+            vec![istio::envoy_filter(&filters, &config, &settings)],
+            "# The same filters for meshes without WasmPlugin: apply this OR wasmplugins.yaml, not both.\n",
+        ),
+        ("gateway.yaml", vec![istio::gateway(&settings)], ""),
+        (
+            "virtualservices.yaml",
+            services
+                .iter()
+                .map(|isvc| istio::virtual_service(isvc, &settings))
+                .collect(),
+            "# Each revision's REST and gRPC routes, chosen by the router filter's x-meshserve-cluster.\n",
+        ),
+    ];
+    for (file, objects, about) in istio_files {
+        write_text(
+            &dir.join(file),
+            &kube::to_yaml(&objects, &format!("{header}{about}"))?,
+        )?;
+        written.push(format!("{ISTIO_DIR}/{file}"));
+    }
+
+    // Kubernetes.
+    let dir = out.join(KUBERNETES_DIR);
+    create(&dir)?;
+    for isvc in &services {
+        let file = format!("{}.yaml", isvc.name);
+        let objects = kube::objects(isvc, &settings)?;
+        write_text(&dir.join(&file), &kube::to_yaml(&objects, &header)?)?;
+        written.push(format!("{KUBERNETES_DIR}/{file}"));
+    }
+    Ok((written, notes))
+}
+
+fn create(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

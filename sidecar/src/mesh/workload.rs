@@ -1,0 +1,238 @@
+//! What a revision's sidecar is in a container (docker-compose, Kubernetes): its name, the
+//! `meshserve serve` command line, and where its model, transformer and spool are mounted.
+//! One place, so that compose and Kubernetes run the same sidecar `meshserve up` runs.
+
+use std::path::{Component, Path, PathBuf};
+
+use super::isvc::{InferenceService, RevisionSpec, Storage};
+use super::up::batcher_args;
+
+/// The sidecar's ports in a container (KServe's: REST 8080, gRPC 8081).
+pub const HTTP_PORT: u16 = 8080;
+pub const GRPC_PORT: u16 = 8081;
+/// Where the model is mounted (KServe's `/mnt/models`).
+pub const MODELS_DIR: &str = "/mnt/models";
+/// Where the transformer's JSON is mounted.
+pub const TRANSFORMER_DIR: &str = "/etc/meshserve/transformer";
+pub const TRANSFORMER_FILE: &str = "transformer.json";
+/// The payload-log spool (a volume: it must outlive the container).
+pub const SPOOL_DIR: &str = "/var/spool/meshserve";
+/// Where the sidecar builds its repository of links (a writable scratch volume).
+pub const SCRATCH_DIR: &str = "/tmp/meshserve";
+
+/// What every container target shares: images, the collector, where Kubernetes finds models.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The sidecar image (the repository's Dockerfile).
+    pub image: String,
+    /// Envoy's image for docker-compose.
+    pub envoy_image: String,
+    /// The filters as an OCI image (`oci://...`), for Istio's WasmPlugin.
+    pub wasm_image: String,
+    /// The filters as a file over HTTPS, for the EnvoyFilter form (Istio's agent fetches it).
+    pub wasm_url: String,
+    /// The module's SHA-256 (hex), when the module was at hand while rendering.
+    pub wasm_sha256: Option<String>,
+    /// An OTLP/gRPC collector for Envoy's and the sidecars' spans.
+    pub otlp: Option<String>,
+    /// Prometheus, for KEDA's triggers.
+    pub prometheus: String,
+    /// The PersistentVolumeClaim holding `file://` models on Kubernetes, at the same paths
+    /// relative to the InferenceService's file.
+    pub models_claim: String,
+    /// The Istio ingress gateway: its namespace and the label its pods carry.
+    pub gateway_namespace: String,
+    pub gateway_selector: (String, String),
+}
+
+/// A revision's workload name (Deployment, Service, compose service): the revision's name
+/// when it already starts with the InferenceService's (KServe's `digits-predictor`), else
+/// both joined.
+pub fn name(isvc: &str, revision: &str) -> String {
+    if revision.starts_with(&format!("{isvc}-")) {
+        revision.to_owned()
+    } else {
+        format!("{isvc}-{revision}")
+    }
+}
+
+/// Checks that every workload name is a DNS label and unique.
+pub fn check_names(services: &[InferenceService]) -> Result<(), String> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for isvc in services {
+        for revision in revisions(isvc) {
+            let n = name(&isvc.name, &revision.name);
+            if n.len() > 63 {
+                return Err(format!(
+                    "InferenceService {}: revision {}: the workload name '{n}' is over 63 characters",
+                    isvc.name, revision.name
+                ));
+            }
+            if seen.contains(&(isvc.namespace.clone(), n.clone())) {
+                return Err(format!(
+                    "InferenceService {}: revision {}: the workload name '{n}' is taken in namespace {}",
+                    isvc.name, revision.name, isvc.namespace
+                ));
+            }
+            seen.push((isvc.namespace.clone(), n));
+        }
+    }
+    Ok(())
+}
+
+/// Default revision first, then the canaries.
+pub fn revisions(isvc: &InferenceService) -> impl Iterator<Item = &RevisionSpec> {
+    std::iter::once(&isvc.default).chain(&isvc.canaries)
+}
+
+/// The model's path inside the container, for a storage location.
+pub fn model_path(storage: &Storage) -> String {
+    let file_name = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .filter(|_| p.extension().is_some_and(|e| e == "onnx"))
+    };
+    let single = match storage {
+        Storage::File { path, .. } if path.is_file() => file_name(path),
+        Storage::Pvc { path, .. } => file_name(Path::new(path)),
+        Storage::File { .. } => None,
+    };
+    match single {
+        Some(file) => format!("{MODELS_DIR}/{file}"),
+        None => MODELS_DIR.to_owned(),
+    }
+}
+
+/// The sidecar's command line (after the image's `meshserve` entrypoint).
+pub fn sidecar_args(
+    isvc: &InferenceService,
+    revision: &RevisionSpec,
+    settings: &Settings,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--storage",
+        &model_path(&revision.storage),
+        "--model-name",
+        &isvc.name,
+        "--scratch-dir",
+        SCRATCH_DIR,
+        "--host",
+        "0.0.0.0",
+        "--http-port",
+        &HTTP_PORT.to_string(),
+        "--grpc-port",
+        &GRPC_PORT.to_string(),
+        "--log-format",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(batcher_args(revision.batcher));
+    if let Some(n) = revision.scaling.container_concurrency {
+        args.extend(["--max-in-flight".to_owned(), n.to_string()]);
+    }
+    if isvc.transformer.is_some() {
+        args.extend([
+            "--transformer".to_owned(),
+            format!("{TRANSFORMER_DIR}/{TRANSFORMER_FILE}"),
+        ]);
+    }
+    if let Some(logger) = &revision.logger {
+        args.extend([
+            "--log-sink".to_owned(),
+            logger.url.clone(),
+            "--log-spool".to_owned(),
+            SPOOL_DIR.to_owned(),
+        ]);
+    }
+    if let Some(otlp) = &settings.otlp {
+        args.extend([
+            "--otlp-endpoint".to_owned(),
+            otlp.clone(),
+            "--otlp-service-name".to_owned(),
+            format!("{}-predictor", isvc.name),
+            "--otlp-resource".to_owned(),
+            format!(
+                "serving.kserve.io/inferenceservice={},k8s.namespace.name={},meshserve.revision={}",
+                isvc.name, isvc.namespace, revision.name
+            ),
+        ]);
+    }
+    args
+}
+
+/// Where a `file://` location is in the models claim: its path as written, normalized, with
+/// the `..` that climb out of the InferenceService's directory dropped
+/// (`file://../../models/m.onnx` is `models/m.onnx` in the claim).
+pub fn claim_path(relative: &Path) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for part in relative.components() {
+        match part {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    parts.join("/")
+}
+
+/// `to` relative to the directory `from` (both absolute), for paths written into files that
+/// move with their directory.
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component<'_>> = from.components().collect();
+    let to_parts: Vec<Component<'_>> = to.components().collect();
+    let common = from
+        .iter()
+        .zip(&to_parts)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for part in &to_parts[common..] {
+        out.push(part.as_os_str());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        assert_eq!(name("digits", "digits-predictor"), "digits-predictor");
+        assert_eq!(name("digits", "v2"), "digits-v2");
+        assert_eq!(
+            relative(
+                Path::new("/a/b/out/compose"),
+                Path::new("/a/b/models/m.onnx")
+            ),
+            PathBuf::from("../../models/m.onnx")
+        );
+        assert_eq!(
+            claim_path(Path::new("../../models/./m/../m.onnx")),
+            "models/m.onnx"
+        );
+        assert_eq!(claim_path(Path::new("/abs/m.onnx")), "abs/m.onnx");
+        assert_eq!(
+            model_path(&Storage::Pvc {
+                claim: "c".into(),
+                path: "digits/model.onnx".into()
+            }),
+            "/mnt/models/model.onnx"
+        );
+        assert_eq!(
+            model_path(&Storage::Pvc {
+                claim: "c".into(),
+                path: "digits".into()
+            }),
+            "/mnt/models"
+        );
+    }
+}
