@@ -367,12 +367,13 @@ def start_meshserve(
     return server
 
 
-def start_up(workdir: Path, spec: Path) -> Server:
-    """`meshserve up` on the InferenceService file `spec`, Envoy on a free port (`.http`), waited
-    for until it says it is up. Its log names the parts: see `sidecar_port`."""
+def start_up(workdir: Path, spec: Path, extra: list[str] | None = None) -> Server:
+    """`meshserve up` on the InferenceService file `spec` (with `extra` flags), Envoy on a free
+    port (`.http`), waited for until it says it is up. Its log names the parts: see
+    `sidecar_port`."""
     port = free_port()
     server = spawn("meshserve up", [str(ROOT / "target/release/meshserve"), "up", str(spec), "--port", str(port),
-                                    "--state-dir", str(workdir / "state")], workdir / "up.log")
+                                    "--state-dir", str(workdir / "state"), *(extra or [])], workdir / "up.log")
     server.http = port
     deadline = time.monotonic() + 120
     while "meshserve is up" not in server.log.read_text(errors="replace"):
@@ -799,6 +800,18 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
     return "\n".join(out)
 
 
+def rows_table(rows: list[dict], first: str = "row") -> list[str]:
+    """The results table the mesh-side suites share: throughput, latency, failures, server CPU."""
+    lines = [
+        f"| {first} | concurrency | req/s | p50 ms | p99 ms | failed | server CPU (cores) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['concurrency']} | {r['rps']:.0f} | {fmt_ms(r['p50'])} | "
+                     f"{fmt_ms(r['p99'])} | {r['failed']} | {r['server_cpu']:.2f} |")
+    return lines
+
+
 def rss_line(rss: dict) -> str:
     return (f"meshserve's RSS: {rss['idle_VmRSS'] * 1024 / 1e6:.1f} MB after start-up and the correctness checks, "
             f"**{rss['VmRSS'] * 1024 / 1e6:.1f} MB after the load**, peak (VmHWM) {rss['VmHWM'] * 1024 / 1e6:.1f} MB.")
@@ -899,13 +912,14 @@ def stop_servers() -> None:
         SERVERS.pop().stop()
 
 
-SUITES = ("sidecar", "batching", "mesh", "transformer", "logging")
+SUITES = ("sidecar", "batching", "mesh", "transformer", "logging", "tracing")
 SUITE_TITLES = {
     "sidecar": "meshserve vs KServe vs MLServer vs raw ONNX Runtime",
     "batching": "dynamic batching: meshserve off / on vs MLServer adaptive batching",
     "mesh": "Envoy + wasm router overhead",
     "transformer": "image classification through the wasm transformer vs KServe's Python transformer",
     "logging": "payload logging on vs off, and the spool's throughput",
+    "tracing": "tracing every request over OTLP vs not tracing",
 }
 DOCS = ROOT / "docs/benchmarks.md"
 
@@ -927,7 +941,7 @@ def main() -> int:
     parser.add_argument("--suite", default="all", choices=[*SUITES, "all"],
                         help="sidecar: meshserve vs KServe vs MLServer vs raw ORT; batching: dynamic batching; "
                              "mesh: Envoy + wasm router overhead; transformer: pictures through the wasm "
-                             "transformer vs KServe's; logging: payload logging's cost; all (default): the five, "
+                             "transformer vs KServe's; logging: payload logging's cost; tracing: OTLP tracing's cost; all (default): the six, "
                              "in that order")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)),
                         help="times each measurement is taken, interleaved; a row pools its rounds")
@@ -947,15 +961,17 @@ def main() -> int:
     import suite_batching
     import suite_mesh
     import suite_logging
+    import suite_tracing
     import suite_transformer
 
     suite_batching.add_arguments(parser.add_argument_group("batching suite"))
     suite_mesh.add_arguments(parser.add_argument_group("mesh suite"))
     suite_transformer.add_arguments(parser.add_argument_group("transformer suite"))
     suite_logging.add_arguments(parser.add_argument_group("logging suite"))
+    suite_tracing.add_arguments(parser.add_argument_group("tracing suite"))
     args = parser.parse_args()
     runners = {"sidecar": run_sidecar, "batching": suite_batching.run, "mesh": suite_mesh.run,
-               "transformer": suite_transformer.run, "logging": suite_logging.run}
+               "transformer": suite_transformer.run, "logging": suite_logging.run, "tracing": suite_tracing.run}
     suites = list(SUITES) if args.suite == "all" else [args.suite]
 
     for path, _ in MODELS.values():

@@ -5,8 +5,9 @@
 #   mesh      Envoy + the wasm router in front of a sidecar: overhead and memory (~2 min)
 #   transformer  a 1024x768 JPEG through Envoy's wasm transformer vs KServe's Python transformer (~2 min)
 #   logging   payload logging on vs off through Envoy, and the spool's events/s (~1.5 min)
+#   tracing   every request traced over OTLP (Envoy + sidecar) vs not traced (~1.5 min)
 #
-#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|logging|all] [--update-docs] [--rounds N] [--duration S]
+#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|logging|tracing|all] [--update-docs] [--rounds N] [--duration S]
 #                     [--warmup S] [--results-dir DIR] [--keep-workdir] [suite flags]    (--help: all)
 #
 # Default: --suite all (about 20 minutes on 2 cores). --update-docs also rewrites each suite's
@@ -32,6 +33,11 @@ if ! command -v h2load >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ]; then sudo=; else sudo=sudo; fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nghttp2-client >/dev/null
+fi
+
+if [ ! -x target/release/examples/otlp_receiver ]; then
+    say "building the OTLP receiver (tests/examples/otlp_receiver.rs)"
+    cargo build --release --locked -p meshserve-e2e --example otlp_receiver --quiet
 fi
 
 if [ ! -f models/extra/mnist_mlp/1/model.onnx ]; then

@@ -158,12 +158,8 @@ def report(rows, delivery, info, args, concurrencies, request_bytes, answer_byte
         f"interleaved; h2load HTTP/1.1. Request: a KServe V1 body of 3 digits ({request_bytes} bytes), answer "
         f"{answer_bytes} bytes; intake row: a {min(request_bytes, 1024)}-byte event.",
         "",
-        "| row | concurrency | req/s | p50 ms | p99 ms | failed | server CPU (cores) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['rps']:.0f} | {b.fmt_ms(r['p50'])} | "
-                     f"{b.fmt_ms(r['p99'])} | {r['failed']} | {r['server_cpu']:.2f} |")
+    lines += b.rows_table(rows)
     lines.append("")
     for c in concurrencies:
         off = by.get((OFF, c))

@@ -168,12 +168,8 @@ def report(rows: list[dict], info: dict, args, concurrencies: list[int], picture
         f"request the pipeline makes of it ({tensor_bytes / 1024:.1f} KiB JSON). Every answer checked (the digit 7) "
         "before and after the load.",
         "",
-        "| system | concurrency | req/s | p50 ms | p99 ms | failed | server CPU (cores) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['rps']:.0f} | {b.fmt_ms(r['p50'])} | "
-                     f"{b.fmt_ms(r['p99'])} | {r['failed']} | {r['server_cpu']:.2f} |")
+    lines += b.rows_table(rows, "system")
     lines.append("")
     for c in concurrencies:
         a, k = by.get((A, c)), by.get((B, c))

@@ -180,11 +180,7 @@ pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> tr
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-        let _ = span.set_parent(parent);
-    }
-    span
+    continue_trace(span, headers)
 }
 
 /// Records the answer's status on a server span (`ERROR` for 5xx, as OpenTelemetry's HTTP
@@ -230,11 +226,7 @@ pub fn grpc_span(method: &str, headers: &HeaderMap) -> tracing::Span {
         rpc.grpc.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-        let _ = span.set_parent(parent);
-    }
-    span
+    continue_trace(span, headers)
 }
 
 /// The span of a request's way from body to tensors (parsing, the sidecar's transformer).
@@ -252,6 +244,15 @@ pub fn timed<T>(span: tracing::Span, work: impl FnOnce() -> T) -> (T, Duration) 
     let started = Instant::now();
     let result = span.in_scope(work);
     (result, started.elapsed())
+}
+
+/// Makes `span` the child of the W3C `traceparent` in `headers`, if any.
+fn continue_trace(span: tracing::Span, headers: &HeaderMap) -> tracing::Span {
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);

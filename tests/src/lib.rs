@@ -582,3 +582,75 @@ pub fn write_local_mesh(
     render::write_mesh(dir, config, &wasm_module(), &spec).expect("the mesh's files");
     dir.join(render::BOOTSTRAP_FILE)
 }
+
+/// A running `meshserve up` on an InferenceService file, on an OS-picked Envoy port; stopped
+/// (SIGTERM, then a kill) on drop.
+#[derive(Debug)]
+pub struct Up {
+    child: Child,
+    /// Envoy's listener, `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub state: PathBuf,
+}
+
+impl Up {
+    pub fn start(file: &Path, extra: &[&str]) -> Up {
+        let state = std::env::temp_dir().join(format!(
+            "meshserve-up-{}-{}",
+            std::process::id(),
+            file.file_stem().and_then(|s| s.to_str()).unwrap_or("isvc")
+        ));
+        let mut child = Command::new(binary())
+            .arg("up")
+            .arg(file)
+            .args(["--port", "0", "--state-dir"])
+            .arg(&state)
+            .arg("--envoy")
+            .arg(envoy_binary())
+            .arg("--wasm")
+            .arg(wasm_module())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start meshserve up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let url = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(90))
+                .expect("meshserve up did not come up within 90 s");
+            if let Some(rest) = line.strip_prefix("meshserve is up: Envoy on ") {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+        };
+        Up { child, url, state }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

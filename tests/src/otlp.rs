@@ -45,7 +45,12 @@ fn text(attributes: &[KeyValue], key: &str) -> Option<String> {
 }
 
 #[derive(Debug, Clone, Default)]
-struct Store(Arc<Mutex<Vec<Received>>>);
+struct Store {
+    spans: Arc<Mutex<Vec<Received>>>,
+    /// Only count spans (a load test's receiver), keeping none.
+    count_only: bool,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
 
 #[tonic::async_trait]
 impl TraceService for Store {
@@ -53,8 +58,22 @@ impl TraceService for Store {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for resource_spans in request.into_inner().resource_spans {
+        let request = request.into_inner();
+        let received: usize = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.count
+            .fetch_add(received as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.count_only {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        for resource_spans in request.resource_spans {
             let resource = resource_spans
                 .resource
                 .map(|r| r.attributes)
@@ -85,7 +104,23 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub fn start() -> OtlpReceiver {
-        let store = Store::default();
+        OtlpReceiver::start_with(Store::default())
+    }
+
+    /// A receiver that counts spans and keeps none (for load tests).
+    pub fn start_counting() -> OtlpReceiver {
+        OtlpReceiver::start_with(Store {
+            count_only: true,
+            ..Store::default()
+        })
+    }
+
+    /// Spans received so far.
+    pub fn count(&self) -> u64 {
+        self.store.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn start_with(store: Store) -> OtlpReceiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the OTLP receiver");
         listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("receiver address");
@@ -113,7 +148,7 @@ impl OtlpReceiver {
 
     pub fn spans(&self) -> Vec<Received> {
         self.store
-            .0
+            .spans
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use meshserve_e2e::otlp::{OtlpReceiver, Received, hex};
-use meshserve_e2e::{Envoy, Sidecar, TempRepository, write_local_mesh};
+use meshserve_e2e::{Envoy, Sidecar, TempRepository, Up, root, write_local_mesh};
 use serde_json::{Value, json};
 
 const SERVER: i32 = 2;
@@ -282,5 +282,59 @@ async fn metrics_show_the_requests_sent() {
             .envoy
             .stat("wasmcustom.meshserve.requests.isvc.digits.revision.digits-v1.outcome.routed"),
         11
+    );
+}
+
+/// `meshserve up --otlp-endpoint`: Envoy and every sidecar it starts trace to the collector,
+/// the sidecars named after their InferenceService, with the revision as an attribute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshserve_up_traces_envoy_and_its_sidecars() {
+    let receiver = OtlpReceiver::start();
+    let up = Up::start(
+        &root().join("envoy-config/demo/inferenceservice.yaml"),
+        &["--otlp-endpoint", &receiver.url()],
+    );
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let (status, body) = post(
+        &format!("{}/v1/models/digits:predict", up.url),
+        &json!({"instances": [vec![1.0; 64]]}),
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |spans| {
+            spans
+                .iter()
+                .filter(|s| hex(&s.span.trace_id) == trace)
+                .count()
+                >= 8
+        })
+        .unwrap_or_else(|s| panic!("the trace did not arrive whole: {:#?}", summary(&s)));
+    let spans: Vec<Received> = spans
+        .into_iter()
+        .filter(|s| hex(&s.span.trace_id) == trace)
+        .collect();
+    let egress = one(&spans, "Envoy client span", |s| {
+        s.service == "meshserve-envoy" && s.span.kind == CLIENT
+    });
+    let server = one(&spans, "sidecar server span", |s| {
+        s.service == "digits-predictor" && s.span.kind == SERVER
+    });
+    assert_eq!(server.span.parent_span_id, egress.span.span_id);
+    assert_eq!(
+        server
+            .resource_attribute("serving.kserve.io/inferenceservice")
+            .as_deref(),
+        Some("digits")
+    );
+    let revision = server
+        .resource_attribute("meshserve.revision")
+        .unwrap_or_default();
+    assert!(revision.starts_with("digits-predictor-v"), "{revision}");
+    assert!(
+        egress.span.name.contains(&format!("digits.{revision}")),
+        "Envoy's upstream span names the revision's cluster: {}",
+        egress.span.name
     );
 }

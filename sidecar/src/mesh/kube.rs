@@ -33,12 +33,12 @@ pub fn objects(isvc: &InferenceService, settings: &Settings) -> Result<Vec<Value
     for revision in workload::revisions(isvc) {
         let name = workload::name(&isvc.name, &revision.name);
         let scaler = scaler(isvc, revision);
-        out.push(deployment(isvc, revision, &name, &scaler, settings));
+        out.push(deployment(isvc, revision, &name, scaler, settings));
         out.push(service(isvc, revision, &name));
         match scaler {
             Scaler::Fixed(_) => {}
-            Scaler::Hpa { .. } => out.push(hpa(isvc, revision, &name, &scaler)),
-            Scaler::Keda { .. } => out.push(keda(isvc, revision, &name, &scaler, settings)),
+            Scaler::Hpa(scale) => out.push(hpa(isvc, revision, &name, scale)),
+            Scaler::Keda(scale) => out.push(keda(isvc, revision, &name, scale, settings)),
         }
     }
     Ok(out)
@@ -49,22 +49,21 @@ fn transformer_map(isvc: &str) -> String {
 }
 
 /// How a revision's replicas are set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scaler {
     /// A fixed count (`autoscalerClass: none`), or none set (`external`).
     Fixed(Option<u32>),
-    Hpa {
-        min: u32,
-        max: u32,
-        metric: ScaleMetric,
-        target: u32,
-    },
-    Keda {
-        min: u32,
-        max: u32,
-        metric: ScaleMetric,
-        target: u32,
-    },
+    Hpa(Scale),
+    Keda(Scale),
+}
+
+/// The bounds and the signal of an autoscaler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scale {
+    pub min: u32,
+    pub max: u32,
+    pub metric: ScaleMetric,
+    pub target: u32,
 }
 
 /// KServe's rules: `minReplicas` defaults to 1, `maxReplicas` to at least it; cpu at 80% by
@@ -72,31 +71,20 @@ pub enum Scaler {
 pub fn scaler(isvc: &InferenceService, revision: &RevisionSpec) -> Scaler {
     let s = &revision.scaling;
     let min = s.min_replicas.unwrap_or(1);
-    let max = s.max_replicas.unwrap_or(0).max(min).max(1);
     let metric = s.metric.unwrap_or(ScaleMetric::Cpu);
-    let target = s.target.unwrap_or_else(|| metric.default_target());
+    let scale = Scale {
+        min,
+        max: s.max_replicas.unwrap_or(0).max(min).max(1),
+        metric,
+        target: s.target.unwrap_or_else(|| metric.default_target()),
+    };
     let on_requests = matches!(metric, ScaleMetric::Concurrency | ScaleMetric::Rps);
     match isvc.autoscaler {
         Autoscaler::None => Scaler::Fixed(Some(min)),
         Autoscaler::External => Scaler::Fixed(None),
-        Autoscaler::Keda => Scaler::Keda {
-            min,
-            max,
-            metric,
-            target,
-        },
-        Autoscaler::Hpa if min == 0 || on_requests => Scaler::Keda {
-            min,
-            max,
-            metric,
-            target,
-        },
-        Autoscaler::Hpa => Scaler::Hpa {
-            min,
-            max,
-            metric,
-            target,
-        },
+        Autoscaler::Keda => Scaler::Keda(scale),
+        Autoscaler::Hpa if min == 0 || on_requests => Scaler::Keda(scale),
+        Autoscaler::Hpa => Scaler::Hpa(scale),
     }
 }
 
@@ -131,7 +119,7 @@ fn deployment(
     isvc: &InferenceService,
     revision: &RevisionSpec,
     name: &str,
-    scaler: &Scaler,
+    scaler: Scaler,
     settings: &Settings,
 ) -> Value {
     let (claim, sub_path) = match &revision.storage {
@@ -276,26 +264,17 @@ fn service(isvc: &InferenceService, revision: &RevisionSpec, name: &str) -> Valu
     })
 }
 
-fn hpa(isvc: &InferenceService, revision: &RevisionSpec, name: &str, scaler: &Scaler) -> Value {
-    let Scaler::Hpa {
-        min,
-        max,
-        metric,
-        target,
-    } = *scaler
-    else {
-        return Value::Null;
-    };
+fn hpa(isvc: &InferenceService, revision: &RevisionSpec, name: &str, scale: Scale) -> Value {
     json!({
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
         "metadata": metadata(name, isvc, Some(revision)),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-            "minReplicas": min,
-            "maxReplicas": max,
-            "metrics": [{"type": "Resource", "resource": {"name": metric.as_str(),
-                "target": {"type": "Utilization", "averageUtilization": target}}}],
+            "minReplicas": scale.min,
+            "maxReplicas": scale.max,
+            "metrics": [{"type": "Resource", "resource": {"name": scale.metric.as_str(),
+                "target": {"type": "Utilization", "averageUtilization": scale.target}}}],
         },
     })
 }
@@ -321,18 +300,15 @@ fn keda(
     isvc: &InferenceService,
     revision: &RevisionSpec,
     name: &str,
-    scaler: &Scaler,
+    scale: Scale,
     settings: &Settings,
 ) -> Value {
-    let Scaler::Keda {
+    let Scale {
         min,
         max,
         metric,
         target,
-    } = *scaler
-    else {
-        return Value::Null;
-    };
+    } = scale;
     let prometheus = |query: String, threshold: u32| {
         json!({"type": "prometheus", "metadata": {
             "serverAddress": settings.prometheus,

@@ -352,17 +352,7 @@ pub async fn up(
                 extra.extend(["--transformer".to_owned(), file.display().to_string()]);
             }
             if let Some(endpoint) = &options.otlp_endpoint {
-                extra.extend([
-                    "--otlp-endpoint".to_owned(),
-                    endpoint.clone(),
-                    "--otlp-service-name".to_owned(),
-                    format!("{}-predictor", isvc.name),
-                    "--otlp-resource".to_owned(),
-                    format!(
-                        "serving.kserve.io/inferenceservice={},k8s.namespace.name={},meshserve.revision={}",
-                        isvc.name, isvc.namespace, revision.name
-                    ),
-                ]);
+                extra.extend(super::workload::otlp_args(isvc, revision, endpoint));
             }
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));

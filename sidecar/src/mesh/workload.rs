@@ -148,19 +148,25 @@ pub fn sidecar_args(
         ]);
     }
     if let Some(otlp) = &settings.otlp {
-        args.extend([
-            "--otlp-endpoint".to_owned(),
-            otlp.clone(),
-            "--otlp-service-name".to_owned(),
-            format!("{}-predictor", isvc.name),
-            "--otlp-resource".to_owned(),
-            format!(
-                "serving.kserve.io/inferenceservice={},k8s.namespace.name={},meshserve.revision={}",
-                isvc.name, isvc.namespace, revision.name
-            ),
-        ]);
+        args.extend(otlp_args(isvc, revision, otlp));
     }
     args
+}
+
+/// The sidecar's tracing flags: its spans go to `endpoint` as `<isvc>-predictor`, with the
+/// InferenceService, namespace and revision as resource attributes.
+pub fn otlp_args(isvc: &InferenceService, revision: &RevisionSpec, endpoint: &str) -> Vec<String> {
+    vec![
+        "--otlp-endpoint".to_owned(),
+        endpoint.to_owned(),
+        "--otlp-service-name".to_owned(),
+        format!("{}-predictor", isvc.name),
+        "--otlp-resource".to_owned(),
+        format!(
+            "serving.kserve.io/inferenceservice={},k8s.namespace.name={},meshserve.revision={}",
+            isvc.name, isvc.namespace, revision.name
+        ),
+    ]
 }
 
 /// Where a `file://` location is in the models claim: its path as written, normalized, with
