@@ -23,7 +23,8 @@ import bench as b
 
 SAMPLE = b.ROOT / "models/samples/sklearn_digits_v1_request.json"
 RECEIVER = b.ROOT / "target/release/examples/otlp_receiver"
-OFF, ON = "(a) tracing off", "(b) tracing on: every request, exported over OTLP"
+OFF, ON, SAMPLED = ("(a) tracing off", "(b) tracing on: every request, exported over OTLP",
+                    "(c) tracing on, 1% of requests sampled")
 SPANS_PER_REQUEST = 8
 
 
@@ -72,12 +73,14 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     spec = workdir / "isvc.yaml"
     spec.write_text(isvc_yaml())
     meshes = {}
-    for label, extra in ((OFF, []), (ON, ["--otlp-endpoint", endpoint])):
-        sub = workdir / ("on" if extra else "off")
+    for i, (label, extra) in enumerate(((OFF, []), (ON, ["--otlp-endpoint", endpoint]),
+                                        (SAMPLED, ["--otlp-endpoint", endpoint, "--trace-sampling", "0.01"]))):
+        sub = workdir / f"mesh{i}"
         sub.mkdir()
         meshes[label] = b.start_up(sub, spec, extra)
 
-    admin = int(re.search(r"admin http://127\.0\.0\.1:(\d+)", meshes[ON].log.read_text()).group(1))
+    admins = {label: int(re.search(r"admin http://127\.0\.0\.1:(\d+)", mesh.log.read_text()).group(1))
+              for label, mesh in meshes.items()}
     size = 0
     for label, mesh in meshes.items():
         with urllib.request.urlopen(urllib.request.Request(
@@ -93,7 +96,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     for round_ in range(args.rounds):
         for concurrency in concurrencies:
             for label, mesh in meshes.items():
-                before, sent_before = spans(receiver_log), routed(admin)
+                before, sent_before = spans(receiver_log), routed(admins[label])
                 r = b.h2load_target(f"{label}_{round_}", ["--h1", "-d", str(workdir / "request.json"), "-H",
                                                         "content-type: application/json",
                                                         f"http://127.0.0.1:{mesh.http}/v1/models/digits:predict"],
@@ -101,12 +104,12 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
                 r.update(system=label, protocol="REST", model="sklearn_digits", batch=1)
                 runs.setdefault((label, concurrency), []).append(r)
                 b.say(b.progress(f"{label} c{concurrency}", r))
-                if label == ON:
+                if label != OFF:
                     # Spans leave Envoy and the sidecar within about a second; the receiver
                     # prints its count every second.
                     time.sleep(3.5)
-                    requests = routed(admin) - sent_before
-                    exported.append({"concurrency": concurrency, "requests": requests,
+                    requests = routed(admins[label]) - sent_before
+                    exported.append({"row": label, "concurrency": concurrency, "requests": requests,
                                      "spans": spans(receiver_log) - before})
     rows = [b.pooled(rs) for rs in runs.values()]
     log_errors = {s.name: b.count_errors(s) for s in (*meshes.values(), receiver)}
@@ -127,17 +130,19 @@ def report(rows, exported, info, args, concurrencies, request_bytes, answer_byte
     lines += b.rows_table(rows)
     lines.append("")
     for c in concurrencies:
-        off, on = by.get((OFF, c)), by.get((ON, c))
-        if off and on:
-            lines.append(f"- concurrency {c}: tracing every request keeps {on['rps'] / off['rps']:.0%} of the "
-                         f"throughput, {(on['p50'] - off['p50']) * 1000:+.0f} µs at p50, "
-                         f"{on['server_cpu'] / max(on['rps'], 1) * 1e6 - off['server_cpu'] / max(off['rps'], 1) * 1e6:+.0f} "
-                         "µs of server CPU per request.")
+        off = by.get((OFF, c))
+        for label, what in ((ON, "tracing every request"), (SAMPLED, "tracing 1% of requests")):
+            on = by.get((label, c))
+            if off and on:
+                cpu = on["server_cpu"] / max(on["rps"], 1) - off["server_cpu"] / max(off["rps"], 1)
+                lines.append(f"- concurrency {c}, {what}: {on['rps'] / off['rps']:.0%} of the throughput, "
+                             f"{(on['p50'] - off['p50']) * 1000:+.0f} µs at p50, {cpu * 1e6:+.0f} µs of server CPU "
+                             "per request.")
     for e in exported:
         per = e["spans"] / e["requests"] if e["requests"] else 0
-        lines.append(f"- after the traced run at concurrency {e['concurrency']}: the receiver got {e['spans']:,} spans "
-                     f"for {e['requests']:,} requests (warm-up included), "
-                     f"{per:.1f} a request ({SPANS_PER_REQUEST} in a whole trace).")
+        lines.append(f"- {e['row'][:3]} at concurrency {e['concurrency']}: the receiver got {e['spans']:,} spans for "
+                     f"{e['requests']:,} requests (warm-up included), {per:.2f} a request ({SPANS_PER_REQUEST} in a "
+                     "whole trace).")
     lines.append("")
     lines += b.notes_lines([n for r in rows for n in r["notes"]], log_errors)
     return "\n".join(lines) + "\n"

@@ -233,10 +233,16 @@ fn next_batch(shared: &Shared) -> Option<Vec<Queued>> {
 fn run_batch(shared: &Shared, session: &mut Session, batch: Vec<Queued>) {
     let started = Instant::now();
     let rows: usize = batch.iter().map(|q| q.job.rows).sum();
-    // The batch belongs to the trace of its oldest request; the others link to it.
-    let span = tracing::info_span!(
-        target: crate::TRACE_TARGET,
-        parent: batch.first().and_then(|q| q.job.span.id()),
+    // The batch belongs to the trace of its oldest traced request; the others link to it.
+    let none = tracing::Span::none();
+    let first = batch
+        .iter()
+        .map(|q| &q.job.span)
+        .find(|s| !s.is_none())
+        .unwrap_or(&none);
+    let parent = first.id();
+    let span = crate::trace_span!(
+        first,
         "batch",
         model.name = %shared.model,
         batch.rows = rows,
@@ -245,10 +251,10 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: Vec<Queued>) {
     let mut inputs = Vec::with_capacity(batch.len());
     let mut plans = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for (i, mut queued) in batch.into_iter().enumerate() {
+    for mut queued in batch {
         // Closes the request's `queue` span.
         queued.waiting = tracing::Span::none();
-        if i > 0 {
+        if !span.is_none() && !queued.job.span.is_none() && queued.job.span.id() != parent {
             span.follows_from(&queued.job.span);
         }
         let queue_time = started.saturating_duration_since(queued.enqueued);
@@ -379,7 +385,7 @@ impl Pool {
 
 /// The span of a request's wait for a batch or a session.
 fn queue_span(request: &tracing::Span) -> tracing::Span {
-    tracing::info_span!(target: crate::TRACE_TARGET, parent: request, "queue")
+    crate::trace_span!(request, "queue")
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -435,9 +441,13 @@ fn execute(
             .map_err(|e| PredictorError::invalid(format!("input '{name}': {e}")))?;
         values.push((name, SessionInputValue::from(value)));
     }
-    let results = tracing::info_span!(target: crate::TRACE_TARGET, "onnxruntime.run", batch.rows = total_rows)
-        .in_scope(|| session.run(values))
-        .map_err(|e| runtime(e.to_string()))?;
+    let results = crate::trace_span!(
+        &tracing::Span::current(),
+        "onnxruntime.run",
+        batch.rows = total_rows
+    )
+    .in_scope(|| session.run(values))
+    .map_err(|e| runtime(e.to_string()))?;
 
     // Every output any request asked for, converted once.
     let mut converted: HashMap<&str, Shaped> = HashMap::new();

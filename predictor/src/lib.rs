@@ -29,6 +29,21 @@ mod tensors;
 /// target off, so these spans cost nothing there.
 pub const TRACE_TARGET: &str = "meshserve::trace";
 
+/// A span for trace export, the child of `$parent` (a `&tracing::Span`), or no span at all
+/// when the parent is none: a request that is not traced (not sampled, or no exporter) makes
+/// no spans. `trace_span!(&parent, "name", field = value, ...)`.
+#[macro_export]
+macro_rules! trace_span {
+    ($parent:expr, $name:literal $(, $($fields:tt)*)?) => {{
+        let parent: &::tracing::Span = $parent;
+        if parent.is_none() {
+            ::tracing::Span::none()
+        } else {
+            ::tracing::info_span!(target: $crate::TRACE_TARGET, parent: parent, $name $(, $($fields)*)?)
+        }
+    }};
+}
+
 pub use config::{DynamicBatching, ModelConfig, VersionPolicy};
 pub use error::PredictorError;
 pub use metrics::Metrics;

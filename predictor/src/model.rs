@@ -171,8 +171,8 @@ impl ModelVersion {
     /// them, in the model's order, when none are named).
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
         let started = Instant::now();
-        let span = tracing::info_span!(
-            target: crate::TRACE_TARGET,
+        let span = crate::trace_span!(
+            &tracing::Span::current(),
             "predict",
             model.name = %self.name,
             model.version = self.version,

@@ -96,10 +96,13 @@ pub struct UpArgs {
     /// Envoy worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub envoy_concurrency: usize,
-    /// Trace every request, from Envoy through the sidecars, to this OTLP/gRPC collector
+    /// Trace requests, from Envoy through the sidecars, to this OTLP/gRPC collector
     /// (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "MESHSERVE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The share of requests traced, 0 to 1 (a caller's `traceparent` decides for its own).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::telemetry::parse_ratio)]
+    pub trace_sampling: f64,
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +166,9 @@ pub struct RenderArgs {
     /// An OTLP/gRPC collector: Envoy and the sidecars send their spans there.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// The share of requests traced, 0 to 1 (a caller's `traceparent` decides for its own).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::telemetry::parse_ratio)]
+    pub trace_sampling: f64,
     /// Prometheus, for KEDA's request-based triggers.
     #[arg(long, default_value = "http://prometheus-operated.monitoring.svc:9090")]
     pub prometheus_url: String,
@@ -300,6 +306,7 @@ pub async fn up(args: UpArgs) -> Result<(), crate::mesh::up::UpError> {
             state_dir: args.state_dir,
             envoy_concurrency: args.envoy_concurrency,
             otlp_endpoint: args.otlp_endpoint,
+            trace_sampling: args.trace_sampling,
         },
         stop_signal(),
     )
@@ -390,6 +397,7 @@ pub fn render(args: RenderArgs) -> Result<(), String> {
             wasm_url: args.wasm_url,
             wasm_sha256: None,
             otlp: args.otlp_endpoint,
+            trace_sampling: args.trace_sampling,
             prometheus: args.prometheus_url,
             models_claim: args.models_claim,
             gateway_namespace: args.gateway_namespace,

@@ -7,13 +7,14 @@
 //! spans (`predict`, `queue`, `batch`, `onnxruntime.run`) hang below it.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use http::HeaderMap;
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -50,6 +51,10 @@ pub struct TraceArgs {
     /// How long finished spans wait before they are sent (OTLP batches).
     #[arg(long, default_value_t = 1000)]
     pub otlp_export_interval_ms: u64,
+    /// Finished spans waiting to be sent; beyond it, new ones are dropped (the exporter
+    /// cannot keep up, or the collector is away).
+    #[arg(long, default_value_t = 65_536)]
+    pub otlp_max_queued_spans: usize,
 }
 
 /// Resource attributes given on the command line.
@@ -67,12 +72,16 @@ fn parse_attributes(text: &str) -> Result<Attributes, String> {
         .map(Attributes)
 }
 
-fn parse_ratio(text: &str) -> Result<f64, String> {
+pub fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("'{text}' is not a ratio between 0 and 1")),
     }
 }
+
+/// Spans per OTLP export request (the SDK's default is 512; larger batches cost fewer calls
+/// at high request rates).
+const EXPORT_BATCH_SPANS: usize = 4096;
 
 /// Keeps the exporter running; dropping it sends the spans still waiting.
 #[derive(Debug)]
@@ -110,7 +119,11 @@ pub fn init(format: LogFormat, traces: Option<&TraceArgs>) -> Result<Telemetry, 
             .boxed(),
     };
     let provider = match traces.and_then(|t| t.otlp_endpoint.as_deref().map(|e| (t, e))) {
-        Some((args, endpoint)) => Some(provider(args, endpoint)?),
+        Some((args, endpoint)) => {
+            let provider = provider(args, endpoint)?;
+            let _ = SAMPLING.set(args.trace_sampling);
+            Some(provider)
+        }
         None => None,
     };
     let spans = provider.as_ref().map(|provider| {
@@ -145,14 +158,15 @@ fn provider(args: &TraceArgs, endpoint: &str) -> Result<SdkTracerProvider, Strin
         .with_batch_config(
             BatchConfigBuilder::default()
                 .with_scheduled_delay(Duration::from_millis(args.otlp_export_interval_ms))
+                .with_max_queue_size(args.otlp_max_queued_spans)
+                .with_max_export_batch_size(EXPORT_BATCH_SPANS.min(args.otlp_max_queued_spans))
                 .build(),
         )
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(batches)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            args.trace_sampling,
-        ))))
+        // The sidecar decides which requests it traces (`traced`); what it records is kept.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(
             Resource::builder()
                 .with_service_name(args.otlp_service_name.clone())
@@ -167,9 +181,39 @@ fn provider(args: &TraceArgs, endpoint: &str) -> Result<SdkTracerProvider, Strin
         .build())
 }
 
-/// The server span of one request, continuing the trace its `traceparent` names. Disabled
-/// (and free) when nothing exports traces.
+/// The share of new traces to record, set once an exporter runs; unset: nothing is traced.
+static SAMPLING: OnceLock<f64> = OnceLock::new();
+
+/// Whether a request with these headers is traced: as its `traceparent` says, else at the
+/// configured ratio. The decision is made once, here: an untraced request creates no spans
+/// at all, in the sidecar or the predictor.
+fn traced(headers: &HeaderMap) -> Option<opentelemetry::Context> {
+    let ratio = *SAMPLING.get()?;
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let remote = parent.span().span_context().clone();
+    let sampled = if remote.is_valid() {
+        remote.is_sampled()
+    } else {
+        ratio >= 1.0 || (ratio > 0.0 && random_unit() < ratio)
+    };
+    sampled.then_some(parent)
+}
+
+/// A number in [0, 1) from the standard library's per-process random keys.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The server span of one request, continuing the trace its `traceparent` names; none when
+/// the request is not traced.
 pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> tracing::Span {
+    let Some(parent) = traced(headers) else {
+        return tracing::Span::none();
+    };
     let span = tracing::info_span!(
         target: TRACE_TARGET,
         "request",
@@ -180,13 +224,14 @@ pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> tr
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    continue_trace(span, headers)
+    let _ = span.set_parent(parent);
+    span
 }
 
 /// Records the answer's status on a server span (`ERROR` for 5xx, as OpenTelemetry's HTTP
 /// conventions say for servers).
 pub fn record_status(span: &tracing::Span, status: u16) {
-    if span.is_disabled() {
+    if span.is_none() {
         return;
     }
     span.record("http.response.status_code", status);
@@ -197,7 +242,7 @@ pub fn record_status(span: &tracing::Span, status: u16) {
 
 /// Records a call's gRPC status on its span (`ERROR` for the codes that mean a server fault).
 pub fn record_grpc_status(span: &tracing::Span, error: Option<&tonic::Status>) {
-    if span.is_disabled() {
+    if span.is_none() {
         return;
     }
     let code = error.map_or(tonic::Code::Ok, tonic::Status::code);
@@ -213,8 +258,12 @@ pub fn record_grpc_status(span: &tracing::Span, error: Option<&tonic::Status>) {
     }
 }
 
-/// The gRPC server span of one call (`rpc.system` grpc), continuing the trace of its metadata.
+/// The gRPC server span of one call (`rpc.system` grpc), continuing the trace of its
+/// metadata; none when the call is not traced.
 pub fn grpc_span(method: &str, headers: &HeaderMap) -> tracing::Span {
+    let Some(parent) = traced(headers) else {
+        return tracing::Span::none();
+    };
     let span = tracing::info_span!(
         target: TRACE_TARGET,
         "rpc",
@@ -226,17 +275,18 @@ pub fn grpc_span(method: &str, headers: &HeaderMap) -> tracing::Span {
         rpc.grpc.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    continue_trace(span, headers)
+    let _ = span.set_parent(parent);
+    span
 }
 
 /// The span of a request's way from body to tensors (parsing, the sidecar's transformer).
 pub fn preprocess_span() -> tracing::Span {
-    tracing::info_span!(target: TRACE_TARGET, "preprocess")
+    meshserve_predictor::trace_span!(&tracing::Span::current(), "preprocess")
 }
 
 /// The span of a response's way from tensors to body.
 pub fn postprocess_span() -> tracing::Span {
-    tracing::info_span!(target: TRACE_TARGET, "postprocess")
+    meshserve_predictor::trace_span!(&tracing::Span::current(), "postprocess")
 }
 
 /// Runs `work` inside `span` and says how long it took.
@@ -244,15 +294,6 @@ pub fn timed<T>(span: tracing::Span, work: impl FnOnce() -> T) -> (T, Duration) 
     let started = Instant::now();
     let result = span.in_scope(work);
     (result, started.elapsed())
-}
-
-/// Makes `span` the child of the W3C `traceparent` in `headers`, if any.
-fn continue_trace(span: tracing::Span, headers: &HeaderMap) -> tracing::Span {
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-        let _ = span.set_parent(parent);
-    }
-    span
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);

@@ -578,6 +578,7 @@ pub fn write_local_mesh(
         config_dir: dir,
         upstreams: &upstreams,
         otlp: otlp.map(Into::into),
+        trace_sampling: 1.0,
     };
     render::write_mesh(dir, config, &wasm_module(), &spec).expect("the mesh's files");
     dir.join(render::BOOTSTRAP_FILE)

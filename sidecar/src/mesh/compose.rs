@@ -74,6 +74,7 @@ pub fn write(
         config_dir: Path::new(CONFIG_DIR),
         upstreams: &upstreams,
         otlp,
+        trace_sampling: settings.trace_sampling,
     };
     let mut written: Vec<String> = render::write_mesh(&dir, config, Path::new(WASM_PATH), &envoy)?
         .into_iter()

@@ -150,9 +150,11 @@ pub struct EnvoySpec<'a> {
     pub config_dir: &'a Path,
     /// (cluster base name, where that revision's sidecar listens).
     pub upstreams: &'a [(String, Upstream)],
-    /// An OTLP/gRPC collector: Envoy traces every request there (OpenTelemetry tracer) and
+    /// An OTLP/gRPC collector: Envoy traces requests there (OpenTelemetry tracer) and
     /// passes the W3C `traceparent` on to the sidecars.
     pub otlp: Option<Endpoint>,
+    /// The share of requests without a caller's trace that Envoy traces, 0 to 1.
+    pub trace_sampling: f64,
 }
 
 /// The cluster Envoy sends its spans to.
@@ -357,6 +359,7 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
                     "service_name": "meshserve-envoy",
                 }},
                 "spawn_upstream_span": true,
+                "random_sampling": {"value": (envoy.trace_sampling * 100.0).clamp(0.0, 100.0)},
             }));
         }
         runtime = json!({"tracing.opentelemetry.flush_interval_ms": TRACE_FLUSH_MS});
@@ -468,6 +471,7 @@ mod tests {
             config_dir: dir.path(),
             upstreams: &[],
             otlp: None,
+            trace_sampling: 1.0,
         };
         let written = write_mesh(dir.path(), &config, Path::new("/x.wasm"), &spec).unwrap();
         assert_eq!(

@@ -117,6 +117,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         config_dir: out,
         upstreams: &upstreams,
         otlp,
+        trace_sampling: settings.trace_sampling,
     };
     written.extend(
         render::write_mesh(out, &config, &options.wasm, &local)?

@@ -50,6 +50,8 @@ pub struct UpOptions {
     pub envoy_concurrency: usize,
     /// An OTLP/gRPC collector for Envoy's and the sidecars' spans.
     pub otlp_endpoint: Option<String>,
+    /// The share of requests traced (without a caller's sampled `traceparent`), 0 to 1.
+    pub trace_sampling: f64,
 }
 
 /// Reads every InferenceService in a (multi-document) YAML file.
@@ -352,7 +354,12 @@ pub async fn up(
                 extra.extend(["--transformer".to_owned(), file.display().to_string()]);
             }
             if let Some(endpoint) = &options.otlp_endpoint {
-                extra.extend(super::workload::otlp_args(isvc, revision, endpoint));
+                extra.extend(super::workload::otlp_args(
+                    isvc,
+                    revision,
+                    endpoint,
+                    options.trace_sampling,
+                ));
             }
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
@@ -387,6 +394,7 @@ pub async fn up(
         config_dir: &state,
         upstreams: &upstreams,
         otlp,
+        trace_sampling: options.trace_sampling,
     };
     render::write_mesh(&state, &config, &wasm, &envoy_spec)
         .map_err(|e| UpError::Input(format!("cannot write the mesh's files: {e}")))?;

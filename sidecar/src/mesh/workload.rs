@@ -35,6 +35,9 @@ pub struct Settings {
     pub wasm_sha256: Option<String>,
     /// An OTLP/gRPC collector for Envoy's and the sidecars' spans.
     pub otlp: Option<String>,
+    /// The share of new traces recorded, 0 to 1 (Envoy's `random_sampling`, the sidecars'
+    /// `--trace-sampling`).
+    pub trace_sampling: f64,
     /// Prometheus, for KEDA's triggers.
     pub prometheus: String,
     /// The PersistentVolumeClaim holding `file://` models on Kubernetes, at the same paths
@@ -148,15 +151,22 @@ pub fn sidecar_args(
         ]);
     }
     if let Some(otlp) = &settings.otlp {
-        args.extend(otlp_args(isvc, revision, otlp));
+        args.extend(otlp_args(isvc, revision, otlp, settings.trace_sampling));
     }
     args
 }
 
 /// The sidecar's tracing flags: its spans go to `endpoint` as `<isvc>-predictor`, with the
 /// InferenceService, namespace and revision as resource attributes.
-pub fn otlp_args(isvc: &InferenceService, revision: &RevisionSpec, endpoint: &str) -> Vec<String> {
+pub fn otlp_args(
+    isvc: &InferenceService,
+    revision: &RevisionSpec,
+    endpoint: &str,
+    sampling: f64,
+) -> Vec<String> {
     vec![
+        "--trace-sampling".to_owned(),
+        sampling.to_string(),
         "--otlp-endpoint".to_owned(),
         endpoint.to_owned(),
         "--otlp-service-name".to_owned(),
