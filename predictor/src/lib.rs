@@ -35,11 +35,16 @@ pub const TRACE_TARGET: &str = "meshserve::trace";
 #[macro_export]
 macro_rules! trace_span {
     ($parent:expr, $name:literal $(, $($fields:tt)*)?) => {{
-        let parent: &::tracing::Span = $parent;
-        if parent.is_none() {
+        // Without a trace exporter the target is off: no lookup of the current span at all.
+        if !::tracing::enabled!(target: $crate::TRACE_TARGET, ::tracing::Level::INFO) {
             ::tracing::Span::none()
         } else {
-            ::tracing::info_span!(target: $crate::TRACE_TARGET, parent: parent, $name $(, $($fields)*)?)
+            let parent: &::tracing::Span = $parent;
+            if parent.is_none() {
+                ::tracing::Span::none()
+            } else {
+                ::tracing::info_span!(target: $crate::TRACE_TARGET, parent: parent, $name $(, $($fields)*)?)
+            }
         }
     }};
 }

@@ -219,6 +219,9 @@ impl Metrics {
             count: self.count.with_label_values(&labels),
             exec_count: self.exec_count.with_label_values(&labels),
             pending: self.pending.with_label_values(&labels),
+            queue: self.queue.with_label_values(&labels),
+            compute: self.compute.with_label_values(&labels),
+            batch_size: self.batch_size.with_label_values(&labels),
             preprocess: self.preprocess.with_label_values(&labels),
             predict: self.predict.with_label_values(&labels),
             postprocess: self.postprocess.with_label_values(&labels),
@@ -248,6 +251,9 @@ pub(crate) struct ModelMetrics {
     count: IntCounter,
     exec_count: IntCounter,
     pub(crate) pending: IntGauge,
+    queue: Histogram,
+    compute: Histogram,
+    batch_size: Histogram,
     preprocess: Histogram,
     predict: Histogram,
     postprocess: Histogram,
@@ -278,24 +284,14 @@ impl ModelMetrics {
     }
 
     pub(crate) fn queued_for(&self, seconds: f64) {
-        self.metrics
-            .queue
-            .with_label_values(&[&self.model, &self.version])
-            .observe(seconds);
+        self.queue.observe(seconds);
     }
 
     pub(crate) fn executed(&self, rows: usize, seconds: f64) {
-        let labels = [self.model.as_str(), self.version.as_str()];
         self.exec_count.inc();
         self.count.inc_by(rows as u64);
-        self.metrics
-            .compute
-            .with_label_values(&labels)
-            .observe(seconds);
-        self.metrics
-            .batch_size
-            .with_label_values(&labels)
-            .observe(rows as f64);
+        self.compute.observe(seconds);
+        self.batch_size.observe(rows as f64);
     }
 }
 
