@@ -38,7 +38,9 @@ pub enum Command {
     Up(UpArgs),
     /// Change a running mesh's traffic split (no restart, no failed request).
     Canary(CanaryArgs),
-    /// Write the filter configuration, its Envoy extension config and an Envoy bootstrap.
+    /// Write everything InferenceServices need elsewhere: a local Envoy's files, a
+    /// docker-compose project, Istio resources (WasmPlugin or EnvoyFilter, Gateway,
+    /// VirtualServices) and Kubernetes manifests (Deployments, Services, HPA or KEDA).
     Render(RenderArgs),
     /// Run an InferenceService's transformer on a body read from stdin and print what comes
     /// out: the request the model would get (as JSON), or the answer the client would get.
@@ -172,8 +174,9 @@ pub struct RenderArgs {
     /// Prometheus, for KEDA's request-based triggers.
     #[arg(long, default_value = "http://prometheus-operated.monitoring.svc:9090")]
     pub prometheus_url: String,
-    /// The PersistentVolumeClaim that holds `file://` models on Kubernetes (at the same paths,
-    /// relative to the InferenceService's file). `pvc://CLAIM/PATH` names its own.
+    /// The PersistentVolumeClaim that holds `file://` models on Kubernetes, at their paths
+    /// relative to the InferenceService's file with leading `../` dropped. `pvc://CLAIM/PATH`
+    /// names its own.
     #[arg(long, default_value = "meshserve-models")]
     pub models_claim: String,
     /// The Istio ingress gateway's namespace (WasmPlugins, EnvoyFilter and Gateway go there).
