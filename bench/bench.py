@@ -800,6 +800,12 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
     return "\n".join(out)
 
 
+def run_line(args, detail: str) -> str:
+    """How a suite was run: the command, rounds and durations, and what each request was."""
+    return (f"Command: `{run_command()}`. {args.rounds} rounds x ({args.warmup:g} s warm-up + {args.duration:g} s), "
+            f"interleaved; {detail}")
+
+
 def rows_table(rows: list[dict], first: str = "row") -> list[str]:
     """The results table the mesh-side suites share: throughput, latency, failures, server CPU."""
     lines = [

