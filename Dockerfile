@@ -10,7 +10,7 @@ ARG ONNXRUNTIME_VERSION=1.31.1
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p meshserve-sidecar --bin meshserve
+RUN cargo build --release --locked -p meshserve --bin meshserve
 
 FROM python:3.11-slim-bookworm AS onnxruntime
 ARG ONNXRUNTIME_VERSION

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: set up, then the Rust unit and end-to-end tests, the wasm32-wasip1 build of
-# meshserve-proto, formatting and lints, and the third-party client tests (pytest).
+# meshserve-proto, the crates' module layering, formatting and lints, and the third-party
+# client tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,6 +10,9 @@ ORT_DYLIB_PATH=$(realpath "$(ls .venv/lib/python3*/site-packages/onnxruntime/cap
 export ORT_DYLIB_PATH
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+say "no module imports from a module that imports it back (scripts/check-modules.py)"
+python3 scripts/check-modules.py
 
 if cargo fmt --version >/dev/null 2>&1; then
     say "cargo fmt --check"

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod repository;
 pub mod runtime;
+pub mod storage;
 mod tensors;
 
 /// The `tracing` target of the spans meant for trace export (`predict`, `queue`, `batch`,

@@ -566,7 +566,7 @@ pub fn write_local_mesh(
     upstreams: &[(&str, SocketAddr, SocketAddr)],
     otlp: Option<SocketAddr>,
 ) -> PathBuf {
-    use meshserve_sidecar::mesh::render::{self, EnvoySpec, Upstream};
+    use meshserve_mesh::render::{self, EnvoySpec, Upstream};
     let upstreams: Vec<(String, Upstream)> = upstreams
         .iter()
         .map(|(name, http, grpc)| ((*name).to_owned(), Upstream::local(*http, *grpc)))

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshserve_e2e::{Envoy, Sidecar, TempRepository, wasm_module, write_local_mesh};
+use meshserve_mesh::canary::{Change, apply};
+use meshserve_mesh::render::{self, ROUTER_ECDS_FILE};
 use meshserve_proto::TensorData;
 use meshserve_proto::grpc::response_from_grpc;
 use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use meshserve_proto::inference::model_infer_request::InferInputTensor;
 use meshserve_proto::inference::{ModelInferRequest, ServerLiveRequest};
-use meshserve_sidecar::mesh::canary::{Change, apply};
-use meshserve_sidecar::mesh::render::{self, ROUTER_ECDS_FILE};
 use serde_json::{Value, json};
 
 /// A tiny upstream that answers every request with `body` after `delay`, counting them.

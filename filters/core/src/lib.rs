@@ -8,6 +8,7 @@
 //! - [`route`]: which InferenceService, component and revision serve it.
 //! - [`transform`]: transformer pipelines (pre- and post-processing).
 //! - [`logger`]: payload logging: sampling and KServe's CloudEvents.
+//! - [`sink`]: where payload events finally go (a logger's `url`).
 
 #![cfg_attr(
     not(test),
@@ -25,4 +26,5 @@ pub mod logger;
 pub mod protocol;
 pub mod route;
 pub mod shadow;
+pub mod sink;
 pub mod transform;

@@ -5,6 +5,7 @@
 use crate::config::{Config, Revision, Service, Sticky};
 use crate::grpc::{Peek, peek_model};
 use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
+use crate::transform::{Transformer, Wire};
 
 /// Request header that pins a revision: `default`, `canary` or a revision's name.
 pub const REVISION_HEADER: &str = "x-meshserve-revision";
@@ -377,10 +378,115 @@ fn choose_revision(
     Ok(route(default, false, choice))
 }
 
+/// A request the transformer filter works on.
+#[derive(Debug)]
+pub struct SelectedTransformer<'a> {
+    /// The service's index in the configuration.
+    pub service: usize,
+    pub transformer: &'a Transformer,
+    pub wire: Wire,
+    /// The path to send the request on, when it changes (V1 `:predict` to V2 `/infer`).
+    pub path: Option<String>,
+}
+
+/// Whether the transformer filter works on a request the router sent to `isvc`'s
+/// `component`: predict and infer calls (`POST`) of a service with a transformer.
+pub fn select_transformer<'a>(
+    config: &'a Config,
+    isvc: &str,
+    namespace: &str,
+    component: &str,
+    method: &str,
+    path: &str,
+) -> Option<SelectedTransformer<'a>> {
+    if method != "POST" || component != "predictor" {
+        return None;
+    }
+    let (service, transformer) = config
+        .services()
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.name == isvc && s.namespace == namespace)
+        .and_then(|(i, s)| Some((i, s.transformer.as_ref()?)))?;
+    let wire = match parse(path) {
+        Protocol::V1 {
+            verb: V1Verb::Predict,
+            ..
+        } => Wire::V1,
+        Protocol::V2 { model: Some(_), .. }
+            if path.split(['?', '#']).next()?.ends_with("/infer") =>
+        {
+            Wire::V2
+        }
+        _ => return None,
+    };
+    if !transformer.transforms_response(wire) {
+        return None;
+    }
+    let path = match wire {
+        Wire::V1 if transformer.transforms_request(wire) => {
+            // `/v1/models/<m>:predict` -> `/v2/models/<m>/infer`, the segment kept as sent.
+            let segment = path.split(['?', '#']).next()?.strip_prefix("/v1/models/")?;
+            Some(format!(
+                "/v2/models/{}/infer",
+                segment.strip_suffix(":predict")?
+            ))
+        }
+        _ => None,
+    };
+    Some(SelectedTransformer {
+        service,
+        transformer,
+        wire,
+        path,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_filter_selects_predict_and_infer_calls_of_services_with_a_transformer() {
+        let mut service = json!({"name": "mnist", "models": ["mnist_cnn"],
+            "predictor": {"default": {"name": "v1", "cluster": "c"}}});
+        let plain =
+            json!({"name": "plain", "predictor": {"default": {"name": "v1", "cluster": "p"}}});
+        service["transformer"] = json!({"request": {"steps": ["image_decode", {"layout": "nchw"}, {"emit": {"input": "x"}}]}});
+        let config =
+            Config::parse(json!({"services": [service, plain]}).to_string().as_bytes()).unwrap();
+        let pick = |isvc: &str, method: &str, path: &str| {
+            select_transformer(&config, isvc, "default", "predictor", method, path)
+                .map(|s| (s.wire, s.path))
+        };
+        assert_eq!(
+            pick("mnist", "POST", "/v1/models/mnist_cnn:predict?x=1"),
+            Some((Wire::V1, Some("/v2/models/mnist_cnn/infer".into())))
+        );
+        assert_eq!(
+            pick("mnist", "POST", "/v2/models/mnist_cnn/versions/1/infer"),
+            Some((Wire::V2, None))
+        );
+        assert_eq!(pick("mnist", "GET", "/v2/models/mnist_cnn"), None);
+        assert_eq!(
+            pick("mnist", "POST", "/v2/repository/models/mnist_cnn/load"),
+            None
+        );
+        assert_eq!(pick("plain", "POST", "/v1/models/plain:predict"), None);
+        assert_eq!(pick("other", "POST", "/v1/models/mnist_cnn:predict"), None);
+        assert!(
+            select_transformer(
+                &config,
+                "mnist",
+                "default",
+                "explainer",
+                "POST",
+                "/v1/models/mnist_cnn:explain"
+            )
+            .is_none()
+        );
+    }
 
     fn config() -> Config {
         let v = json!({"services": [

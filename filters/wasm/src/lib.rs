@@ -26,91 +26,25 @@
     )
 )]
 
+mod host;
 mod logger;
 mod metrics;
 mod router;
 mod transformer;
 
-use meshserve_filter_core::config::Config;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::RootContext;
-use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use proxy_wasm::types::LogLevel;
+
+use crate::host::{LOGGER_ROOT_ID, TRANSFORMER_ROOT_ID, root_id};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         match root_id().as_deref() {
-            Some(transformer::ROOT_ID) => Box::new(transformer::TransformerRoot::new()),
-            Some(logger::ROOT_ID) => Box::new(logger::LoggerRoot::new(context_id)),
+            Some(TRANSFORMER_ROOT_ID) => Box::new(transformer::TransformerRoot::new()),
+            Some(LOGGER_ROOT_ID) => Box::new(logger::LoggerRoot::new(context_id)),
             // The router, and any unknown root id, which its on_configure refuses.
             _ => Box::new(router::RouterRoot::new(context_id)),
         }
     });
 }}
-
-fn root_id() -> Option<String> {
-    hostcalls::get_property(vec!["plugin_root_id"])
-        .ok()
-        .flatten()
-        .map(|id| String::from_utf8_lossy(&id).into_owned())
-}
-
-/// Checks that this root runs as `expected` and reads its configuration: `None` (logged)
-/// when either is wrong, which makes `on_configure` refuse it and keep the previous one.
-fn configure(expected: &str) -> Option<Config> {
-    if let Some(root_id) = root_id()
-        && root_id != expected
-    {
-        log::error!(
-            "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {}, {}, {})",
-            router::ROOT_ID,
-            transformer::ROOT_ID,
-            logger::ROOT_ID
-        );
-        return None;
-    }
-    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => Vec::new(),
-        Err(status) => {
-            log::error!("cannot read the plugin configuration: {status:?}");
-            return None;
-        }
-    };
-    match Config::parse(&bytes) {
-        Ok(config) => Some(config),
-        Err(e) => {
-            log::error!("{e}; keeping the previous configuration");
-            None
-        }
-    }
-}
-
-/// splitmix64: a fresh uniform draw per call (canary splits, shadows, sampling, event ids).
-#[derive(Debug, Default)]
-struct Rng(u64);
-
-impl Rng {
-    /// Seeded from the host's clock and the context id.
-    fn seeded(context_id: u32) -> Rng {
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64);
-        Rng(now ^ (u64::from(context_id) << 32) ^ u64::from(context_id))
-    }
-
-    fn draw(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}

@@ -26,11 +26,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
+use crate::host::{LOGGER_ROOT_ID, Rng, configure, request_header};
 use crate::metrics::Counters;
-use crate::{Rng, configure, request_header};
 
-/// The root id Envoy must give this filter.
-pub(crate) const ROOT_ID: &str = "logger";
 /// How often queued events are sent: each tick sends what it gathered in one call per intake,
 /// so a longer tick means fewer calls (and spool syncs) for a little more delay of the logs.
 const TICK: Duration = Duration::from_millis(20);
@@ -138,7 +136,7 @@ impl Context for LoggerRoot {
 
 impl RootContext for LoggerRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match configure(ROOT_ID) {
+        match configure(LOGGER_ROOT_ID) {
             Some(config) => {
                 self.shared.borrow_mut().config = Some(Rc::new(config));
                 if let Err(status) = hostcalls::set_tick_period(TICK) {

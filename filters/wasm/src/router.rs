@@ -16,11 +16,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
+use crate::host::{ROUTER_ROOT_ID, Rng, configure, request_header};
 use crate::metrics::Counters;
-use crate::{Rng, configure, request_header};
 
-/// The root id Envoy must give this filter.
-pub(crate) const ROOT_ID: &str = "router";
 /// Request headers the filters set and clients may not (`x-meshserve-revision` is the
 /// client's pin, and stays).
 const INTERNAL_HEADERS: [&str; 5] = [
@@ -175,7 +173,7 @@ impl Context for RouterRoot {
 
 impl RootContext for RouterRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match configure(ROOT_ID) {
+        match configure(ROUTER_ROOT_ID) {
             Some(config) => {
                 log::info!(
                     "meshserve router configured: {} InferenceService(s)",

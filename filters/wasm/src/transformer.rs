@@ -11,20 +11,17 @@
 use std::rc::Rc;
 
 use meshserve_filter_core::config::Config;
-use meshserve_filter_core::route::{COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER};
-use meshserve_filter_core::transform::{
-    TRANSFORMED_HEADER, TransformError, Transformer, Wire, select,
+use meshserve_filter_core::route::{
+    COMPONENT_HEADER, ISVC_HEADER, NAMESPACE_HEADER, select_transformer,
 };
+use meshserve_filter_core::transform::{TRANSFORMED_HEADER, TransformError, Transformer, Wire};
 use meshserve_proto::rest::INFERENCE_HEADER_CONTENT_LENGTH;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
+use crate::host::{TRANSFORMER_ROOT_ID, configure, request_header};
 use crate::metrics::Counters;
-use crate::{configure, request_header};
-
-/// The root id Envoy must give this filter.
-pub(crate) const ROOT_ID: &str = "transformer";
 
 pub(crate) struct TransformerRoot {
     config: Option<Rc<Config>>,
@@ -44,7 +41,7 @@ impl Context for TransformerRoot {}
 
 impl RootContext for TransformerRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match configure(ROOT_ID) {
+        match configure(TRANSFORMER_ROOT_ID) {
             Some(config) => {
                 let count = config
                     .services()
@@ -155,7 +152,8 @@ impl HttpContext for TransformStream {
         };
         let method = request_header(":method").unwrap_or_default();
         let path = request_header(":path").unwrap_or_default();
-        let Some(selected) = select(&self.config, &isvc, &namespace, &component, &method, &path)
+        let Some(selected) =
+            select_transformer(&self.config, &isvc, &namespace, &component, &method, &path)
         else {
             return Action::Continue;
         };

@@ -16,8 +16,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshserve_filter_core::logger::Event;
+use meshserve_filter_core::sink::SinkSpec;
 
-use super::PayloadMetrics;
+use super::cloudevents::json_line;
+use super::metrics::PayloadMetrics;
 use super::spool::Reader;
 
 /// Events read from the spool at once: an HTTP sink gets them concurrently, a file sink in one
@@ -35,50 +37,6 @@ const LINGER: Duration = Duration::from_millis(20);
 const REFUSALS: u32 = 10;
 /// A sink's answer is awaited this long.
 const SINK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where events finally go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkSpec {
-    Http(http::Uri),
-    /// A JSON-lines file, rotated past `max_bytes` (`keep` old files).
-    File {
-        path: PathBuf,
-        max_bytes: u64,
-        keep: usize,
-    },
-}
-
-impl SinkSpec {
-    /// `http://host:port/path` or `file:///absolute/path.jsonl`.
-    pub fn parse(url: &str, file_max_bytes: u64) -> Result<SinkSpec, String> {
-        if let Some(path) = url.strip_prefix("file://") {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "{url}: a file sink needs an absolute path (file:///...)"
-                ));
-            }
-            return Ok(SinkSpec::File {
-                path: PathBuf::from(path),
-                max_bytes: file_max_bytes,
-                keep: 5,
-            });
-        }
-        let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!(
-                "{url}: the sink must be http://host[:port][/path] or file:///path"
-            ));
-        }
-        Ok(SinkSpec::Http(uri))
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            SinkSpec::Http(uri) => uri.to_string(),
-            SinkSpec::File { path, .. } => format!("file://{}", path.display()),
-        }
-    }
-}
 
 /// Runs delivery until the spool closes.
 pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
@@ -237,7 +195,7 @@ impl FileSink {
         }
         let mut out = Vec::new();
         for event in events {
-            out.extend_from_slice(&super::json_line(event));
+            out.extend_from_slice(&json_line(event));
             out.push(b'\n');
         }
         let mut file = std::fs::OpenOptions::new()
@@ -303,21 +261,6 @@ mod tests {
                 let event: serde_json::Value = serde_json::from_str(line).unwrap();
                 assert_eq!(event["data"]["a"], 1);
             }
-        }
-    }
-
-    #[test]
-    fn sink_urls_are_checked() {
-        assert!(matches!(
-            SinkSpec::parse("http://127.0.0.1:8090/x", 1),
-            Ok(SinkSpec::Http(_))
-        ));
-        assert!(matches!(
-            SinkSpec::parse("file:///tmp/e.jsonl", 1),
-            Ok(SinkSpec::File { .. })
-        ));
-        for bad in ["file://relative.jsonl", "https://x", "ftp://x", "nonsense"] {
-            assert!(SinkSpec::parse(bad, 1).is_err(), "{bad}");
         }
     }
 }

@@ -4,11 +4,12 @@
 //! sink is whatever takes CloudEvents (Knative Eventing, a Kafka bridge, a log pipeline).
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use clap::Args;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -17,7 +18,26 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::{event_from_headers, json_line};
+use super::cloudevents::{event_from_headers, json_line};
+
+/// `meshserve log-sink`'s flags.
+#[derive(Debug, Args)]
+pub struct LogSinkArgs {
+    /// Address to listen on. Only loopback unless you say otherwise.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub host: IpAddr,
+    /// Port (0: let the OS pick; the bound address is logged as `listening on http=ADDR`).
+    #[arg(long, default_value_t = 8090)]
+    pub port: u16,
+    /// The JSON-lines file the events are appended to (`-`: stdout).
+    #[arg(long, default_value = "-")]
+    pub out: PathBuf,
+}
+
+/// Runs `meshserve log-sink` until SIGTERM or Ctrl-C.
+pub async fn run(args: LogSinkArgs) -> Result<(), String> {
+    serve(SocketAddr::new(args.host, args.port), args.out).await
+}
 
 /// Serves until Ctrl-C or SIGTERM; each event becomes a line of `out` (`-`: stdout), flushed
 /// before the event is acknowledged.
@@ -42,7 +62,7 @@ pub async fn serve(addr: SocketAddr, out: PathBuf) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(out = %out.display(), "listening on http={bound}");
-    let stop = crate::server::stop_signal();
+    let stop = crate::signal::stop_signal();
     tokio::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {

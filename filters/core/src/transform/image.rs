@@ -13,7 +13,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageFormat, ImageReader};
 use serde::Deserialize;
 
-use super::TransformError;
+use super::error::TransformError;
 
 /// A decoded image.
 #[derive(Debug, Clone, PartialEq)]

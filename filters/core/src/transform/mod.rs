@@ -33,6 +33,7 @@
 //! are stacked into one batch tensor in request order, so the answers come back in order. A V1
 //! client gets a V1 answer (`{"predictions": [...]}`, one per instance); a V2 client a V2 one.
 
+mod error;
 pub mod image;
 pub mod post;
 
@@ -45,47 +46,9 @@ use meshserve_proto::v1;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use self::error::TransformError;
 use self::image::{Color, Image, Layout, Resize};
 use self::post::ResponseStep;
-use crate::config::Config;
-use crate::protocol::{Protocol, V1Verb, parse};
-
-/// A request the transformer refuses (400, 413) or a response it cannot make (500), with the
-/// message for the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct TransformError {
-    pub status: u16,
-    pub message: String,
-}
-
-impl TransformError {
-    pub fn bad(message: impl Into<String>) -> Self {
-        TransformError {
-            status: 400,
-            message: message.into(),
-        }
-    }
-
-    pub fn too_large(message: impl Into<String>) -> Self {
-        TransformError {
-            status: 413,
-            message: message.into(),
-        }
-    }
-
-    pub fn internal(message: impl Into<String>) -> Self {
-        TransformError {
-            status: 500,
-            message: message.into(),
-        }
-    }
-
-    /// The protocol's error body: `{"error": "transformer: ..."}`.
-    pub fn body(&self) -> Vec<u8> {
-        rest::error_body(&format!("transformer: {}", self.message))
-    }
-}
 
 /// The protocol the client spoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -640,70 +603,6 @@ impl Transformer {
 /// Set by the transformer filter on the requests it handled, so that a sidecar that can apply
 /// the same transformer (for clients that bypass Envoy) does not apply it twice.
 pub const TRANSFORMED_HEADER: &str = "x-meshserve-transformed";
-
-/// A request the transformer filter works on.
-#[derive(Debug)]
-pub struct Selected<'a> {
-    /// The service's index in the configuration.
-    pub service: usize,
-    pub transformer: &'a Transformer,
-    pub wire: Wire,
-    /// The path to send the request on, when it changes (V1 `:predict` to V2 `/infer`).
-    pub path: Option<String>,
-}
-
-/// Whether the transformer filter works on a request the router sent to `isvc`'s
-/// `component`: predict and infer calls (`POST`) of a service with a transformer.
-pub fn select<'a>(
-    config: &'a Config,
-    isvc: &str,
-    namespace: &str,
-    component: &str,
-    method: &str,
-    path: &str,
-) -> Option<Selected<'a>> {
-    if method != "POST" || component != "predictor" {
-        return None;
-    }
-    let (service, transformer) = config
-        .services()
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.name == isvc && s.namespace == namespace)
-        .and_then(|(i, s)| Some((i, s.transformer.as_ref()?)))?;
-    let wire = match parse(path) {
-        Protocol::V1 {
-            verb: V1Verb::Predict,
-            ..
-        } => Wire::V1,
-        Protocol::V2 { model: Some(_), .. }
-            if path.split(['?', '#']).next()?.ends_with("/infer") =>
-        {
-            Wire::V2
-        }
-        _ => return None,
-    };
-    if !transformer.transforms_response(wire) {
-        return None;
-    }
-    let path = match wire {
-        Wire::V1 if transformer.transforms_request(wire) => {
-            // `/v1/models/<m>:predict` -> `/v2/models/<m>/infer`, the segment kept as sent.
-            let segment = path.split(['?', '#']).next()?.strip_prefix("/v1/models/")?;
-            Some(format!(
-                "/v2/models/{}/infer",
-                segment.strip_suffix(":predict")?
-            ))
-        }
-        _ => None,
-    };
-    Some(Selected {
-        service,
-        transformer,
-        wire,
-        path,
-    })
-}
 
 /// One instance's value as it enters the steps: bytes, and whether they are binary already
 /// (`{"b64": ...}` in V1, non-text bytes) rather than text.

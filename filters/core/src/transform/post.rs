@@ -5,7 +5,7 @@ use meshserve_proto::infer::{InferResponse, OutputTensor, Parameters};
 use meshserve_proto::tensor::TensorData;
 use serde::Deserialize;
 
-use super::TransformError;
+use super::error::TransformError;
 
 /// One response step. `output` names the output it works on (default: the first).
 #[derive(Debug, Clone, PartialEq, Deserialize)]

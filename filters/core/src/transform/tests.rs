@@ -360,45 +360,6 @@ fn casts_round_and_saturate() {
 }
 
 #[test]
-fn the_filter_selects_predict_and_infer_calls_of_services_with_a_transformer() {
-    let mut service = json!({"name": "mnist", "models": ["mnist_cnn"],
-        "predictor": {"default": {"name": "v1", "cluster": "c"}}});
-    let plain = json!({"name": "plain", "predictor": {"default": {"name": "v1", "cluster": "p"}}});
-    service["transformer"] = json!({"request": {"steps": ["image_decode", {"layout": "nchw"}, {"emit": {"input": "x"}}]}});
-    let config =
-        Config::parse(json!({"services": [service, plain]}).to_string().as_bytes()).unwrap();
-    let pick = |isvc: &str, method: &str, path: &str| {
-        select(&config, isvc, "default", "predictor", method, path).map(|s| (s.wire, s.path))
-    };
-    assert_eq!(
-        pick("mnist", "POST", "/v1/models/mnist_cnn:predict?x=1"),
-        Some((Wire::V1, Some("/v2/models/mnist_cnn/infer".into())))
-    );
-    assert_eq!(
-        pick("mnist", "POST", "/v2/models/mnist_cnn/versions/1/infer"),
-        Some((Wire::V2, None))
-    );
-    assert_eq!(pick("mnist", "GET", "/v2/models/mnist_cnn"), None);
-    assert_eq!(
-        pick("mnist", "POST", "/v2/repository/models/mnist_cnn/load"),
-        None
-    );
-    assert_eq!(pick("plain", "POST", "/v1/models/plain:predict"), None);
-    assert_eq!(pick("other", "POST", "/v1/models/mnist_cnn:predict"), None);
-    assert!(
-        select(
-            &config,
-            "mnist",
-            "default",
-            "explainer",
-            "POST",
-            "/v1/models/mnist_cnn:explain"
-        )
-        .is_none()
-    );
-}
-
-#[test]
 fn a_request_is_bounded_as_a_whole() {
     let png = picture(ImageFormat::Png);
     let body = json!({"instances": [{"b64": b64(&png)}, {"b64": b64(&png)}, {"b64": b64(&png)}]});

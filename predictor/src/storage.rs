@@ -5,15 +5,14 @@
 //!   InferenceService's name);
 //! - a repository: a directory of such model directories, served as it is.
 //!
-//! `meshserve serve --storage` and `meshserve up` both go through here, so a sidecar in a
-//! container (storage mounted at `/mnt/models`) serves exactly what `up` serves locally.
+//! `meshserve serve --storage` (the sidecar) and `meshserve up` (the control plane) both go
+//! through here, so a sidecar in a container (storage mounted at `/mnt/models`) serves exactly
+//! what `up` serves locally.
 
 use std::path::{Path, PathBuf};
 
-use meshserve_predictor::ModelConfig;
-
-use super::isvc::Storage;
-use meshserve_predictor::config::CONFIG_FILE;
+use crate::ModelConfig;
+use crate::config::CONFIG_FILE;
 
 /// KServe's `batcher`: (`maxBatchSize` rows, `maxLatency` in ms), each optional.
 pub type Batcher = (Option<u64>, Option<u64>);
@@ -50,15 +49,6 @@ pub fn layout(storage: &Path) -> Result<Option<Vec<String>>, String> {
         .collect();
     models.sort();
     Ok(Some(models))
-}
-
-/// The model names a revision serves: its InferenceService's name for one model (and for a
-/// claim, which is read on Kubernetes only), else its repository's.
-pub fn revision_models(isvc: &str, storage: &Storage) -> Result<Vec<String>, String> {
-    match storage.local() {
-        Some(path) => model_names(path, isvc),
-        None => Ok(vec![isvc.to_owned()]),
-    }
 }
 
 /// The model names storage serves: `name` for one model, else the repository's.

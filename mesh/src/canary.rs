@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::render::{FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, check, write_atomically};
+use crate::render::{FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, check, write_atomically};
 
 /// The change to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,8 +120,8 @@ fn split(config: &Value, isvc: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::isvc::{InferenceService, RevisionSpec, Storage};
-    use crate::mesh::render::{filter_config, router_ecds};
+    use crate::isvc::{InferenceService, RevisionSpec, Storage};
+    use crate::render::{filter_config, router_ecds};
     use std::path::PathBuf;
 
     fn state() -> tempfile::TempDir {

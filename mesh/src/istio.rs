@@ -7,9 +7,9 @@
 
 use serde_json::{Value, json};
 
-use super::isvc::InferenceService;
-use super::render::{self, Filter};
-use super::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
+use crate::isvc::InferenceService;
+use crate::render::{self, Filter};
+use crate::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
 
 /// The gateway rendered, and the VirtualServices bound to it.
 pub const GATEWAY: &str = "meshserve-gateway";

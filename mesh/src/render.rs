@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use meshserve_filter_core::config::Config;
 use serde_json::{Value, json};
 
-use super::isvc::{InferenceService, RevisionSpec};
+use crate::isvc::{InferenceService, RevisionSpec};
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
 pub const ROUTER_FILTER: &str = "meshserve.router";
@@ -407,7 +407,7 @@ pub fn write_atomically(path: &Path, value: &Value) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::isvc::Storage;
+    use crate::isvc::Storage;
 
     fn isvc() -> InferenceService {
         let rev = |name: &str, percent| RevisionSpec {

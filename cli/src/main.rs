@@ -1,10 +1,13 @@
 //! `meshserve`: parse the command line, set up logging, run, exit.
 
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshserve_sidecar::cli::{Cli, Command, canary, log_sink, render, serve, transform, up};
 use meshserve_sidecar::telemetry;
+
+use crate::cli::{Cli, Command, canary, log_sink, render, serve, transform, up};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     let result: Result<(), String> = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)).map_err(|e| e.to_string()),
+        Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Up(args) => runtime.block_on(up(args)).map_err(|e| e.to_string()),
         Command::Canary(args) => canary(args),
         Command::Render(args) => render(args),

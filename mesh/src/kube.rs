@@ -2,12 +2,12 @@
 //! predictor sidecar (KServe's container name, ports, labels and probes) and a Service, and
 //! the autoscaler KServe's fields ask for: a HorizontalPodAutoscaler on cpu or memory, or a
 //! KEDA ScaledObject where the revision scales to zero or on requests. A transformer's
-//! pipeline travels in a ConfigMap. Envoy is Istio's: see [`super::istio`].
+//! pipeline travels in a ConfigMap. Envoy is Istio's: see [`crate::istio`].
 
 use serde_json::{Map, Value, json};
 
-use super::isvc::{Autoscaler, InferenceService, RevisionSpec, ScaleMetric, Storage};
-use super::workload::{
+use crate::isvc::{Autoscaler, InferenceService, RevisionSpec, ScaleMetric, Storage};
+use crate::workload::{
     self, GRPC_PORT, HTTP_PORT, SCRATCH_DIR, SPOOL_DIR, Settings, TRANSFORMER_DIR, TRANSFORMER_FILE,
 };
 

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::isvc::{InferenceService, Storage};
-use super::render::{self, Endpoint, EnvoySpec, Upstream};
-use super::workload::{
+use crate::isvc::{InferenceService, Storage};
+use crate::render::{self, Endpoint, EnvoySpec, Upstream};
+use crate::workload::{
     self, GRPC_PORT, HTTP_PORT, SCRATCH_DIR, SPOOL_DIR, Settings, TRANSFORMER_DIR, TRANSFORMER_FILE,
 };
 

@@ -1,0 +1,75 @@
+//! What every root of the module shares with the host: its root id and configuration, the
+//! request's headers, and a random draw seeded from the host's clock.
+
+use meshserve_filter_core::config::Config;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType};
+
+/// The root ids Envoy gives the filters (`root_id`), one per root context.
+pub(crate) const ROUTER_ROOT_ID: &str = "router";
+pub(crate) const TRANSFORMER_ROOT_ID: &str = "transformer";
+pub(crate) const LOGGER_ROOT_ID: &str = "logger";
+
+pub(crate) fn root_id() -> Option<String> {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .map(|id| String::from_utf8_lossy(&id).into_owned())
+}
+
+/// Checks that this root runs as `expected` and reads its configuration: `None` (logged)
+/// when either is wrong, which makes `on_configure` refuse it and keep the previous one.
+pub(crate) fn configure(expected: &str) -> Option<Config> {
+    if let Some(root_id) = root_id()
+        && root_id != expected
+    {
+        log::error!(
+            "meshserve_filters.wasm has no filter with root_id '{root_id}' (known: {ROUTER_ROOT_ID}, {TRANSFORMER_ROOT_ID}, {LOGGER_ROOT_ID})"
+        );
+        return None;
+    }
+    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => Vec::new(),
+        Err(status) => {
+            log::error!("cannot read the plugin configuration: {status:?}");
+            return None;
+        }
+    };
+    match Config::parse(&bytes) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            log::error!("{e}; keeping the previous configuration");
+            None
+        }
+    }
+}
+
+/// splitmix64: a fresh uniform draw per call (canary splits, shadows, sampling, event ids).
+#[derive(Debug, Default)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the host's clock and the context id.
+    pub(crate) fn seeded(context_id: u32) -> Rng {
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        Rng(now ^ (u64::from(context_id) << 32) ^ u64::from(context_id))
+    }
+
+    pub(crate) fn draw(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+pub(crate) fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
+}

@@ -1,0 +1,216 @@
+//! `meshserve serve`: the sidecar as a process. Its flags, then the order it starts in: ONNX
+//! Runtime, the model repository (or a KServe storage location made into one), the service
+//! with its limits, transformer and payload-log intake, the listeners; then it serves until
+//! SIGTERM or Ctrl-C and drains.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use clap::builder::TypedValueParser as _;
+use meshserve_filter_core::sink::SinkSpec;
+use meshserve_filter_core::transform::Transformer;
+use meshserve_predictor::{Device, Repository, Runtime, RuntimeOptions};
+
+use crate::payloads::{Intake, PayloadSettings};
+use crate::server::{ListenConfig, Server};
+use crate::service::{Limits, Service};
+use crate::signal::stop_signal;
+use crate::telemetry::TraceArgs;
+
+/// `meshserve serve`'s flags (each also read from its environment variable).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model repository: <dir>/<model>/<version>/model.onnx, optional <dir>/<model>/config.yaml.
+    #[arg(
+        long,
+        env = "MESHSERVE_MODEL_REPOSITORY",
+        required_unless_present = "storage",
+        conflicts_with = "storage"
+    )]
+    pub model_repository: Option<PathBuf>,
+    /// A KServe storage location instead of a repository: one .onnx file, one model's
+    /// directory of versions, or a repository (KServe's /mnt/models in a container).
+    #[arg(long, env = "MESHSERVE_STORAGE")]
+    pub storage: Option<PathBuf>,
+    /// The name one model from --storage is served under (KServe: the InferenceService's).
+    #[arg(long, default_value = "model", env = "MESHSERVE_MODEL_NAME")]
+    pub model_name: String,
+    /// Batch requests to the --storage model as KServe's `batcher` does.
+    #[arg(long, requires = "storage")]
+    pub batcher: bool,
+    /// The batcher's `maxBatchSize` (default 32).
+    #[arg(long, requires = "batcher")]
+    pub batcher_max_batch_size: Option<u64>,
+    /// The batcher's `maxLatency` in milliseconds (default 500).
+    #[arg(long, requires = "batcher")]
+    pub batcher_max_latency_ms: Option<u64>,
+    /// Where the repository for --storage is built (links and a config.yaml). Default: a
+    /// directory under the system's temporary directory.
+    #[arg(long, env = "MESHSERVE_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub traces: TraceArgs,
+    /// Address to listen on. Only loopback unless you say otherwise.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST), env = "MESHSERVE_HOST")]
+    pub host: IpAddr,
+    /// REST port (0: let the OS pick; the bound address is logged).
+    #[arg(long, default_value_t = 8080, env = "MESHSERVE_HTTP_PORT")]
+    pub http_port: u16,
+    /// gRPC port (0: let the OS pick; the bound address is logged).
+    #[arg(long, default_value_t = 8081, env = "MESHSERVE_GRPC_PORT")]
+    pub grpc_port: u16,
+    /// Where inference runs: cpu, cuda or cuda:N. CUDA fails at start if it is unavailable.
+    #[arg(long, default_value = "cpu", env = "MESHSERVE_DEVICE")]
+    pub device: Device,
+    /// The ONNX Runtime library (libonnxruntime.so). Default: $ORT_DYLIB_PATH, then the
+    /// set-up script's .venv.
+    #[arg(long, env = "MESHSERVE_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+    /// Threads ONNX Runtime uses within one operator (0: one per core). One by default: the
+    /// sidecar runs beside Envoy, parallelism comes from concurrent requests and
+    /// `instance_count`, and a thread pool's hand-offs cost more than small models gain. Raise
+    /// it for large models on many cores (per model: `intra_op_threads` in config.yaml).
+    #[arg(long, default_value_t = 1, env = "MESHSERVE_INTRA_OP_THREADS")]
+    pub intra_op_threads: usize,
+    /// Let ONNX Runtime's idle intra-op threads spin (faster hand-offs on an otherwise idle
+    /// many-core machine; on a small one they take the cores the server needs).
+    #[arg(long, env = "MESHSERVE_INTRA_OP_SPINNING")]
+    pub intra_op_spinning: bool,
+    /// Largest request body (REST) or message (gRPC), in bytes; larger ones get 413 / RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_request_bytes, env = "MESHSERVE_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: usize,
+    /// Inference requests in flight at once; beyond it, 429 / RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = Limits::default().max_in_flight, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize), env = "MESHSERVE_MAX_IN_FLIGHT")]
+    pub max_in_flight: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: u64,
+    /// Apply this transformer (an InferenceService YAML with `spec.transformer`, or the
+    /// transformer alone, YAML or JSON) to V1 predict and V2 infer requests that did not come
+    /// through meshserve's Envoy filter (those carry `x-meshserve-transformed`).
+    // Read by the caller, which passes the transformer to `serve`: an InferenceService file
+    // is the control plane's to read.
+    #[arg(long, env = "MESHSERVE_TRANSFORMER")]
+    pub transformer: Option<PathBuf>,
+    /// Payload logging: where the events the `logger` filter sends to this sidecar go,
+    /// `http://host:port/path` (CloudEvents, binary mode) or `file:///path.jsonl` (JSON lines).
+    /// Without it, the sidecar takes no events.
+    #[arg(long, env = "MESHSERVE_LOG_SINK")]
+    pub log_sink: Option<String>,
+    /// The durable spool between the log intake and the sink.
+    #[arg(long, default_value = ".meshserve-spool", env = "MESHSERVE_LOG_SPOOL")]
+    pub log_spool: PathBuf,
+    /// The most bytes the spool holds; beyond it, new events are refused (the filter counts
+    /// them as dropped).
+    #[arg(long, default_value_t = 256 << 20, env = "MESHSERVE_LOG_SPOOL_MAX_BYTES")]
+    pub log_spool_max_bytes: u64,
+    /// A file sink is rotated past this size (5 old files kept).
+    #[arg(long, default_value_t = 64 << 20, env = "MESHSERVE_LOG_FILE_MAX_BYTES")]
+    pub log_file_max_bytes: u64,
+}
+
+/// Why `meshserve serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--storage: {0}")]
+    Storage(String),
+    #[error(transparent)]
+    Runtime(#[from] meshserve_predictor::RuntimeError),
+    #[error(transparent)]
+    Repository(#[from] meshserve_predictor::PredictorError),
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error("{0}")]
+    PayloadLogging(String),
+}
+
+fn repository_registry(service: &Service) -> &prometheus::Registry {
+    service.repository().metrics().registry()
+}
+
+/// Runs `meshserve serve` until SIGTERM or Ctrl-C. `transformer` is the one `--transformer`
+/// names, read by the caller (an InferenceService file is the control plane's to read).
+pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<(), StartError> {
+    let runtime = Runtime::init(RuntimeOptions {
+        library: args.ort_library,
+        device: args.device,
+        intra_op_threads: args.intra_op_threads,
+        intra_op_spinning: args.intra_op_spinning,
+    })?;
+    tracing::info!(library = %runtime.library().display(), device = %runtime.device(), "ONNX Runtime loaded");
+    let root = match (&args.model_repository, &args.storage) {
+        (Some(repository), _) => repository.clone(),
+        (None, Some(storage)) => {
+            let scratch = args.scratch_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("meshserve-{}", std::process::id()))
+            });
+            let batcher = args
+                .batcher
+                .then_some((args.batcher_max_batch_size, args.batcher_max_latency_ms));
+            let (root, names) = meshserve_predictor::storage::prepare_repository(
+                storage,
+                &args.model_name,
+                batcher,
+                &scratch,
+            )
+            .map_err(StartError::Storage)?;
+            tracing::info!(storage = %storage.display(), models = %names.join(","), "serving the storage");
+            root
+        }
+        (None, None) => {
+            return Err(StartError::Storage(
+                "give --model-repository or --storage".into(),
+            ));
+        }
+    };
+    let repository = Arc::new(Repository::open(&root, Arc::new(runtime))?);
+    let loader = Arc::clone(&repository);
+    let failures = tokio::task::spawn_blocking(move || loader.load_all())
+        .await
+        .unwrap_or_default();
+    if !failures.is_empty() {
+        tracing::warn!(
+            failed = failures.len(),
+            "some models failed to load; the server is not ready until they load"
+        );
+    }
+    let limits = Limits {
+        max_request_bytes: args.max_request_bytes,
+        max_in_flight: args.max_in_flight,
+    };
+    let mut service = Service::new(repository, limits);
+    if let Some(transformer) = transformer {
+        let file = args.transformer.as_deref().unwrap_or(Path::new("-"));
+        tracing::info!(file = %file.display(), "applying the transformer to requests that bypass Envoy");
+        service = service.with_transformer(transformer);
+    }
+    if let Some(url) = &args.log_sink {
+        let settings = PayloadSettings {
+            sink: SinkSpec::parse(url, args.log_file_max_bytes)
+                .map_err(StartError::PayloadLogging)?,
+            spool_dir: args.log_spool.clone(),
+            spool_max_bytes: args.log_spool_max_bytes,
+        };
+        let intake = Intake::start(&settings, repository_registry(&service))
+            .map_err(StartError::PayloadLogging)?;
+        tracing::info!(sink = %settings.sink.describe(), spool = %settings.spool_dir.display(), "payload logging on");
+        service = service.with_intake(intake);
+    }
+    let service = Arc::new(service);
+    let server = Server::start(
+        service,
+        ListenConfig {
+            http: SocketAddr::new(args.host, args.http_port),
+            grpc: SocketAddr::new(args.host, args.grpc_port),
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        },
+    )
+    .await?;
+    tracing::info!("listening on http={}", server.http_addr);
+    tracing::info!("listening on grpc={}", server.grpc_addr);
+    server.run_until(stop_signal()).await;
+    Ok(())
+}
