@@ -120,33 +120,10 @@ fn split(config: &Value, isvc: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isvc::{InferenceService, RevisionSpec, Storage};
     use crate::render::{filter_config, router_ecds};
-    use std::path::PathBuf;
 
     fn state() -> tempfile::TempDir {
-        let rev = |name: &str, percent| RevisionSpec {
-            name: name.into(),
-            storage: Storage::File {
-                path: PathBuf::from("/m"),
-                relative: PathBuf::from("m"),
-            },
-            scaling: Default::default(),
-            pod: Default::default(),
-            percent,
-            batcher: None,
-            logger: None,
-        };
-        let isvc = InferenceService {
-            name: "digits".into(),
-            namespace: "default".into(),
-            default: rev("v1", 0),
-            canaries: vec![rev("v2", 20)],
-            transformer: None,
-            autoscaler: Default::default(),
-            labels: Default::default(),
-            annotations: Default::default(),
-        };
+        let isvc = crate::isvc::sample();
         let dir = tempfile::tempdir().unwrap();
         let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();
         write_atomically(&dir.path().join(FILTER_CONFIG_FILE), &config).unwrap();

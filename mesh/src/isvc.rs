@@ -273,7 +273,15 @@ pub struct InferenceService {
     /// `metadata.labels` and `metadata.annotations`, carried to what is rendered.
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// The annotation [`PUBLIC_CONTROL_API`]: whether the mesh's public listener passes this
+    /// service's control APIs (repository load/unload/index, statistics) to its predictors.
+    /// Off by default: they answer on the predictor's own port only.
+    pub public_control_api: bool,
 }
+
+/// meshserve's annotation that opens an InferenceService's control APIs to the mesh's
+/// clients, as KServe leaves them (`"true"`; default `"false"`).
+pub const PUBLIC_CONTROL_API: &str = "serving.meshserve.io/public-control-api";
 
 /// Who scales a revision's Deployment (`serving.kserve.io/autoscalerClass`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -422,6 +430,21 @@ impl InferenceService {
                 ));
             }
         };
+        let public_control_api = match raw
+            .metadata
+            .annotations
+            .get(PUBLIC_CONTROL_API)
+            .map(String::as_str)
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(error(
+                    &format!("metadata.annotations.{PUBLIC_CONTROL_API}"),
+                    format!("'{other}' is not \"true\" or \"false\""),
+                ));
+            }
+        };
         Ok(InferenceService {
             name,
             namespace,
@@ -429,6 +452,7 @@ impl InferenceService {
             canaries,
             transformer,
             autoscaler,
+            public_control_api,
             labels: raw.metadata.labels,
             annotations: raw.metadata.annotations,
         })
@@ -672,6 +696,35 @@ fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
     Ok(RevisionLogger { url, filter })
 }
 
+/// An InferenceService for unit tests: `digits`, a default revision `v1` and a canary `v2`
+/// at 20%, both on `file:///m`.
+#[cfg(test)]
+pub(crate) fn sample() -> InferenceService {
+    let rev = |name: &str, percent| RevisionSpec {
+        name: name.into(),
+        storage: Storage::File {
+            path: PathBuf::from("/m"),
+            relative: PathBuf::from("m"),
+        },
+        scaling: Scaling::default(),
+        pod: Default::default(),
+        percent,
+        batcher: None,
+        logger: None,
+    };
+    InferenceService {
+        name: "digits".into(),
+        namespace: "default".into(),
+        default: rev("v1", 0),
+        canaries: vec![rev("v2", 20)],
+        transformer: None,
+        autoscaler: Autoscaler::default(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        public_control_api: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -856,6 +909,34 @@ spec:
         assert_eq!(
             err.path,
             "metadata.annotations.serving.kserve.io/autoscalerClass"
+        );
+    }
+
+    #[test]
+    fn control_apis_open_only_by_annotation() {
+        let closed = InferenceService::parse(GOOD, &base()).unwrap();
+        assert!(!closed.public_control_api);
+        let with = |value: &str| {
+            GOOD.replace(
+                "  name: digits\n",
+                &format!("  name: digits\n  annotations: {{{PUBLIC_CONTROL_API}: '{value}'}}\n"),
+            )
+        };
+        let open = InferenceService::parse(&with("true"), &base()).unwrap();
+        assert!(open.public_control_api);
+        let config = crate::render::filter_config(&[(&open, vec!["digits".into()])]).unwrap();
+        assert_eq!(config["services"][0]["public_control_api"], true);
+        let config = crate::render::filter_config(&[(&closed, vec!["digits".into()])]).unwrap();
+        assert!(config["services"][0].get("public_control_api").is_none());
+        assert!(
+            !InferenceService::parse(&with("false"), &base())
+                .unwrap()
+                .public_control_api
+        );
+        let err = InferenceService::parse(&with("yes"), &base()).unwrap_err();
+        assert_eq!(
+            err.path,
+            format!("metadata.annotations.{PUBLIC_CONTROL_API}")
         );
     }
 

@@ -200,6 +200,9 @@ pub fn filter_config(services: &[(&InferenceService, Vec<String>)]) -> Result<Va
             if let (Some(transformer), Some(map)) = (&isvc.transformer, service.as_object_mut()) {
                 map.insert("transformer".into(), transformer.clone());
             }
+            if let (true, Some(map)) = (isvc.public_control_api, service.as_object_mut()) {
+                map.insert("public_control_api".into(), json!(true));
+            }
             service
         })
         .collect();
@@ -407,31 +410,9 @@ pub fn write_atomically(path: &Path, value: &Value) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isvc::Storage;
 
     fn isvc() -> InferenceService {
-        let rev = |name: &str, percent| RevisionSpec {
-            name: name.into(),
-            storage: Storage::File {
-                path: PathBuf::from("/m"),
-                relative: PathBuf::from("m"),
-            },
-            scaling: Default::default(),
-            pod: Default::default(),
-            percent,
-            batcher: None,
-            logger: None,
-        };
-        InferenceService {
-            name: "digits".into(),
-            namespace: "default".into(),
-            default: rev("v1", 0),
-            canaries: vec![rev("v2", 20)],
-            transformer: None,
-            autoscaler: Default::default(),
-            labels: Default::default(),
-            annotations: Default::default(),
-        }
+        crate::isvc::sample()
     }
 
     #[test]

@@ -18,7 +18,9 @@ use meshserve_proto::TensorData;
 use meshserve_proto::grpc::response_from_grpc;
 use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use meshserve_proto::inference::model_infer_request::InferInputTensor;
-use meshserve_proto::inference::{ModelInferRequest, ServerLiveRequest};
+use meshserve_proto::inference::{
+    ModelInferRequest, RepositoryIndexRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
+};
 use serde_json::{Value, json};
 
 /// A tiny upstream that answers every request with `body` after `delay`, counting them.
@@ -375,6 +377,109 @@ async fn routes_v1_v2_and_grpc_pins_sticks_explains_and_refuses_unknown_models()
         mesh.envoy
             .stat("wasmcustom.meshserve.requests.isvc.none.revision.none.outcome.replied_404")
             >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_apis_are_refused_through_the_mesh_and_answer_on_the_sidecar() {
+    let mesh = Mesh::start("control", 20, 0);
+    let client = reqwest::Client::new();
+    let unload = "/v2/repository/models/digits/unload";
+    type Headers = &'static [(&'static str, &'static str)];
+    let refused: [(&str, &str, Headers); 8] = [
+        ("POST", unload, &[]),
+        ("POST", unload, &[("x-meshserve-revision", "canary")]),
+        ("POST", unload, &[("x-meshserve-revision", "digits-v1")]),
+        (
+            "POST",
+            unload,
+            &[("host", "latest-digits.default.example.com")],
+        ),
+        (
+            "POST",
+            "/v2/repository/models/digits/load",
+            &[("host", "prev-digits.default.example.com")],
+        ),
+        ("POST", "/v2/repository/index", &[]),
+        ("POST", "/v2/%72epository//index", &[]),
+        ("GET", "/v2/models/digits/stats", &[]),
+    ];
+    for (method, path, headers) in refused {
+        let mut request = client
+            .request(method.parse().unwrap(), mesh.envoy.url(path))
+            .body("{}");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            403,
+            "{method} {path} {headers:?}"
+        );
+        assert!(response.headers().get("x-meshserve-revision").is_none());
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("is a control API"),
+            "{body}"
+        );
+    }
+    let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", mesh.envoy.listener))
+        .await
+        .unwrap();
+    let status = grpc
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            repository_name: String::new(),
+            model_name: "digits".into(),
+            parameters: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = grpc
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // The intake and the metrics were never on the public listener.
+    for path in ["/meshserve/events", "/metrics"] {
+        let response = client
+            .post(mesh.envoy.url(path))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 404, "{path}");
+    }
+
+    // Nothing was unloaded: both revisions still answer through the mesh.
+    for pin in ["default", "canary"] {
+        let (status, _, body) = post(
+            &client,
+            &mesh.envoy.url("/v1/models/digits:predict"),
+            &digits_v1_body(),
+            &[("x-meshserve-revision", pin)],
+        )
+        .await;
+        assert_eq!(status, 200, "{pin}: {body}");
+    }
+    // Operators reach the control APIs on the sidecar's own port.
+    let index: Value = client
+        .post(mesh.canary.url("/v2/repository/index"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(index[0]["name"], "digits", "{index}");
+    assert!(
+        mesh.envoy
+            .stat("wasmcustom.meshserve.requests.isvc.none.revision.none.outcome.replied_403")
+            >= 10
     );
 }
 

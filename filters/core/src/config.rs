@@ -67,6 +67,11 @@ pub struct Service {
     pub sticky: Option<Sticky>,
     /// Pre- and post-processing run by the `transformer` filter (see [`crate::transform`]).
     pub transformer: Option<Transformer>,
+    /// Whether clients of the public listener may call this service's control APIs (the
+    /// model repository, statistics, ...: [`crate::protocol::is_control`]); refused (403) by
+    /// default.
+    #[serde(default)]
+    pub public_control_api: bool,
 }
 
 fn default_namespace() -> String {

@@ -99,6 +99,61 @@ fn v2(model: &str, version: Option<&str>) -> Protocol {
     }
 }
 
+/// Open Inference Protocol (and Triton) REST resources under `/v2/` that change or reveal
+/// the server's state rather than run inference: the model repository (index, load, unload),
+/// shared-memory regions, trace and log settings.
+const CONTROL_RESOURCES: [&str; 5] = [
+    "repository",
+    "systemsharedmemory",
+    "cudasharedmemory",
+    "trace",
+    "logging",
+];
+
+/// Per-model REST resources of the same kind: statistics and trace settings.
+const CONTROL_MODEL_RESOURCES: [&str; 2] = ["stats", "trace"];
+
+/// gRPC methods of the same kind.
+const CONTROL_METHODS: [&str; 12] = [
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "ModelStatistics",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+];
+
+/// Whether a request is a control API call: one that changes or reveals the server's state
+/// (the model repository, statistics, shared memory, trace and log settings) instead of
+/// running or describing a model. Segments are compared percent-decoded and empty ones
+/// skipped, so `/v2//%72epository/index` is one too.
+pub fn is_control(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if let Some(method) = path.strip_prefix(GRPC_SERVICE_PREFIX) {
+        return CONTROL_METHODS.contains(&method);
+    }
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        // An undecodable segment is kept as written: it names nothing the server serves.
+        .map(|s| percent_decode(s).unwrap_or_else(|| s.to_owned()))
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        ["v2", resource, ..] if CONTROL_RESOURCES.contains(resource) => true,
+        ["v2", "models", _, "versions", _, resource, ..] | ["v2", "models", _, resource, ..] => {
+            CONTROL_MODEL_RESOURCES.contains(resource)
+        }
+        _ => false,
+    }
+}
+
 /// Percent-decodes one path segment; `None` for a bad escape or invalid UTF-8.
 pub fn percent_decode(segment: &str) -> Option<String> {
     let bytes = segment.as_bytes();
@@ -132,6 +187,54 @@ mod tests {
         Protocol::V2 {
             model: Some(m.into()),
             version: v.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn control_apis_are_told_from_inference() {
+        for control in [
+            "/v2/repository/index",
+            "/v2/repository/models/digits/load",
+            "/v2/repository/models/digits/unload?x=1",
+            "/v2//repository/index",
+            "/v2/%72epository/index",
+            "/v2/systemsharedmemory/status",
+            "/v2/cudasharedmemory/region/r/register",
+            "/v2/trace/setting",
+            "/v2/logging",
+            "/v2/models/digits/stats",
+            "/v2/models/digits/versions/1/stats",
+            "/v2/models/digits/trace/setting",
+            "/inference.GRPCInferenceService/RepositoryIndex",
+            "/inference.GRPCInferenceService/RepositoryModelLoad",
+            "/inference.GRPCInferenceService/RepositoryModelUnload",
+            "/inference.GRPCInferenceService/ModelStatistics",
+            "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+            "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+            "/inference.GRPCInferenceService/TraceSetting",
+            "/inference.GRPCInferenceService/LogSettings",
+        ] {
+            assert!(is_control(control), "{control}");
+        }
+        for inference in [
+            "/v1/models/digits:predict",
+            "/v1/models/repository:predict",
+            "/v1/models",
+            "/v2",
+            "/v2/health/ready",
+            "/v2/models/digits",
+            "/v2/models/digits/ready",
+            "/v2/models/digits/infer",
+            "/v2/models/repository/infer",
+            "/v2/models/stats/infer",
+            "/v2/models/digits/versions/1/infer",
+            "/v2/models/digits/config",
+            "/",
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ModelMetadata",
+            "/inference.GRPCInferenceService/ServerReady",
+        ] {
+            assert!(!is_control(inference), "{inference}");
         }
     }
 

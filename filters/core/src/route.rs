@@ -4,7 +4,7 @@
 
 use crate::config::{Config, Revision, Service, Sticky};
 use crate::grpc::{Peek, peek_model};
-use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
+use crate::protocol::{GrpcMethod, Protocol, V1Verb, is_control, parse};
 use crate::transform::{Transformer, Wire};
 
 /// Request header that pins a revision: `default`, `canary` or a revision's name.
@@ -134,6 +134,8 @@ impl Reply {
     pub fn grpc_status(&self) -> u32 {
         match self.status {
             400 => 3,
+            401 => 16,
+            403 => 7,
             404 => 5,
             413 => 8,
             503 => 14,
@@ -165,6 +167,12 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
             grpc,
         })
     };
+    // Control APIs are refused before anything else is looked at, unless a service opens
+    // them; then that service's own setting decides, below.
+    let control = is_control(request.path);
+    if control && !config.services().iter().any(|s| s.public_control_api) {
+        return reply(403, control_refusal(request.path));
+    }
     let model = match &protocol {
         Protocol::Other => return Decision::PassThrough,
         Protocol::V1 { model, .. } | Protocol::V2 { model, .. } => model.clone(),
@@ -218,6 +226,9 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
             }
         },
     };
+    if control && !service.public_control_api {
+        return reply(403, control_refusal(request.path));
+    }
     let explain = matches!(
         protocol,
         Protocol::V1 {
@@ -249,6 +260,14 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
         Ok(route) => Decision::Route(route),
         Err(message) => reply(400, message),
     }
+}
+
+/// Why a control API call is refused, for the client.
+fn control_refusal(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    format!(
+        "{path} is a control API: the mesh serves inference only (operators call the predictor's own port)"
+    )
 }
 
 /// The service a KServe-style host names (`[latest-|prev-]<isvc>.<namespace>.<domain>`), and
@@ -566,6 +585,81 @@ mod tests {
         frame.extend((message.len() as u32).to_be_bytes());
         frame.extend(message);
         frame
+    }
+
+    #[test]
+    fn control_apis_are_refused_unless_the_service_opens_them() {
+        let unload = "/v2/repository/models/mnist_cnn/unload";
+        let mut grpc_unload = req("/inference.GRPCInferenceService/RepositoryModelUnload");
+        grpc_unload.body = grpc_frame("mnist_cnn");
+        let refused = [
+            req(unload),
+            req("/v2/repository/index"),
+            req("/v2/models/mnist_cnn/stats"),
+            Req {
+                headers: vec![(REVISION_HEADER, "canary")],
+                ..req(unload)
+            },
+            Req {
+                authority: Some("latest-digits.default.example.com"),
+                ..req("/v2/repository/index")
+            },
+            Req {
+                authority: Some("prev-digits.default.example.com"),
+                ..req(unload)
+            },
+            req("/inference.GRPCInferenceService/RepositoryIndex"),
+            grpc_unload,
+        ];
+        for request in refused {
+            let reply = request.reply();
+            assert_eq!(reply.status, 403, "{}", request.path);
+            assert!(
+                reply.message.contains("is a control API"),
+                "{}",
+                reply.message
+            );
+            assert_eq!(reply.grpc, request.path.starts_with("/inference."));
+            assert_eq!(reply.grpc_status(), 7, "PERMISSION_DENIED");
+        }
+        // Inference is untouched.
+        assert_eq!(req("/v2/models/mnist_cnn/infer").route().isvc, "digits");
+
+        // A service that opens them gets its own control calls; the others stay closed.
+        let mut v: serde_json::Value = serde_json::json!({"services": [
+            {"name": "digits", "models": ["mnist_cnn"],
+             "predictor": {"default": {"name": "d1", "cluster": "d"}}},
+            {"name": "text", "namespace": "nlp", "public_control_api": true,
+             "predictor": {"default": {"name": "t1", "cluster": "t"}}}]});
+        let open = Config::parse(v.to_string().as_bytes()).unwrap();
+        let decide_on = |config: &Config, path: &str, authority: Option<&str>| {
+            decide(
+                config,
+                &Request {
+                    path,
+                    authority,
+                    header: &|_| None,
+                    body: &[],
+                    end_of_body: true,
+                    draw: 0,
+                    shadow_draw: 0,
+                },
+            )
+        };
+        match decide_on(&open, "/v2/repository/models/text/unload", None) {
+            Decision::Route(route) => assert_eq!(route.cluster, "t"),
+            other => panic!("{other:?}"),
+        }
+        match decide_on(&open, "/v2/repository/index", Some("text.nlp.example.com")) {
+            Decision::Route(route) => assert_eq!(route.isvc, "text"),
+            other => panic!("{other:?}"),
+        }
+        match decide_on(&open, "/v2/repository/models/mnist_cnn/unload", None) {
+            Decision::Reply(reply) => assert_eq!(reply.status, 403),
+            other => panic!("{other:?}"),
+        }
+        v["services"][1]["public_control_api"] = serde_json::json!("yes");
+        assert!(Config::parse(v.to_string().as_bytes()).is_err());
     }
 
     #[test]
