@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-envoy-config/demo/rendered}
+# The local Envoy's files as an install would place them (a rendering of your own names the
+# absolute paths of --out and of the workspace's module instead).
 ./target/release/meshserve render envoy-config/demo/inferenceservice.yaml --out "$out" \
-    --wasm /usr/local/share/meshserve/meshserve_filters.wasm
+    --wasm /usr/local/share/meshserve/meshserve_filters.wasm --config-dir /etc/meshserve

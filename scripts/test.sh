@@ -41,6 +41,22 @@ if ! command -v docker-compose >/dev/null 2>&1; then
         || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q docker-compose >/dev/null; }
 fi
 
+# Every process a test starts must be gone when the tests end: this checkout's meshserve and
+# Envoy processes are listed before and after, and any new one fails the run.
+ours() {
+    local link exe pid
+    for link in /proc/[0-9]*/exe; do
+        exe=$(readlink "$link" 2>/dev/null) || continue
+        case "$exe" in
+            "$PWD"/target/*/meshserve | "$PWD"/.venv/lib/python3*/site-packages/envoy/_bin/envoy)
+                pid=${link#/proc/}
+                echo "${pid%/exe}"
+                ;;
+        esac
+    done | sort
+}
+before=$(ours)
+
 say "cargo test"
 cargo test --release --locked --workspace
 
@@ -51,3 +67,19 @@ for suite in tests/python/test_tritonclient.py tests/python/test_kserve_client.p
     say "pytest $suite"
     .venv/bin/python -m pytest -q "$suite"
 done
+
+say "no test left a process running"
+leftover=""
+for _ in $(seq 50); do
+    leftover=$(comm -13 <(echo "$before") <(ours) | tr '\n' ' ')
+    [ -z "${leftover// /}" ] && break
+    sleep 0.2
+done
+if [ -n "${leftover// /}" ]; then
+    echo "processes the tests started are still running:" >&2
+    # shellcheck disable=SC2086
+    ps -o pid,etime,args -p "$(echo $leftover | tr " " ",")" >&2 || true
+    # shellcheck disable=SC2086
+    kill -9 $leftover 2>/dev/null || true
+    exit 1
+fi

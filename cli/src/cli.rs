@@ -127,9 +127,14 @@ pub(crate) struct RenderArgs {
     /// The first local sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
     #[arg(long, default_value_t = 9000)]
     pub upstream_base_port: u16,
-    /// The path of meshserve_filters.wasm as the local Envoy will see it.
-    #[arg(long, default_value = "meshserve_filters.wasm")]
-    pub wasm: PathBuf,
+    /// The path of meshserve_filters.wasm as the local Envoy will see it. Default: the
+    /// absolute path of --wasm-file (else meshserve_filters.wasm in Envoy's directory).
+    #[arg(long)]
+    pub wasm: Option<PathBuf>,
+    /// Where the local Envoy will read the rendered extension-config files (router.ecds.json,
+    /// ...) from. Default: --out, made absolute, so the bootstrap works from any directory.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
     /// meshserve_filters.wasm on this machine: compose mounts it, and its SHA-256 pins the
     /// EnvoyFilter's download. Default: the workspace's build (then nothing is pinned).
     #[arg(long)]
@@ -243,6 +248,7 @@ pub(crate) fn render(args: RenderArgs) -> Result<(), String> {
         admin_port: args.admin_port,
         upstream_base_port: args.upstream_base_port,
         wasm: args.wasm,
+        config_dir: args.config_dir,
         wasm_file,
         pin_wasm: pin,
         settings: Settings {

@@ -22,6 +22,8 @@ use crate::{compose, istio, kube};
 pub const COMPOSE_DIR: &str = "compose";
 pub const ISTIO_DIR: &str = "istio";
 pub const KUBERNETES_DIR: &str = "kubernetes";
+/// The local Envoy's module path when no module is named or found: beside where Envoy runs.
+pub const DEFAULT_WASM: &str = "meshserve_filters.wasm";
 
 /// What `meshserve render` was asked.
 #[derive(Debug, Clone)]
@@ -34,8 +36,11 @@ pub struct RenderOptions {
     pub admin_port: u16,
     /// The first local sidecar port: revision i gets REST on BASE+2i and gRPC on BASE+2i+1.
     pub upstream_base_port: u16,
-    /// The module's path as the local Envoy sees it.
-    pub wasm: PathBuf,
+    /// The module's path as the local Envoy sees it (default: `wasm_file`, made absolute).
+    pub wasm: Option<PathBuf>,
+    /// Where the local Envoy reads the rendered extension-config files from (default: `out`,
+    /// made absolute, so the bootstrap works from any directory).
+    pub config_dir: Option<PathBuf>,
     /// The module on this machine (compose mounts it; its SHA-256 pins the EnvoyFilter's).
     pub wasm_file: Option<PathBuf>,
     /// Pin the EnvoyFilter's download to `wasm_file`'s SHA-256.
@@ -88,9 +93,19 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         }
     }
 
-    // Local Envoy.
+    // Local Envoy: every path it reads is absolute (Envoy resolves relative ones against its
+    // own working directory, not the bootstrap's).
     let out = &options.out;
     create(out)?;
+    let config_dir = match &options.config_dir {
+        Some(dir) => dir.clone(),
+        None => absolute(out)?,
+    };
+    let wasm = match (&options.wasm, &options.wasm_file) {
+        (Some(wasm), _) => wasm.clone(),
+        (None, Some(file)) => absolute(file)?,
+        (None, None) => PathBuf::from(DEFAULT_WASM),
+    };
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut port = options.upstream_base_port;
     let mut upstreams = Vec::new();
@@ -114,13 +129,13 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
     let local = EnvoySpec {
         listener: SocketAddr::new(loopback, options.port),
         admin: SocketAddr::new(loopback, options.admin_port),
-        config_dir: out,
+        config_dir: &config_dir,
         upstreams: &upstreams,
         otlp,
         trace_sampling: settings.trace_sampling,
     };
     written.extend(
-        render::write_mesh(out, &config, &options.wasm, &local)?
+        render::write_mesh(out, &config, &wasm, &local)?
             .into_iter()
             .map(str::to_owned),
     );
@@ -197,6 +212,10 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         written.push(format!("{KUBERNETES_DIR}/{file}"));
     }
     Ok((written, notes))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn create(dir: &Path) -> Result<(), String> {

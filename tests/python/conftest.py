@@ -8,6 +8,7 @@ attached to the report of every failing test.
 import http.client
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -101,6 +102,14 @@ def _fail_startup(reason: str, output: OutputCollector):
     pytest.fail(f"meshserve {reason}; its output:\n{output.text()}", pytrace=False)
 
 
+def owned_command(command: list) -> list:
+    """`command` for a process the test owns: the kernel sends it SIGTERM when pytest goes
+    (`setpriv --pdeathsig`, util-linux), so it cannot outlive the run even when pytest is
+    killed; SIGTERM lets `meshserve up` stop its own sidecars and Envoy."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else list(command)
+
+
 def _wait_until_ready(process: subprocess.Popen, output: OutputCollector) -> Server:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     addresses = output.wait_for_addresses(deadline)
@@ -134,7 +143,7 @@ def server():
         "0",
     ]
     process = subprocess.Popen(
-        command,
+        owned_command(command),
         cwd=REPO_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

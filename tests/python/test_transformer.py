@@ -34,6 +34,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "models"))
 import photos  # noqa: E402
+from conftest import owned_command  # noqa: E402
 
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
 CNN = REPO_ROOT / "models" / "repository" / "mnist_cnn"
@@ -217,7 +218,7 @@ class Mesh:
         self.lines = []
         env = dict(os.environ, NO_COLOR="1")
         self.process = subprocess.Popen(
-            [BINARY, "up", spec, "--port", "0", "--state-dir", tmp / "state"],
+            owned_command([BINARY, "up", spec, "--port", "0", "--state-dir", tmp / "state"]),
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -15,6 +15,28 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A command for a process the test owns: besides the kill on drop, the kernel sends it
+/// SIGTERM when the thread that started it ends (`setpriv --pdeathsig`, util-linux), so it
+/// cannot outlive its test even when the test binary itself is killed or aborts. SIGTERM, not
+/// SIGKILL, so that `meshserve up` stops its own sidecars and Envoy on the way out.
+pub fn owned_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    static SETPRIV: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let setpriv = SETPRIV.get_or_init(|| {
+        ["/usr/bin/setpriv", "/bin/setpriv"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    });
+    match setpriv {
+        Some(setpriv) => {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "TERM", "--"]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// The `meshserve` binary: `$MESHSERVE_BIN`, else the workspace's release or debug build.
 pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("MESHSERVE_BIN") {
@@ -243,7 +265,7 @@ pub fn run_to_exit(args: &[&str], within: Duration) -> (Option<ExitStatus>, Stri
 }
 
 fn spawn(args: &[String]) -> (Child, Arc<Mutex<String>>) {
-    let mut child = Command::new(binary())
+    let mut child = owned_command(binary())
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -418,7 +440,7 @@ impl Envoy {
     pub fn start(bootstrap: &Path, workdir: &Path) -> Envoy {
         let admin_file = workdir.join("admin-address");
         let _ = std::fs::remove_file(&admin_file);
-        let mut child = Command::new(envoy_binary())
+        let mut child = owned_command(envoy_binary())
             .args([
                 "-c",
                 &bootstrap.display().to_string(),
@@ -601,7 +623,7 @@ impl Up {
             std::process::id(),
             file.file_stem().and_then(|s| s.to_str()).unwrap_or("isvc")
         ));
-        let mut child = Command::new(binary())
+        let mut child = owned_command(binary())
             .arg("up")
             .arg(file)
             .args(["--port", "0", "--state-dir"])

@@ -804,7 +804,7 @@ async fn bad_input_gets_a_clear_answer_and_the_vm_survives() {
 async fn meshserve_up_runs_the_demo_and_stops_cleanly() {
     let root = meshserve_e2e::root();
     let state = std::env::temp_dir().join(format!("meshserve-up-{}", std::process::id()));
-    let mut child = std::process::Command::new(meshserve_e2e::binary())
+    let mut child = meshserve_e2e::owned_command(meshserve_e2e::binary())
         .args([
             "up",
             &root

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use meshserve_e2e::{binary, envoy_binary, root, wasm_module};
+use meshserve_e2e::{Envoy, binary, envoy_binary, root, wasm_module};
 use serde_json::{Value, json};
 
 /// A directory beside `envoy-config/demo/rendered` (so relative paths come out the same),
@@ -230,6 +230,65 @@ fn every_rendered_envoy_configuration_is_valid() {
     inline_filters(&mut bootstrap, &configs);
     std::fs::write(&inline, bootstrap.to_string()).unwrap();
     validate(&inline);
+}
+
+/// A rendering made with a relative --out runs from any directory: the bootstrap names the
+/// extension-config files and the module by absolute paths (Envoy resolves relative ones
+/// against its own working directory).
+#[test]
+fn the_local_files_work_from_any_directory() {
+    let scratch = Scratch::beside_demo("anywhere");
+    let cwd = scratch.0.join("made-here");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let isvc = root().join("envoy-config/demo/inferenceservice.yaml");
+    let output = Command::new(binary())
+        .current_dir(&cwd)
+        .args(["render", &isvc.display().to_string(), "--out", "out"])
+        .args(["--port", "0", "--admin-port", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bootstrap = cwd.join("out/envoy.json");
+    let text = std::fs::read_to_string(&bootstrap).unwrap();
+    for path in ["\"out/", "\"meshserve_filters.wasm\""] {
+        assert!(!text.contains(path), "a relative path {path} in {text}");
+    }
+    // Envoy runs elsewhere (the harness's directory), reads every filter's configuration,
+    // and the router answers an unknown model itself.
+    let elsewhere = scratch.0.join("run-here");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let envoy = Envoy::start(&bootstrap, &elsewhere);
+    let (status, body) = post_json(envoy.listener, "/v2/models/nope/infer");
+    assert_eq!(status, 404, "{body}\n{}", envoy.log());
+    assert!(body.contains("unknown model 'nope'"), "{body}");
+}
+
+/// POSTs `{}` and returns the status and body (plain HTTP/1.1, one connection).
+fn post_json(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
 }
 
 /// `docker-compose` (Debian's package; scripts/test.sh installs it) reads the compose file.

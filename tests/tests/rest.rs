@@ -1,30 +1,32 @@
 //! REST end to end: the real binary, every endpoint, the reference outputs in JSON and binary
 //! form, KServe V1, h2c, and bad input answered with the right status and a useful message.
 
-use std::sync::OnceLock;
-
 use meshserve_e2e::{Sidecar, assert_data_close, fixtures};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-fn sidecar() -> &'static Sidecar {
-    static SIDECAR: OnceLock<Sidecar> = OnceLock::new();
-    SIDECAR.get_or_init(|| Sidecar::start(&["--max-request-bytes", "4000000"]))
+/// Each test owns its sidecar: it is gone when the test ends, passed or failed.
+fn sidecar() -> Sidecar {
+    Sidecar::start(&["--max-request-bytes", "4000000"])
 }
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn get(path: &str) -> (StatusCode, Value) {
-    let response = client().get(sidecar().url(path)).send().await.unwrap();
+async fn get(sidecar: &Sidecar, path: &str) -> (StatusCode, Value) {
+    let response = client().get(sidecar.url(path)).send().await.unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn post(path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+async fn post(
+    sidecar: &Sidecar,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
     let response = client()
-        .post(sidecar().url(path))
+        .post(sidecar.url(path))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -44,15 +46,16 @@ fn infer_path(fixture: &Value) -> String {
 
 #[tokio::test]
 async fn health_and_metadata() {
+    let sc = sidecar();
     assert_eq!(
-        get("/v2/health/live").await,
+        get(&sc, "/v2/health/live").await,
         (StatusCode::OK, json!({"live": true}))
     );
     assert_eq!(
-        get("/v2/health/ready").await,
+        get(&sc, "/v2/health/ready").await,
         (StatusCode::OK, json!({"ready": true}))
     );
-    let (status, server) = get("/v2").await;
+    let (status, server) = get(&sc, "/v2").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(server["name"], "meshserve");
     assert!(
@@ -62,7 +65,7 @@ async fn health_and_metadata() {
             .contains(&json!("binary_tensor_data"))
     );
 
-    let (status, model) = get("/v2/models/mnist_cnn").await;
+    let (status, model) = get(&sc, "/v2/models/mnist_cnn").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         model,
@@ -70,32 +73,37 @@ async fn health_and_metadata() {
                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]})
     );
-    let (status, model) = get("/v2/models/sklearn_digits/versions/1").await;
+    let (status, model) = get(&sc, "/v2/models/sklearn_digits/versions/1").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(model["versions"], json!(["1", "2"]));
 
     assert_eq!(
-        get("/v2/models/mnist_cnn/ready").await,
+        get(&sc, "/v2/models/mnist_cnn/ready").await,
         (StatusCode::OK, json!({"name": "mnist_cnn", "ready": true}))
     );
     assert_eq!(
-        get("/v2/models/sklearn_digits/versions/2/ready").await.0,
+        get(&sc, "/v2/models/sklearn_digits/versions/2/ready")
+            .await
+            .0,
         StatusCode::OK
     );
     assert_eq!(
-        get("/v2/models/sklearn_digits/versions/9/ready").await.0,
+        get(&sc, "/v2/models/sklearn_digits/versions/9/ready")
+            .await
+            .0,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let (status, body) = get("/v2/models/nope/ready").await;
+    let (status, body) = get(&sc, "/v2/models/nope/ready").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].as_str().unwrap().contains("'nope'"));
 }
 
 #[tokio::test]
 async fn every_fixture_over_json() {
+    let sc = sidecar();
     for fixture in fixtures() {
         let request = json!({"id": "fixture", "inputs": fixture["inputs"]});
-        let (status, response) = post(&infer_path(&fixture), request.to_string()).await;
+        let (status, response) = post(&sc, &infer_path(&fixture), request.to_string()).await;
         assert_eq!(status, StatusCode::OK, "{}: {response}", fixture["model"]);
         assert_eq!(response["model_name"], fixture["model"]);
         assert_eq!(response["model_version"], fixture["version"]);
@@ -153,6 +161,7 @@ fn raw(datatype: &str, data: &Value) -> Vec<u8> {
 
 #[tokio::test]
 async fn every_fixture_over_the_binary_extension() {
+    let sc = sidecar();
     for fixture in fixtures() {
         let mut blobs = Vec::new();
         let inputs: Vec<Value> = fixture["inputs"]
@@ -172,7 +181,7 @@ async fn every_fixture_over_the_binary_extension() {
         let mut body = header.clone().into_bytes();
         blobs.iter().for_each(|b| body.extend(b));
         let response = client()
-            .post(sidecar().url(&infer_path(&fixture)))
+            .post(sc.url(&infer_path(&fixture)))
             .header("content-type", "application/octet-stream")
             .header("inference-header-content-length", header.len())
             .body(body)
@@ -219,6 +228,7 @@ async fn every_fixture_over_the_binary_extension() {
 
 #[tokio::test]
 async fn requested_outputs_parameters_and_classification() {
+    let sc = sidecar();
     let fixture = fixtures()
         .into_iter()
         .find(|f| f["model"] == "mnist_cnn")
@@ -228,7 +238,7 @@ async fn requested_outputs_parameters_and_classification() {
         "parameters": {"tenant": "blue", "priority": 3},
         "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}],
     });
-    let (status, response) = post("/v2/models/mnist_cnn/infer", request.to_string()).await;
+    let (status, response) = post(&sc, "/v2/models/mnist_cnn/infer", request.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{response}");
     assert_eq!(
         response["parameters"],
@@ -256,13 +266,14 @@ async fn requested_outputs_parameters_and_classification() {
 
 #[tokio::test]
 async fn nested_data_and_h2c() {
+    let sc = sidecar();
     let nested = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [[1, 2, 3], [4, 5, 6]]}]});
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
     let response = h2
-        .post(sidecar().url("/v2/models/fixed_shape/infer"))
+        .post(sc.url("/v2/models/fixed_shape/infer"))
         .body(nested.to_string())
         .send()
         .await
@@ -278,8 +289,12 @@ async fn nested_data_and_h2c() {
 
 #[tokio::test]
 async fn kserve_v1() {
-    assert_eq!(get("/").await, (StatusCode::OK, json!({"status": "alive"})));
-    let (status, models) = get("/v1/models").await;
+    let sc = sidecar();
+    assert_eq!(
+        get(&sc, "/").await,
+        (StatusCode::OK, json!({"status": "alive"}))
+    );
+    let (status, models) = get(&sc, "/v1/models").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         models["models"],
@@ -292,10 +307,10 @@ async fn kserve_v1() {
         ])
     );
     assert_eq!(
-        get("/v1/models/mnist_cnn").await,
+        get(&sc, "/v1/models/mnist_cnn").await,
         (StatusCode::OK, json!({"name": "mnist_cnn", "ready": true}))
     );
-    assert_eq!(get("/v1/models/nope").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(&sc, "/v1/models/nope").await.0, StatusCode::NOT_FOUND);
 
     let fixture = fixtures()
         .into_iter()
@@ -308,6 +323,7 @@ async fn kserve_v1() {
         .map(|r| Value::from(r.to_vec()))
         .collect();
     let (status, body) = post(
+        &sc,
         "/v1/models/sklearn_digits:predict",
         json!({"instances": rows}).to_string(),
     )
@@ -316,7 +332,7 @@ async fn kserve_v1() {
     assert_eq!(body["predictions"], fixture["expected_labels"]);
 
     let multi = json!({"instances": [{"count": [1, 2, 3], "mask": [true, false, true], "text": [{"b64": "aGk="}]}]});
-    let (status, body) = post("/v1/models/multi_io:predict", multi.to_string()).await;
+    let (status, body) = post(&sc, "/v1/models/multi_io:predict", multi.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["count_doubled"], json!([2, 4, 6]));
     assert_eq!(body["predictions"][0]["masked"], json!([1, 0, 3]));
@@ -325,7 +341,8 @@ async fn kserve_v1() {
 
 #[tokio::test]
 async fn repository_unload_and_load() {
-    let (status, index) = post("/v2/repository/index", "").await;
+    let sc = sidecar();
+    let (status, index) = post(&sc, "/v2/repository/index", "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         index
@@ -336,14 +353,15 @@ async fn repository_unload_and_load() {
     // fixed_shape is used by other tests only through `nested_data_and_h2c`; take it down and up
     // quickly, then check it serves again.
     assert_eq!(
-        post("/v2/repository/models/identity_all/unload", "").await,
+        post(&sc, "/v2/repository/models/identity_all/unload", "").await,
         (StatusCode::OK, json!({}))
     );
     assert_eq!(
-        get("/v2/models/identity_all/ready").await.0,
+        get(&sc, "/v2/models/identity_all/ready").await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
     let (status, body) = post(
+        &sc,
         "/v2/models/identity_all/infer",
         json!({"inputs": []}).to_string(),
     )
@@ -353,32 +371,38 @@ async fn repository_unload_and_load() {
         body["error"].as_str().unwrap().contains("unloaded"),
         "{body}"
     );
-    let (_, index) = post("/v2/repository/index", "").await;
+    let (_, index) = post(&sc, "/v2/repository/index", "").await;
     assert!(
         index.as_array().unwrap().contains(
             &json!({"name": "identity_all", "state": "UNAVAILABLE", "reason": "unloaded"})
         )
     );
     assert_eq!(
-        get("/v2/health/ready").await.0,
+        get(&sc, "/v2/health/ready").await.0,
         StatusCode::OK,
         "an unloaded model does not make the server unready"
     );
     assert_eq!(
-        post("/v2/repository/models/identity_all/load", "{}").await,
+        post(&sc, "/v2/repository/models/identity_all/load", "{}").await,
         (StatusCode::OK, json!({}))
     );
-    assert_eq!(get("/v2/models/identity_all/ready").await.0, StatusCode::OK);
+    assert_eq!(
+        get(&sc, "/v2/models/identity_all/ready").await.0,
+        StatusCode::OK
+    );
 
     assert_eq!(
-        post("/v2/repository/models/nope/load", "").await.0,
+        post(&sc, "/v2/repository/models/nope/load", "").await.0,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        post("/v2/repository/models/..%2Fmodels/load", "").await.0,
+        post(&sc, "/v2/repository/models/..%2Fmodels/load", "")
+            .await
+            .0,
         StatusCode::NOT_FOUND
     );
     let (status, body) = post(
+        &sc,
         "/v2/repository/models/mnist_cnn/load",
         r#"{"parameters": {"config": "{}"}}"#,
     )
@@ -390,6 +414,7 @@ async fn repository_unload_and_load() {
 /// Each bad request: its status and a part of the message that names the problem.
 #[tokio::test]
 async fn bad_input_is_refused_clearly_and_the_server_serves_on() {
+    let sc = sidecar();
     let digits = |data: Value, shape: Value, datatype: &str| {
         json!({"inputs": [{"name": "input", "datatype": datatype, "shape": shape, "data": data}]})
             .to_string()
@@ -427,7 +452,7 @@ async fn bad_input_is_refused_clearly_and_the_server_serves_on() {
         ("/v1/models/sklearn_digits:predict", json!({"rows": []}).to_string(), StatusCode::BAD_REQUEST, "'instances' or 'inputs'"),
     ];
     for (path, body, status, needle) in cases {
-        let (got, response) = post(path, body.clone()).await;
+        let (got, response) = post(&sc, path, body.clone()).await;
         let message = response["error"].as_str().unwrap_or_default();
         assert_eq!(got, status, "{path} {body:.120}: {response}");
         assert!(
@@ -435,12 +460,13 @@ async fn bad_input_is_refused_clearly_and_the_server_serves_on() {
             "{path} {body:.120}: wanted {needle:?} in {message:?}"
         );
     }
-    assert_eq!(get("/v2/health/ready").await.0, StatusCode::OK);
+    assert_eq!(get(&sc, "/v2/health/ready").await.0, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn protocol_level_refusals() {
-    let url = sidecar().url("/v2/models/sklearn_digits/infer");
+    let sc = sidecar();
+    let url = sc.url("/v2/models/sklearn_digits/infer");
     let text = client()
         .post(&url)
         .header("content-type", "text/plain")
@@ -490,7 +516,7 @@ async fn protocol_level_refusals() {
 
     // Over the limit: refused from Content-Length before the body is read, and, for a
     // chunked body without a length, as soon as the limit is crossed.
-    let addr = sidecar().http;
+    let addr = sc.http;
     let (declared, chunked) = tokio::task::spawn_blocking(move || {
         let declared = raw_exchange(addr, "Content-Length: 4000001\r\n", b"");
         let mut chunk = format!("{:x}\r\n", 4_000_001).into_bytes();
@@ -516,7 +542,7 @@ async fn protocol_level_refusals() {
         let mut body = header.clone().into_bytes();
         body.extend([2, 0, 0, 0, 0xff, 0xfe]);
         client()
-            .post(sidecar().url("/v2/models/multi_io/infer"))
+            .post(sc.url("/v2/models/multi_io/infer"))
             .header("inference-header-content-length", header.len())
             .body(body)
             .send()
@@ -528,14 +554,10 @@ async fn protocol_level_refusals() {
 
     let wrong_method = client().get(&url).send().await.unwrap();
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
-    let nowhere = client()
-        .get(sidecar().url("/v3/things"))
-        .send()
-        .await
-        .unwrap();
+    let nowhere = client().get(sc.url("/v3/things")).send().await.unwrap();
     assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
     assert!(nowhere.text().await.unwrap().contains("no endpoint"));
-    assert_eq!(get("/v2/health/live").await.0, StatusCode::OK);
+    assert_eq!(get(&sc, "/v2/health/live").await.0, StatusCode::OK);
 }
 
 /// Sends a POST to the infer endpoint with the given headers and body over a raw connection
