@@ -88,7 +88,7 @@ struct RawPredictor {
 }
 
 /// KServe's `logger` (`mode`, `url`, `metadataHeaders`; `metadataAnnotations` only matter on
-/// Kubernetes) plus meshserve's `samplingPercent` and `maxPayloadBytes`.
+/// Kubernetes) plus meshserve's `samplingPercent`, `maxPayloadBytes` and `cloudEventsBatch`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawLogger {
@@ -100,6 +100,7 @@ struct RawLogger {
     _metadata_annotations: Option<Value>,
     sampling_percent: Option<i64>,
     max_payload_bytes: Option<u64>,
+    cloud_events_batch: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +254,9 @@ pub struct RevisionSpec {
 pub struct RevisionLogger {
     /// `http://...` or `file:///...` (KServe's `url`).
     pub url: String,
+    /// meshserve's `cloudEventsBatch`: the sidecar sends the sink many events per request, in
+    /// CloudEvents' batched mode (an HTTP sink only).
+    pub batched: bool,
     /// The filter configuration's `logger` object.
     pub filter: Value,
 }
@@ -661,8 +665,15 @@ fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
         .url
         .filter(|u| !u.is_empty())
         .ok_or_else(|| error(&format!("{path}.url"), "is required: where the events go"))?;
-    meshserve_filter_core::sink::SinkSpec::parse(&url, u64::MAX)
+    let sink = meshserve_filter_core::sink::SinkSpec::parse(&url, u64::MAX)
         .map_err(|e| error(&format!("{path}.url"), e))?;
+    let batched = raw.cloud_events_batch.unwrap_or(false);
+    if batched && !matches!(sink, meshserve_filter_core::sink::SinkSpec::Http(_)) {
+        return Err(error(
+            &format!("{path}.cloudEventsBatch"),
+            "applies to an http:// sink (a file sink always writes many events at once)",
+        ));
+    }
     let mode = raw
         .mode
         .unwrap_or_else(|| "all".into())
@@ -693,7 +704,11 @@ fn logger(path: &str, raw: RawLogger) -> Result<RevisionLogger, IsvcError> {
                 .replace("metadata_headers", "metadataHeaders"),
         )
     })?;
-    Ok(RevisionLogger { url, filter })
+    Ok(RevisionLogger {
+        url,
+        batched,
+        filter,
+    })
 }
 
 /// An InferenceService for unit tests: `digits`, a default revision `v1` and a canary `v2`
@@ -797,6 +812,27 @@ spec:
             let err = InferenceService::parse(&yaml, &base()).unwrap_err();
             assert_eq!(err.path, field, "{bad}: {err}");
         }
+        assert!(!logger.batched);
+        let batched = |url: &str| {
+            InferenceService::parse(
+                &GOOD.replace(
+                    "    minReplicas: 1\n",
+                    &format!("    logger:\n      url: {url}\n      cloudEventsBatch: true\n"),
+                ),
+                &base(),
+            )
+        };
+        let isvc = batched("http://sink:8080").unwrap();
+        let logger = isvc.default.logger.as_ref().unwrap();
+        assert!(logger.batched);
+        assert_eq!(
+            crate::workload::logger_args(logger, "/spool"),
+            ["--log-sink", "http://sink:8080", "--log-spool", "/spool", "--log-sink-batch"]
+        );
+        assert_eq!(
+            batched("file:///tmp/e.jsonl").unwrap_err().path,
+            "spec.predictor.logger.cloudEventsBatch"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::files::read_services;
 use crate::isvc::RevisionSpec;
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
 use crate::tools::{find_envoy, find_wasm};
-use crate::workload::{batcher_args, otlp_args};
+use crate::workload::{batcher_args, logger_args, otlp_args};
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -272,12 +272,7 @@ pub async fn up(
             }
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
-                extra.extend([
-                    "--log-sink".to_owned(),
-                    logger.url.clone(),
-                    "--log-spool".to_owned(),
-                    spool.display().to_string(),
-                ]);
+                extra.extend(logger_args(logger, &spool.display().to_string()));
             }
             let (part, upstream) = start_sidecar(&revision.name, &extra).await?;
             parts.push(part);

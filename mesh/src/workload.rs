@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use meshserve_predictor::storage::Batcher;
 
-use crate::isvc::{InferenceService, RevisionSpec, Storage};
+use crate::isvc::{InferenceService, RevisionLogger, RevisionSpec, Storage};
 
 /// The sidecar's ports in a container (KServe's: REST 8080, gRPC 8081).
 pub const HTTP_PORT: u16 = 8080;
@@ -144,15 +144,24 @@ pub fn sidecar_args(
         ]);
     }
     if let Some(logger) = &revision.logger {
-        args.extend([
-            "--log-sink".to_owned(),
-            logger.url.clone(),
-            "--log-spool".to_owned(),
-            SPOOL_DIR.to_owned(),
-        ]);
+        args.extend(logger_args(logger, SPOOL_DIR));
     }
     if let Some(otlp) = &settings.otlp {
         args.extend(otlp_args(isvc, revision, otlp, settings.trace_sampling));
+    }
+    args
+}
+
+/// A revision's payload logging as `meshserve serve` flags: its sink, its mode, the spool.
+pub fn logger_args(logger: &RevisionLogger, spool: &str) -> Vec<String> {
+    let mut args = vec![
+        "--log-sink".to_owned(),
+        logger.url.clone(),
+        "--log-spool".to_owned(),
+        spool.to_owned(),
+    ];
+    if logger.batched {
+        args.push("--log-sink-batch".to_owned());
     }
     args
 }

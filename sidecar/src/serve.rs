@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// Without it, the sidecar takes no events.
     #[arg(long, env = "MESHSERVE_LOG_SINK")]
     pub log_sink: Option<String>,
+    /// Send an HTTP sink many events per request, in CloudEvents' batched mode
+    /// (`application/cloudevents-batch+json`), for sinks that take it.
+    #[arg(long, requires = "log_sink", env = "MESHSERVE_LOG_SINK_BATCH")]
+    pub log_sink_batch: bool,
     /// The durable spool between the log intake and the sink.
     #[arg(long, default_value = ".meshserve-spool", env = "MESHSERVE_LOG_SPOOL")]
     pub log_spool: PathBuf,
@@ -191,6 +195,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
         let settings = PayloadSettings {
             sink: SinkSpec::parse(url, args.log_file_max_bytes)
                 .map_err(StartError::PayloadLogging)?,
+            batched: args.log_sink_batch,
             spool_dir: args.log_spool.clone(),
             spool_max_bytes: args.log_spool_max_bytes,
         };

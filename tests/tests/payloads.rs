@@ -38,6 +38,17 @@ fn start(tag: &str, loggers: &[(&str, Value)]) -> Mesh {
 
 /// As [`start`], with more `meshserve serve` flags for the sidecar.
 fn start_with(tag: &str, loggers: &[(&str, Value)], extra: &[&str]) -> Mesh {
+    start_sinking_to(tag, loggers, extra, None)
+}
+
+/// As [`start_with`], delivering to `sink_url` instead of the mesh's log-sink (which then
+/// gets nothing).
+fn start_sinking_to(
+    tag: &str,
+    loggers: &[(&str, Value)],
+    extra: &[&str],
+    sink_url: Option<&str>,
+) -> Mesh {
     let dir = std::env::temp_dir().join(format!("meshserve-payloads-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -48,7 +59,7 @@ fn start_with(tag: &str, loggers: &[(&str, Value)], extra: &[&str]) -> Mesh {
     let repository = TempRepository::new(tag, &models);
     let sink = LogSink::start(0, &dir.join("events.jsonl"));
     let spool = dir.join("spool");
-    let sink_url = format!("http://{}/", sink.addr);
+    let sink_url = sink_url.map_or_else(|| format!("http://{}/", sink.addr), str::to_owned);
     let spool_dir = spool.display().to_string();
     let mut flags = vec!["--log-sink", &sink_url, "--log-spool", &spool_dir];
     flags.extend_from_slice(extra);
@@ -130,9 +141,18 @@ fn request_n(event: &Value) -> Option<usize> {
 /// Waits until every request in `range` has its request and response events at the sink;
 /// returns the events.
 fn wait_for_pairs(sink: &LogSink, range: std::ops::Range<usize>, within: Duration) -> Vec<Value> {
+    wait_for_pairs_in(|| sink.events(), range, within)
+}
+
+/// As [`wait_for_pairs`], for any sink's events.
+fn wait_for_pairs_in(
+    sink: impl Fn() -> Vec<Value>,
+    range: std::ops::Range<usize>,
+    within: Duration,
+) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
-        let events = sink.events();
+        let events = sink();
         let mut seen: HashSet<(usize, String)> = HashSet::new();
         for e in &events {
             if let (Some(n), Some(kind)) = (request_n(e), e["type"].as_str()) {
@@ -500,4 +520,108 @@ async fn a_full_spool_drops_events_counted_and_every_request_still_succeeds() {
         ) > 0.0,
         "{metrics}"
     );
+}
+
+/// A sink written the common way: Python's `http.server.ThreadingHTTPServer` (listen backlog
+/// 5, a thread per connection, HTTP/1.0 so one connection per request). Each event it takes,
+/// in binary or batched mode, becomes a line of `out` in CloudEvents' JSON format.
+struct PythonSink {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    out: PathBuf,
+}
+
+const PYTHON_SINK: &str = r#"
+import http.server, json, sys, threading
+lock, out = threading.Lock(), open(sys.argv[1], "a")
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.headers.get("content-type", "").startswith("application/cloudevents-batch+json"):
+            events = json.loads(body)
+        else:
+            event = {k[3:]: v for k, v in self.headers.items() if k.lower().startswith("ce-")}
+            event["metadata"] = json.loads(event.get("metadata", "{}"))
+            events = [event]
+        with lock:
+            for event in events:
+                out.write(json.dumps(event) + "\n")
+            out.flush()
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+impl PythonSink {
+    fn start(out: &Path) -> PythonSink {
+        use std::io::BufRead;
+        let python = meshserve_e2e::root().join(".venv/bin/python");
+        let mut child = meshserve_e2e::owned_command(&python)
+            .args(["-c", PYTHON_SINK])
+            .arg(out)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", python.display()));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the sink's port");
+        PythonSink {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            out: out.to_path_buf(),
+        }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for PythonSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sink with a listen backlog of 5 and one connection per event gets every event of 500
+/// requests within 10 s of the last one: delivery keeps a few connections, never a burst
+/// (64 at once used to lose most SYNs and wait seconds per event). The same in CloudEvents'
+/// batched mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_common_sink_gets_every_event_soon() {
+    for (tag, extra) in [
+        ("slow-sink", &[][..]),
+        ("slow-sink-batch", &["--log-sink-batch"][..]),
+    ] {
+        let dir = std::env::temp_dir().join(format!("meshserve-python-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sink = PythonSink::start(&dir.join("events.jsonl"));
+        let url = format!("http://{}/", sink.addr);
+        let mesh = start_sinking_to(
+            tag,
+            &[("digits", json!({"metadata_headers": ["x-request-n"]}))],
+            extra,
+            Some(&url),
+        );
+        let statuses = load(&mesh.envoy, "digits", 0..500, 16, Duration::ZERO).await;
+        assert!(statuses.values().all(|s| *s == 200), "a request failed");
+        let last = Instant::now();
+        let events = wait_for_pairs_in(|| sink.events(), 0..500, Duration::from_secs(10));
+        eprintln!("{tag}: every event at the sink {:?} after the last request", last.elapsed());
+        assert_eq!(check_pairs(&events, 0..500), 0, "{tag}: no redelivery");
+        drop(mesh);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

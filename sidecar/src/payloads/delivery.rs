@@ -1,47 +1,38 @@
 //! Delivery from the spool to the sink, in order, at least once: a batch of events is sent
-//! (concurrently, to an HTTP sink), each retried with backoff until the sink takes it, and only
-//! then does the cursor move past the batch.
+//! (to an HTTP sink within its adaptive window, [`super::http_sink`]), each retried with
+//! backoff until the sink takes it, and only then does the cursor move past the batch.
 //!
 //! Sinks: `http://...` gets each event as a CloudEvent in binary mode (its `ce-*` headers and
-//! payload, as KServe's logger sends them); `file:///path` gets JSON lines (CloudEvents' JSON
-//! format), synced before the cursor moves, rotated by size.
+//! payload, as KServe's logger sends them), or in CloudEvents' batched mode when asked;
+//! `file:///path` gets JSON lines (CloudEvents' JSON format), synced before the cursor moves,
+//! rotated by size.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use meshserve_filter_core::logger::Event;
 use meshserve_filter_core::sink::SinkSpec;
 
 use super::cloudevents::json_line;
+use super::http_sink::{BACKOFF_FIRST, BACKOFF_MAX, HttpSink};
 use super::metrics::PayloadMetrics;
 use super::spool::Reader;
 
-/// Events read from the spool at once: an HTTP sink gets them concurrently, a file sink in one
-/// write and one sync.
+/// Events read from the spool at once: an HTTP sink gets them within its window (or as one
+/// batch), a file sink in one write and one sync.
 const BATCH_HTTP: usize = 64;
 const BATCH_FILE: usize = 1024;
-/// Backoff between attempts: doubling from the first to the last.
-const BACKOFF_FIRST: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// After a batch smaller than the most, delivery waits this long for more before reading again:
 /// fewer, larger writes and syncs under load, for a little delay.
 const LINGER: Duration = Duration::from_millis(20);
-/// A sink that refuses an event outright (a 4xx other than 408 and 429) gets this many attempts
-/// before the event is dropped (counted, logged): one bad event must not stall every later one.
-const REFUSALS: u32 = 10;
-/// A sink's answer is awaited this long.
-const SINK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs delivery until the spool closes.
-pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+/// Runs delivery until the spool closes; an HTTP sink in CloudEvents' batched mode if
+/// `batched`.
+pub async fn run(mut reader: Reader, sink: SinkSpec, batched: bool, metrics: PayloadMetrics) {
+    let mut http = match &sink {
+        SinkSpec::Http(uri) => Some(HttpSink::new(uri.clone(), batched)),
+        SinkSpec::File { .. } => None,
+    };
     let mut file = match &sink {
         SinkSpec::File {
             path,
@@ -72,14 +63,9 @@ pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
         let last = batch.last().map(|(p, _)| *p);
         let events: Vec<Event> = batch.into_iter().map(|(_, e)| e).collect();
         let count = events.len() as u64;
-        match (&sink, file.as_mut()) {
-            (SinkSpec::Http(uri), _) => {
-                let sends = events
-                    .into_iter()
-                    .map(|event| send_until_taken(&client, uri, event, &metrics));
-                futures_join_all(sends).await;
-            }
-            (SinkSpec::File { .. }, Some(file)) => {
+        match (http.as_mut(), file.as_mut()) {
+            (Some(http), _) => http.deliver(events, &metrics).await,
+            (None, Some(file)) => {
                 let mut delay = BACKOFF_FIRST;
                 while let Err(e) = file.append(&events) {
                     metrics.retried.inc_by(count);
@@ -88,7 +74,7 @@ pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
                     delay = (delay * 2).min(BACKOFF_MAX);
                 }
             }
-            (SinkSpec::File { .. }, None) => return,
+            (None, None) => return,
         }
         metrics.delivered.inc_by(count);
         if let Some(position) = last
@@ -105,75 +91,6 @@ pub async fn run(mut reader: Reader, sink: SinkSpec, metrics: PayloadMetrics) {
 
 fn reader_bytes(reader: &Reader) -> i64 {
     i64::try_from(reader.spooled_bytes()).unwrap_or(i64::MAX)
-}
-
-/// Waits for every future (they run concurrently on this task).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-}
-
-async fn send_until_taken(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    uri: &http::Uri,
-    event: Event,
-    metrics: &PayloadMetrics,
-) {
-    let body = Bytes::from(event.body);
-    let mut delay = BACKOFF_FIRST;
-    let (mut attempt, mut refusals) = (0u32, 0u32);
-    loop {
-        let mut request = http::Request::post(uri.clone());
-        for (name, value) in &event.headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let outcome = match request.body(Full::new(body.clone())) {
-            Ok(request) => {
-                match tokio::time::timeout(SINK_TIMEOUT, client.request(request)).await {
-                    Ok(Ok(response)) if response.status().is_success() => return,
-                    Ok(Ok(response)) => {
-                        let status = response.status();
-                        let refused = status.is_client_error()
-                            && status != http::StatusCode::REQUEST_TIMEOUT
-                            && status != http::StatusCode::TOO_MANY_REQUESTS;
-                        refusals += u32::from(refused);
-                        if refusals >= REFUSALS {
-                            tracing::error!(sink = %uri, %status, "the sink refuses an event; dropped after {REFUSALS} attempts");
-                            metrics
-                                .dropped
-                                .with_label_values(&["refused_by_sink"])
-                                .inc();
-                            return;
-                        }
-                        format!("the sink answered {status}")
-                    }
-                    Ok(Err(e)) => format!("cannot reach the sink: {e}"),
-                    Err(_) => "the sink did not answer in time".to_owned(),
-                }
-            }
-            // A header the intake took but HTTP cannot carry: it can never be delivered.
-            Err(e) => {
-                tracing::error!(error = %e, "an event cannot be sent over HTTP; dropped");
-                metrics.dropped.with_label_values(&["unsendable"]).inc();
-                return;
-            }
-        };
-        attempt += 1;
-        metrics.retried.inc();
-        if attempt == 1 || attempt.is_power_of_two() {
-            tracing::warn!(sink = %uri, attempt, "{outcome}; retrying");
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(BACKOFF_MAX);
-    }
 }
 
 /// The JSON-lines file sink.

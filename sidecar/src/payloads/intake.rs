@@ -16,6 +16,8 @@ use super::spool::{self, Spool, SpoolError};
 #[derive(Debug, Clone)]
 pub struct PayloadSettings {
     pub sink: SinkSpec,
+    /// An HTTP sink gets CloudEvents' batched mode (`application/cloudevents-batch+json`).
+    pub batched: bool,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
 }
@@ -48,6 +50,7 @@ impl Intake {
         tokio::spawn(delivery::run(
             reader,
             settings.sink.clone(),
+            settings.batched,
             metrics.clone(),
         ));
         Ok(Intake { spool, metrics })

@@ -6,6 +6,7 @@
 //! - [`cloudevents`]: events read from binary-mode HTTP headers, and written as JSON lines.
 //! - [`metrics`]: the counters every stage below updates.
 //! - [`spool`]: the on-disk queue (group-committed fsync before acknowledging; bounded).
+//! - [`http_sink`]: sends to an HTTP sink within a window adapted to how it keeps up.
 //! - [`delivery`]: in order, at least once, with retries and backoff, to an HTTP CloudEvents
 //!   sink or a JSON-lines file.
 //! - [`intake`]: what the REST server hands events to: checks them, spools them, starts
@@ -14,6 +15,7 @@
 
 pub mod cloudevents;
 pub mod delivery;
+pub mod http_sink;
 pub mod intake;
 pub mod metrics;
 pub mod receiver;
