@@ -1,6 +1,8 @@
 //! `meshserve up`: the local mesh in one command. One predictor sidecar per revision, Envoy
 //! with meshserve's wasm router in front, all on loopback; waits until everything is ready,
-//! prints the endpoints, and stops everything on Ctrl-C or SIGTERM (or when a part dies).
+//! prints the endpoints, and stops everything on Ctrl-C or SIGTERM. A sidecar that dies is
+//! started again on the ports Envoy knows it by (at most [`RESTARTS`] times a minute); if Envoy
+//! dies, or a sidecar keeps dying, everything stops.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -60,7 +62,22 @@ pub struct UpOptions {
 struct Part {
     name: String,
     child: Child,
+    /// How to start it again (sidecars only), and when it was.
+    restart: Option<Restart>,
 }
+
+/// A sidecar's command line with the ports it bound, so that Envoy's clusters still reach it.
+struct Restart {
+    program: PathBuf,
+    args: Vec<String>,
+    times: Vec<Instant>,
+}
+
+/// A sidecar is started again at most this many times within [`RESTART_WINDOW`].
+pub const RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The wait before a restart: the dead process's ports are free by then.
+const RESTART_DELAY: Duration = Duration::from_millis(200);
 
 fn spawn(
     name: &str,
@@ -91,7 +108,42 @@ fn spawn(
     Ok(Part {
         name: name.to_owned(),
         child,
+        restart: None,
     })
+}
+
+impl Part {
+    /// Starts a sidecar again after it exited with `status`; `Err` with the reason the mesh
+    /// stops when it cannot be (no restart for this part, or too many within a minute).
+    async fn restart(&mut self, status: std::process::ExitStatus) -> Result<(), String> {
+        let Some(restart) = self.restart.as_mut() else {
+            return Err(format!("{} exited ({status})", self.name));
+        };
+        restart.times.retain(|t| t.elapsed() < RESTART_WINDOW);
+        if restart.times.len() >= RESTARTS {
+            return Err(format!(
+                "{} exited ({status}) {RESTARTS} times within {} s",
+                self.name,
+                RESTART_WINDOW.as_secs()
+            ));
+        }
+        restart.times.push(Instant::now());
+        eprintln!(
+            "[{}] exited ({status}); starting it again on the same ports",
+            self.name
+        );
+        tokio::time::sleep(RESTART_DELAY).await;
+        let (program, args) = (restart.program.clone(), restart.args.clone());
+        let times = std::mem::take(&mut restart.times);
+        let mut part = spawn(&self.name, &program, &args, None).map_err(|e| e.to_string())?;
+        part.restart = Some(Restart {
+            program,
+            args,
+            times,
+        });
+        *self = part;
+        Ok(())
+    }
 }
 
 /// The `meshserve serve` flags that give a revision's sidecar its model: the storage, the
@@ -155,7 +207,19 @@ async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream),
         grpc = grpc.or_else(|| parse("grpc"));
     }
     match (http, grpc) {
-        (Some(http), Some(grpc)) => Ok((part, Upstream::local(http, grpc))),
+        (Some(http), Some(grpc)) => {
+            let mut again: Vec<String> = ["serve", "--http-port", &http.port().to_string()]
+                .map(str::to_owned)
+                .to_vec();
+            again.extend(["--grpc-port".to_owned(), grpc.port().to_string()]);
+            again.extend_from_slice(extra);
+            part.restart = Some(Restart {
+                program: exe,
+                args: again,
+                times: Vec::new(),
+            });
+            Ok((part, Upstream::local(http, grpc)))
+        }
         _ => Err(UpError::Start(format!(
             "sidecar {name} reported no addresses"
         ))),
@@ -392,12 +456,14 @@ pub async fn up(
     }
     println!("Ctrl-C stops everything.");
 
-    // Serve until asked to stop or until a part exits.
+    // Serve until asked to stop, or until a part dies for good.
     let died = async {
         loop {
             for part in &mut parts {
-                if let Ok(Some(status)) = part.child.try_wait() {
-                    return format!("{} exited ({status})", part.name);
+                if let Ok(Some(status)) = part.child.try_wait()
+                    && let Err(reason) = part.restart(status).await
+                {
+                    return reason;
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -658,6 +658,31 @@ impl Up {
         };
         Up { child, url, state }
     }
+
+    /// The process id of `meshserve up`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The processes whose parent is `parent` and whose command line holds `needle`.
+pub fn children_with(parent: u32, needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
 }
 
 impl Drop for Up {

@@ -893,3 +893,75 @@ async fn meshserve_up_runs_the_demo_and_stops_cleanly() {
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// A revision's sidecar SIGKILLed under load: clients of the other revision see no failure, the
+/// killed one's requests fail fast (503, never a hang), and `meshserve up` starts it again on
+/// the ports Envoy knows, after which its traffic resumes with nothing else to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sidecar_is_started_again_and_the_other_revision_never_notices() {
+    let up = meshserve_e2e::Up::start(
+        &meshserve_e2e::root().join("envoy-config/demo/inferenceservice.yaml"),
+        &[],
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/models/digits:predict", up.url);
+    let body =
+        std::fs::read(meshserve_e2e::root().join("models/samples/sklearn_digits_v1_request.json"))
+            .unwrap();
+    let ask = |pin: &'static str| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        async move {
+            let started = Instant::now();
+            let status = client
+                .post(&url)
+                .header("x-meshserve-revision", pin)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            (status, started.elapsed())
+        }
+    };
+    for pin in ["default", "canary"] {
+        assert_eq!(ask(pin).await.0, 200, "{pin} before the kill");
+    }
+    let canary = meshserve_e2e::children_with(up.pid(), "digits-predictor-v2");
+    assert_eq!(canary.len(), 1, "one canary sidecar: {canary:?}");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &canary[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut failed_fast, mut back) = (0, false);
+    while Instant::now() < deadline && !back {
+        let ((default, _), (canary, took)) = tokio::join!(ask("default"), ask("canary"));
+        assert_eq!(default, 200, "the default revision's clients never notice");
+        assert!(
+            took < Duration::from_secs(2),
+            "a request to the dead revision took {took:?}"
+        );
+        match canary {
+            200 => back = true,
+            503 => failed_fast += 1,
+            other => panic!("the dead revision answered {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the canary did not come back within 30 s");
+    let again = meshserve_e2e::children_with(up.pid(), "digits-predictor-v2");
+    assert!(
+        again.len() == 1 && again != canary,
+        "a new canary sidecar: {again:?} (was {canary:?})"
+    );
+    eprintln!("the killed revision answered 503 {failed_fast} times before it was back");
+    for _ in 0..20 {
+        assert_eq!(ask("canary").await.0, 200);
+    }
+}
