@@ -827,7 +827,13 @@ spec:
         assert!(logger.batched);
         assert_eq!(
             crate::workload::logger_args(logger, "/spool"),
-            ["--log-sink", "http://sink:8080", "--log-spool", "/spool", "--log-sink-batch"]
+            [
+                "--log-sink",
+                "http://sink:8080",
+                "--log-spool",
+                "/spool",
+                "--log-sink-batch"
+            ]
         );
         assert_eq!(
             batched("file:///tmp/e.jsonl").unwrap_err().path,

@@ -341,6 +341,8 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "meshserve",
         "codec_type": "AUTO",
+        // A client gets 10 s to send a request's headers (slow-loris), as the sidecar does.
+        "request_headers_timeout": "10s",
         "route_config": {"name": "meshserve", "virtual_hosts": [{"name": "inference", "domains": ["*"], "routes": [
             {"match": {"prefix": "/", "headers": [{"name": "x-meshserve-cluster", "present_match": true}]},
              "route": {"cluster_header": "x-meshserve-cluster", "timeout": "60s"}},

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use meshserve_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -17,6 +17,10 @@ use tokio::sync::watch;
 use crate::grpc::GrpcService;
 use crate::rest;
 use crate::service::Service;
+
+/// A client gets this long to send a request's headers (HTTP/1.1); then the connection is
+/// closed: a client sending them a byte at a time (slow-loris) holds nothing for long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where to listen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +98,11 @@ async fn serve_http(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -604,7 +604,8 @@ async fn a_slow_common_sink_gets_every_event_soon() {
         ("slow-sink", &[][..]),
         ("slow-sink-batch", &["--log-sink-batch"][..]),
     ] {
-        let dir = std::env::temp_dir().join(format!("meshserve-python-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("meshserve-python-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sink = PythonSink::start(&dir.join("events.jsonl"));
@@ -619,7 +620,10 @@ async fn a_slow_common_sink_gets_every_event_soon() {
         assert!(statuses.values().all(|s| *s == 200), "a request failed");
         let last = Instant::now();
         let events = wait_for_pairs_in(|| sink.events(), 0..500, Duration::from_secs(10));
-        eprintln!("{tag}: every event at the sink {:?} after the last request", last.elapsed());
+        eprintln!(
+            "{tag}: every event at the sink {:?} after the last request",
+            last.elapsed()
+        );
         assert_eq!(check_pairs(&events, 0..500), 0, "{tag}: no redelivery");
         drop(mesh);
         let _ = std::fs::remove_dir_all(&dir);

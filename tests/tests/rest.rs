@@ -588,3 +588,39 @@ fn raw_exchange(addr: std::net::SocketAddr, headers: &str, body: &[u8]) -> Strin
     }
     String::from_utf8_lossy(&response).into_owned()
 }
+
+/// A client that sends its headers a byte at a time (slow-loris) is cut off after the
+/// sidecar's header timeout (10 s), and the sidecar serves others meanwhile.
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let sc = sidecar();
+    let addr = sc.http;
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .write_all(b"POST /v2/models/sklearn_digits/infer HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
+    });
+    let (status, _) = get(&sc, "/v2/health/ready").await;
+    assert_eq!(status, StatusCode::OK, "others are served meanwhile");
+    let (took, answer) = slow.await.unwrap();
+    assert!(
+        took >= std::time::Duration::from_secs(9) && took < std::time::Duration::from_secs(20),
+        "closed after {took:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
