@@ -133,15 +133,9 @@ impl Part {
             self.name
         );
         tokio::time::sleep(RESTART_DELAY).await;
-        let (program, args) = (restart.program.clone(), restart.args.clone());
-        let times = std::mem::take(&mut restart.times);
-        let mut part = spawn(&self.name, &program, &args, None).map_err(|e| e.to_string())?;
-        part.restart = Some(Restart {
-            program,
-            args,
-            times,
-        });
-        *self = part;
+        self.child = spawn(&self.name, &restart.program, &restart.args, None)
+            .map_err(|e| e.to_string())?
+            .child;
         Ok(())
     }
 }
@@ -172,15 +166,24 @@ fn sidecar_storage_args(
     args
 }
 
+/// `meshserve serve` on these ports (0: the OS picks) with the revision's flags.
+fn serve_args(http: u16, grpc: u16, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "serve".to_owned(),
+        "--http-port".to_owned(),
+        http.to_string(),
+        "--grpc-port".to_owned(),
+        grpc.to_string(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Starts a predictor sidecar and reads the addresses it bound.
 async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream), UpError> {
     let exe = std::env::current_exe().map_err(io("cannot find the meshserve executable"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut args: Vec<String> = ["serve", "--http-port", "0", "--grpc-port", "0"]
-        .map(str::to_owned)
-        .to_vec();
-    args.extend_from_slice(extra);
-    let mut part = spawn(name, &exe, &args, Some(tx))?;
+    let mut part = spawn(name, &exe, &serve_args(0, 0, extra), Some(tx))?;
     let (mut http, mut grpc) = (None, None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while http.is_none() || grpc.is_none() {
@@ -208,14 +211,9 @@ async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream),
     }
     match (http, grpc) {
         (Some(http), Some(grpc)) => {
-            let mut again: Vec<String> = ["serve", "--http-port", &http.port().to_string()]
-                .map(str::to_owned)
-                .to_vec();
-            again.extend(["--grpc-port".to_owned(), grpc.port().to_string()]);
-            again.extend_from_slice(extra);
             part.restart = Some(Restart {
                 program: exe,
-                args: again,
+                args: serve_args(http.port(), grpc.port(), extra),
                 times: Vec::new(),
             });
             Ok((part, Upstream::local(http, grpc)))

@@ -32,8 +32,13 @@ impl Drop for Scratch {
 }
 
 fn render(file: &str, out: &Path, extra: &[&str]) -> String {
+    render_in(&root(), file, out, extra)
+}
+
+/// `meshserve render` run from `dir` (relative paths are relative to it).
+fn render_in(dir: &Path, file: &str, out: &Path, extra: &[&str]) -> String {
     let output = Command::new(binary())
-        .current_dir(root())
+        .current_dir(dir)
         .args(["render", file, "--out", &out.display().to_string()])
         .args(extra)
         .output()
@@ -241,16 +246,11 @@ fn the_local_files_work_from_any_directory() {
     let cwd = scratch.0.join("made-here");
     std::fs::create_dir_all(&cwd).unwrap();
     let isvc = root().join("envoy-config/demo/inferenceservice.yaml");
-    let output = Command::new(binary())
-        .current_dir(&cwd)
-        .args(["render", &isvc.display().to_string(), "--out", "out"])
-        .args(["--port", "0", "--admin-port", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    render_in(
+        &cwd,
+        &isvc.display().to_string(),
+        Path::new("out"),
+        &["--port", "0", "--admin-port", "0"],
     );
     let bootstrap = cwd.join("out/envoy.json");
     let text = std::fs::read_to_string(&bootstrap).unwrap();

@@ -138,20 +138,34 @@ pub fn is_control(path: &str) -> bool {
     if let Some(method) = path.strip_prefix(GRPC_SERVICE_PREFIX) {
         return CONTROL_METHODS.contains(&method);
     }
-    let segments: Vec<String> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        // An undecodable segment is kept as written: it names nothing the server serves.
-        .map(|s| percent_decode(s).unwrap_or_else(|| s.to_owned()))
-        .collect();
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    match segments.as_slice() {
-        ["v2", resource, ..] if CONTROL_RESOURCES.contains(resource) => true,
-        ["v2", "models", _, "versions", _, resource, ..] | ["v2", "models", _, resource, ..] => {
-            CONTROL_MODEL_RESOURCES.contains(resource)
+    // On every request: no allocation unless a segment is percent-encoded.
+    let mut segments = path.split('/').filter(|s| !s.is_empty()).map(|s| {
+        if s.contains('%') {
+            // An undecodable segment is kept as written: it names nothing the server serves.
+            std::borrow::Cow::Owned(percent_decode(s).unwrap_or_else(|| s.to_owned()))
+        } else {
+            std::borrow::Cow::Borrowed(s)
         }
-        _ => false,
+    });
+    if segments.next().as_deref() != Some("v2") {
+        return false;
     }
+    let Some(resource) = segments.next() else {
+        return false;
+    };
+    if CONTROL_RESOURCES.contains(&&*resource) {
+        return true;
+    }
+    if resource != "models" || segments.next().is_none() {
+        return false;
+    }
+    // `/v2/models/<m>[/versions/<v>]/<resource>`
+    let mut resource = segments.next();
+    if resource.as_deref() == Some("versions") {
+        let _version = segments.next();
+        resource = segments.next();
+    }
+    resource.is_some_and(|r| CONTROL_MODEL_RESOURCES.contains(&&*r))
 }
 
 /// Percent-decodes one path segment; `None` for a bad escape or invalid UTF-8.

@@ -10,7 +10,7 @@
 //! logger sends them), or, in batched mode, many at once as one
 //! `application/cloudevents-batch+json` array of structured events.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// One HTTP request to the sink: one event (binary mode) or several (batched mode).
 #[derive(Debug)]
-struct Send {
+struct Post {
     headers: Vec<(String, String)>,
     body: Bytes,
     events: u64,
@@ -129,38 +129,48 @@ impl HttpSink {
     /// Delivers `events`, each until the sink takes it (or refuses it for good); returns once
     /// none is left.
     pub async fn deliver(&mut self, events: Vec<Event>, metrics: &PayloadMetrics) {
-        let sends: Vec<Arc<Send>> = if self.batched {
+        let posts: Vec<Arc<Post>> = if self.batched {
             vec![Arc::new(batch(&events))]
         } else {
             events.into_iter().map(|e| Arc::new(binary(e))).collect()
         };
-        // (send, attempts so far, refusals so far)
+        // (post, attempts so far, refusals so far)
         let mut pending: VecDeque<(usize, u32, u32)> =
-            (0..sends.len()).map(|i| (i, 0, 0)).collect();
+            (0..posts.len()).map(|i| (i, 0, 0)).collect();
         let mut in_flight = JoinSet::new();
+        // Which post each attempt carries, so that one that ended abnormally is tried again.
+        let mut carrying: HashMap<tokio::task::Id, (usize, u32, u32)> = HashMap::new();
         loop {
             while in_flight.len() < self.window.size()
                 && let Some((i, attempts, refusals)) = pending.pop_front()
             {
                 let (client, uri) = (self.client.clone(), self.uri.clone());
-                let send = Arc::clone(&sends[i]);
-                in_flight.spawn(async move {
+                let post = Arc::clone(&posts[i]);
+                let task = in_flight.spawn(async move {
                     if attempts > 0 {
                         tokio::time::sleep(backoff(attempts)).await;
                     }
                     let started = Instant::now();
-                    let outcome = attempt(&client, &uri, &send).await;
-                    (i, attempts, refusals, outcome, started.elapsed())
+                    let outcome = attempt(&client, &uri, &post).await;
+                    (outcome, started.elapsed())
                 });
+                carrying.insert(task.id(), (i, attempts, refusals));
             }
-            let Some(joined) = in_flight.join_next().await else {
-                return;
+            let (id, ended) = match in_flight.join_next_with_id().await {
+                None => return,
+                Some(Ok((id, ended))) => (id, Some(ended)),
+                Some(Err(e)) => (e.id(), None),
             };
-            let Ok((i, attempts, refusals, outcome, took)) = joined else {
-                // The attempt task cannot panic; were it cancelled, the send is retried.
+            let Some((i, attempts, refusals)) = carrying.remove(&id) else {
                 continue;
             };
-            let events = sends[i].events;
+            let Some((outcome, took)) = ended else {
+                // The attempt ended without an outcome (it cannot panic; were it cancelled):
+                // the post goes again, nothing is lost.
+                pending.push_back((i, attempts + 1, refusals));
+                continue;
+            };
+            let events = posts[i].events;
             match outcome {
                 Outcome::Taken { keeps_alive } => {
                     if !keeps_alive {
@@ -212,8 +222,8 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 /// A CloudEvent in binary mode: its `ce-*` and `content-type` headers, its payload.
-fn binary(event: Event) -> Send {
-    Send {
+fn binary(event: Event) -> Post {
+    Post {
         headers: event.headers,
         body: Bytes::from(event.body),
         events: 1,
@@ -221,7 +231,7 @@ fn binary(event: Event) -> Send {
 }
 
 /// Events in CloudEvents' batched mode: a JSON array of structured events.
-fn batch(events: &[Event]) -> Send {
+fn batch(events: &[Event]) -> Post {
     let mut body = Vec::with_capacity(events.iter().map(|e| e.body.len() + 512).sum());
     body.push(b'[');
     for (i, event) in events.iter().enumerate() {
@@ -231,19 +241,19 @@ fn batch(events: &[Event]) -> Send {
         body.extend_from_slice(&json_line(event));
     }
     body.push(b']');
-    Send {
+    Post {
         headers: vec![("content-type".to_owned(), BATCH_CONTENT_TYPE.to_owned())],
         body: Bytes::from(body),
         events: events.len() as u64,
     }
 }
 
-async fn attempt(client: &HttpClient, uri: &http::Uri, send: &Send) -> Outcome {
+async fn attempt(client: &HttpClient, uri: &http::Uri, post: &Post) -> Outcome {
     let mut request = http::Request::post(uri.clone());
-    for (name, value) in &send.headers {
+    for (name, value) in &post.headers {
         request = request.header(name.as_str(), value.as_str());
     }
-    let request = match request.body(Full::new(send.body.clone())) {
+    let request = match request.body(Full::new(post.body.clone())) {
         Ok(request) => request,
         Err(e) => return Outcome::Unsendable(e.to_string()),
     };
@@ -324,11 +334,11 @@ mod tests {
             ],
             body: br#"{"x": 1}"#.to_vec(),
         };
-        let send = batch(&[event("1"), event("2")]);
-        assert_eq!(send.events, 2);
-        let parsed: serde_json::Value = serde_json::from_slice(&send.body).unwrap();
+        let post = batch(&[event("1"), event("2")]);
+        assert_eq!(post.events, 2);
+        let parsed: serde_json::Value = serde_json::from_slice(&post.body).unwrap();
         assert_eq!(parsed[1]["id"], "2");
         assert_eq!(parsed[0]["data"]["x"], 1);
-        assert_eq!(send.headers[0].1, BATCH_CONTENT_TYPE);
+        assert_eq!(post.headers[0].1, BATCH_CONTENT_TYPE);
     }
 }
