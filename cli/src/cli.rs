@@ -171,6 +171,10 @@ pub(crate) struct RenderArgs {
     /// The label that selects the gateway's pods, KEY=VALUE.
     #[arg(long, default_value = "istio=ingressgateway", value_parser = parse_label)]
     pub gateway_selector: (String, String),
+    /// Also render a PeerAuthentication that makes mutual TLS STRICT for the predictors in
+    /// each InferenceService's namespace (istio/security.yaml).
+    #[arg(long)]
+    pub mtls_strict: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -263,6 +267,7 @@ pub(crate) fn render(args: RenderArgs) -> Result<(), String> {
             models_claim: args.models_claim,
             gateway_namespace: args.gateway_namespace,
             gateway_selector: args.gateway_selector,
+            mtls_strict: args.mtls_strict,
         },
     };
     let (written, notes) = targets::render(&options)?;

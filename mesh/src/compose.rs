@@ -82,6 +82,7 @@ pub fn write(
         upstreams: &upstreams,
         otlp,
         trace_sampling: settings.trace_sampling,
+        jwt: render::jwt_services(services),
     };
     let mut written: Vec<String> = render::write_mesh(&dir, config, Path::new(WASM_PATH), &envoy)?
         .into_iter()

@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use crate::auth;
 use crate::isvc::InferenceService;
 use crate::render::{self, Filter};
 use crate::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
@@ -26,6 +27,16 @@ fn placement(filter: Filter) -> (i64, &'static str) {
         "router" => (30, "FAIL_CLOSE"),
         "transformer" => (20, "FAIL_CLOSE"),
         _ => (10, "FAIL_OPEN"),
+    }
+}
+
+/// The router runs before Istio's authentication and authorization filters (it names the
+/// InferenceService their policies match on); the others at the end of the chain.
+fn phase(filter: Filter) -> &'static str {
+    if filter.root_id == "router" {
+        "AUTHN"
+    } else {
+        "UNSPECIFIED_PHASE"
     }
 }
 
@@ -50,7 +61,7 @@ pub fn wasm_plugins(filters: &[Filter], config: &Value, settings: &Settings) -> 
                     "url": settings.wasm_image,
                     "imagePullPolicy": "IfNotPresent",
                     "pluginName": filter.root_id,
-                    "phase": "UNSPECIFIED_PHASE",
+                    "phase": phase(*filter),
                     "priority": priority,
                     "failStrategy": fail,
                     "type": "HTTP",
@@ -94,12 +105,21 @@ pub fn envoy_filter(filters: &[Filter], config: &Value, settings: &Settings) -> 
         }));
     }
     for filter in filters {
+        // The router first of all (before Istio's jwt_authn and rbac), the others just
+        // before Envoy's router.
+        let manager = "envoy.filters.network.http_connection_manager";
+        let (operation, filter_match) = if filter.root_id == "router" {
+            ("INSERT_FIRST", json!({"name": manager}))
+        } else {
+            (
+                "INSERT_BEFORE",
+                json!({"name": manager, "subFilter": {"name": "envoy.filters.http.router"}}),
+            )
+        };
         patches.push(json!({
             "applyTo": "HTTP_FILTER",
-            "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {
-                "name": "envoy.filters.network.http_connection_manager",
-                "subFilter": {"name": "envoy.filters.http.router"}}}}},
-            "patch": {"operation": "INSERT_BEFORE", "value": {
+            "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": filter_match}}},
+            "patch": {"operation": operation, "value": {
                 "name": filter.name,
                 "config_discovery": {"config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
                                      "type_urls": [WASM_TYPE_URL]},
@@ -164,4 +184,86 @@ pub fn virtual_service(isvc: &InferenceService, settings: &Settings) -> Value {
             "http": routes,
         },
     })
+}
+
+/// The control APIs' paths, as Istio's `AuthorizationPolicy` writes them (REST resources and
+/// gRPC methods; `{*}` is one path segment).
+fn control_paths() -> Vec<String> {
+    use meshserve_filter_core::protocol::{
+        CONTROL_METHODS, CONTROL_MODEL_RESOURCES, CONTROL_RESOURCES,
+    };
+    let mut paths = Vec::new();
+    for resource in CONTROL_RESOURCES {
+        paths.push(format!("/v2/{resource}"));
+        paths.push(format!("/v2/{resource}/*"));
+    }
+    for resource in CONTROL_MODEL_RESOURCES {
+        for model in ["/v2/models/{*}", "/v2/models/{*}/versions/{*}"] {
+            paths.push(format!("{model}/{resource}"));
+            paths.push(format!("{model}/{resource}/{{**}}"));
+        }
+    }
+    for method in CONTROL_METHODS {
+        paths.push(format!("/inference.GRPCInferenceService/{method}"));
+    }
+    paths
+}
+
+fn security_labels() -> Value {
+    json!({"app.kubernetes.io/managed-by": "meshserve"})
+}
+
+/// Istio's security resources: the control APIs denied at the gateway (as the router filter
+/// does, for services that do not open them), and per service that asks for tokens a
+/// `RequestAuthentication` and a DENY `AuthorizationPolicy`; with `settings.mtls_strict`, a
+/// `PeerAuthentication` STRICT for the predictors of each namespace.
+pub fn security(services: &[InferenceService], settings: &Settings) -> Vec<Value> {
+    let labels = gateway_labels(settings);
+    let open: Vec<&str> = services
+        .iter()
+        .filter(|s| s.public_control_api)
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut rule = json!({"to": [{"operation": {"paths": control_paths()}}]});
+    if !open.is_empty()
+        && let Some(map) = rule.as_object_mut()
+    {
+        // Those services' control calls pass (the repository index, naming no service, stays
+        // closed here).
+        map.insert(
+            "when".into(),
+            json!([{"key": "request.headers[x-meshserve-isvc]", "notValues": open}]),
+        );
+    }
+    let mut out = vec![json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "meshserve-control-apis", "namespace": settings.gateway_namespace,
+                     "labels": security_labels()},
+        "spec": {"selector": {"matchLabels": labels}, "action": "DENY", "rules": [rule]},
+    })];
+    for isvc in services {
+        if let Some(jwt) = &isvc.jwt {
+            let (name, ns, at) = (&isvc.name, &isvc.namespace, &settings.gateway_namespace);
+            out.push(auth::request_authentication(name, ns, jwt, at, &labels));
+            out.push(auth::authorization_policy(name, ns, jwt, at, &labels));
+        }
+    }
+    if settings.mtls_strict {
+        let mut namespaces: Vec<&str> = services.iter().map(|s| s.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for namespace in namespaces {
+            out.push(json!({
+                "apiVersion": "security.istio.io/v1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": "meshserve-predictors", "namespace": namespace, "labels": security_labels()},
+                "spec": {
+                    "selector": {"matchLabels": {"app.kubernetes.io/managed-by": "meshserve", "component": "predictor"}},
+                    "mtls": {"mode": "STRICT"},
+                },
+            }));
+        }
+    }
+    out
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::auth::Jwt;
+
 /// An InferenceService that cannot run, with the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -281,6 +283,8 @@ pub struct InferenceService {
     /// service's control APIs (repository load/unload/index, statistics) to its predictors.
     /// Off by default: they answer on the predictor's own port only.
     pub public_control_api: bool,
+    /// The `serving.meshserve.io/jwt-*` annotations: the token every call needs.
+    pub jwt: Option<Jwt>,
 }
 
 /// meshserve's annotation that opens an InferenceService's control APIs to the mesh's
@@ -449,7 +453,10 @@ impl InferenceService {
                 ));
             }
         };
+        let jwt = crate::auth::parse(&raw.metadata.annotations)
+            .map_err(|(key, message)| error(&format!("metadata.annotations.{key}"), message))?;
         Ok(InferenceService {
+            jwt,
             name,
             namespace,
             default,
@@ -737,6 +744,7 @@ pub(crate) fn sample() -> InferenceService {
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
         public_control_api: false,
+        jwt: None,
     }
 }
 

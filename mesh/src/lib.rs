@@ -1,6 +1,7 @@
 //! meshserve's control plane: KServe InferenceServices in, everything that runs them out. Its
 //! modules, from the bottom up (each uses only those above it in this list):
 //!
+//! - [`auth`]: JWT requirements from annotations, as Envoy filters and Istio policies.
 //! - [`isvc`]: one InferenceService, parsed and validated (the field at fault named);
 //!   [`files`]: the InferenceServices of a file, and a transformer read from one.
 //! - [`render`]: the filter configuration, its extension-config files and an Envoy bootstrap.
@@ -14,6 +15,7 @@
 //! It drives the sidecar as a process (`meshserve serve` flags), never as a library: this
 //! crate does not depend on `meshserve-sidecar`.
 
+pub mod auth;
 pub mod canary;
 pub mod compose;
 pub mod files;

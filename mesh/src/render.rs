@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use meshserve_filter_core::config::Config;
 use serde_json::{Value, json};
 
+use crate::auth::{self, Jwks, Jwt};
 use crate::isvc::{InferenceService, RevisionSpec};
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
@@ -155,6 +156,20 @@ pub struct EnvoySpec<'a> {
     pub otlp: Option<Endpoint>,
     /// The share of requests without a caller's trace that Envoy traces, 0 to 1.
     pub trace_sampling: f64,
+    /// The services that need a token: (name, namespace, requirement).
+    pub jwt: Vec<(String, String, Jwt)>,
+}
+
+/// The services of `services` that need a token, as [`EnvoySpec::jwt`] takes them.
+pub fn jwt_services(services: &[InferenceService]) -> Vec<(String, String, Jwt)> {
+    services
+        .iter()
+        .filter_map(|s| {
+            s.jwt
+                .clone()
+                .map(|jwt| (s.name.clone(), s.namespace.clone(), jwt))
+        })
+        .collect()
 }
 
 /// The cluster Envoy sends its spans to.
@@ -333,6 +348,15 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
                 "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}})
         })
         .collect();
+    // Tokens are checked right after the router filter has named each request's service.
+    let checks = auth::envoy_filters(&envoy.jwt);
+    let at = usize::from(!http_filters.is_empty());
+    http_filters.splice(at..at, checks);
+    for (name, namespace, jwt) in &envoy.jwt {
+        if let Jwks::Uri(url) = &jwt.jwks {
+            clusters.push(auth::envoy_jwks_cluster(name, namespace, url));
+        }
+    }
     http_filters.push(
         json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}),
@@ -353,6 +377,23 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         ]}]},
         "http_filters": http_filters,
     });
+    if !envoy.jwt.is_empty()
+        && let Some(map) = manager.as_object_mut()
+    {
+        map.insert("local_reply_config".into(), auth::envoy_local_reply());
+        let claims = auth::claim_headers(&envoy.jwt);
+        if !claims.is_empty() {
+            // A claim header comes from a verified token only: what a client sends is
+            // dropped before any filter runs.
+            map.insert("early_header_mutation_extensions".into(), json!([{
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": claims.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+                },
+            }]));
+        }
+    }
     let mut runtime = json!({});
     if let Some(otlp) = &envoy.otlp {
         clusters.push(cluster(OTLP_CLUSTER, otlp, true));
@@ -455,6 +496,7 @@ mod tests {
             upstreams: &[],
             otlp: None,
             trace_sampling: 1.0,
+            jwt: Vec::new(),
         };
         let written = write_mesh(dir.path(), &config, Path::new("/x.wasm"), &spec).unwrap();
         assert_eq!(

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `.` | a local Envoy: `filter.json`, one `*.ecds.json` per filter, `envoy.json` (sidecars on loopback ports) |
 //! | `compose/` | docker-compose: the same files for Envoy's container, each transformer's JSON, `docker-compose.yaml` |
-//! | `istio/` | `wasmplugins.yaml`, or `envoyfilter.yaml` instead; `gateway.yaml`; `virtualservices.yaml` |
+//! | `istio/` | `wasmplugins.yaml`, or `envoyfilter.yaml` instead; `gateway.yaml`; `virtualservices.yaml`; `security.yaml` |
 //! | `kubernetes/` | `<isvc>.yaml`: Deployments, Services, ConfigMaps, HorizontalPodAutoscalers or KEDA ScaledObjects |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -133,6 +133,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         upstreams: &upstreams,
         otlp,
         trace_sampling: settings.trace_sampling,
+        jwt: render::jwt_services(&services),
     };
     written.extend(
         render::write_mesh(out, &config, &wasm, &local)?
@@ -173,7 +174,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     );
-    let istio_files: [(&str, Vec<Value>, &str); 4] = [
+    let istio_files: [(&str, Vec<Value>, &str); 5] = [
         (
             "wasmplugins.yaml",
             istio::wasm_plugins(&filters, &config, &settings),
@@ -192,6 +193,11 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
                 .map(|isvc| istio::virtual_service(isvc, &settings))
                 .collect(),
             "# Each revision's REST and gRPC routes, chosen by the router filter's x-meshserve-cluster.\n",
+        ),
+        (
+            "security.yaml",
+            istio::security(&services, &settings),
+            "# Control APIs denied at the gateway; the tokens InferenceServices ask for (serving.meshserve.io/jwt-*).\n",
         ),
     ];
     for (file, objects, about) in istio_files {

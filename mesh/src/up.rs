@@ -361,6 +361,7 @@ pub async fn up(
         upstreams: &upstreams,
         otlp,
         trace_sampling: options.trace_sampling,
+        jwt: render::jwt_services(&services),
     };
     render::write_mesh(&state, &config, &wasm, &envoy_spec)
         .map_err(|e| UpError::Input(format!("cannot write the mesh's files: {e}")))?;
@@ -412,10 +413,13 @@ pub async fn up(
     };
     for isvc in &services {
         let host = format!("{}.{}.example.com", isvc.name, isvc.namespace);
+        // A service that needs a token answers 401 once the router has named it (its
+        // sidecars were seen ready on their own ports).
+        let routed = if isvc.jwt.is_some() { 401 } else { 200 };
         wait_until(
             &format!("InferenceService {}", isvc.name),
             Duration::from_secs(60),
-            async || http_get(listener, "/v2/health/ready", &host).await == Some(200),
+            async || http_get(listener, "/v2/health/ready", &host).await == Some(routed),
         )
         .await?;
     }

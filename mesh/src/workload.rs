@@ -47,6 +47,8 @@ pub struct Settings {
     /// The Istio ingress gateway: its namespace and the label its pods carry.
     pub gateway_namespace: String,
     pub gateway_selector: (String, String),
+    /// Render a PeerAuthentication STRICT for the predictors of each namespace.
+    pub mtls_strict: bool,
 }
 
 /// A revision's workload name (Deployment, Service, compose service): the revision's name

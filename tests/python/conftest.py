@@ -171,3 +171,48 @@ def pytest_runtest_makereport(item):
 @pytest.fixture(params=REFERENCE_MODELS, ids=[f"{model}_v{version}" for model, version in REFERENCE_MODELS])
 def reference(request):
     return load_reference(*request.param)
+
+
+UP_LINE = re.compile(r"meshserve is up: Envoy on (http://\S+)")
+
+
+class MeshUp:
+    """`meshserve up SPEC` owned by the test (real Envoy, the filters, a sidecar per
+    revision): `url` is Envoy's listener once it is up; `stop()` ends it and everything it
+    started."""
+
+    def __init__(self, spec, state, binary, timeout_s=90):
+        self.lines = []
+        self.process = subprocess.Popen(
+            owned_command([binary, "up", spec, "--port", "0", "--state-dir", state]),
+            cwd=Path(__file__).resolve().parents[2],
+            env=dict(os.environ, NO_COLOR="1"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        found = threading.Event()
+        self.url = None
+
+        def read():
+            for line in self.process.stdout:
+                self.lines.append(line)
+                match = UP_LINE.search(line)
+                if match:
+                    self.url = match.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(timeout_s) or self.url is None:
+            self.stop()
+            pytest.fail("meshserve up did not come up:\n" + "".join(self.lines), pytrace=False)
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

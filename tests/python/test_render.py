@@ -26,7 +26,13 @@ K8S = {
     ("v1", "ConfigMap"): "k8s-configmap-v1.json",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "k8s-horizontalpodautoscaler-autoscaling-v2.json",
 }
-CRDS = ["istio-crds.yaml", "istio-virtualservice-crd.yaml", "istio-gateway-crd.yaml", "keda-scaledobjects.yaml"]
+CRDS = [
+    "istio-crds.yaml",
+    "istio-virtualservice-crd.yaml",
+    "istio-gateway-crd.yaml",
+    "istio-security-crds.yaml",
+    "keda-scaledobjects.yaml",
+]
 
 
 def strict(schema, root=True):
@@ -106,7 +112,7 @@ def render(tmp_path, source, *extra):
     ["envoy-config/demo/inferenceservice.yaml", "envoy-config/examples/kserve-production.yaml"],
 )
 def test_every_rendered_object_matches_its_schema(tmp_path, source):
-    _, documents = render(tmp_path, source, "--otlp-endpoint", "http://otel-collector.observability:4317")
+    _, documents = render(tmp_path, source, "--otlp-endpoint", "http://otel-collector.observability:4317", "--mtls-strict")
     assert documents
     for file, document in documents:
         assert errors(document) == [], f"{file}: {document['kind']} {document['metadata']['name']}"
@@ -123,16 +129,19 @@ def test_the_committed_demo_rendering_matches_its_schemas():
 
 
 def test_the_production_example_renders_what_its_fields_ask(tmp_path):
-    _, documents = render(tmp_path, "envoy-config/examples/kserve-production.yaml")
+    _, documents = render(tmp_path, "envoy-config/examples/kserve-production.yaml", "--mtls-strict")
     kinds = {}
     for _, document in documents:
         kinds.setdefault(document["kind"], []).append(document)
     assert sorted((k, len(v)) for k, v in kinds.items()) == [
+        ("AuthorizationPolicy", 2),  # the control APIs; fraud's callers
         ("ConfigMap", 1),  # the mnist transformer
         ("Deployment", 3),
         ("EnvoyFilter", 1),
         ("Gateway", 1),
         ("HorizontalPodAutoscaler", 1),  # mnist: cpu at 70%, 2 to 10
+        ("PeerAuthentication", 2),  # STRICT in payments and vision
+        ("RequestAuthentication", 1),  # fraud's issuer
         ("ScaledObject", 2),  # fraud and its canary: to zero
         ("Service", 3),
         ("VirtualService", 2),
@@ -168,6 +177,19 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
     assert plugins["router"]["failStrategy"] == "FAIL_CLOSE"
     assert plugins["logger"]["failStrategy"] == "FAIL_OPEN"
     assert plugins["router"]["priority"] > plugins["transformer"]["priority"] > plugins["logger"]["priority"]
+    assert plugins["router"]["phase"] == "AUTHN", "the router names the service before Istio's authn and authz"
+    policies = {p["metadata"]["name"]: p["spec"] for p in kinds["AuthorizationPolicy"]}
+    control = policies["meshserve-control-apis"]
+    assert control["action"] == "DENY" and "/v2/repository/*" in control["rules"][0]["to"][0]["operation"]["paths"]
+    callers = policies["meshserve-payments-fraud-callers"]["rules"][0]
+    assert callers["from"][0]["source"]["notRequestPrincipals"] == [
+        "https://login.payments.example.com/checkout",
+        "https://login.payments.example.com/refunds",
+    ]
+    assert {"key": "request.headers[x-meshserve-isvc]", "values": ["fraud"]} in callers["when"]
+    rule = kinds["RequestAuthentication"][0]["spec"]["jwtRules"][0]
+    assert rule["jwksUri"].endswith("/jwks.json") and rule["outputClaimToHeaders"] == [{"header": "x-caller", "claim": "sub"}]
+    assert {p["metadata"]["namespace"] for p in kinds["PeerAuthentication"]} == {"payments", "vision"}
     assert plugins["router"]["pluginConfig"]["services"][0]["name"] == "fraud"
     routes = kinds["VirtualService"][0]["spec"]["http"]
     assert routes[0]["match"][0]["headers"]["x-meshserve-cluster"]["exact"].endswith(".grpc")
@@ -184,10 +206,13 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
         ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(threshold=16)),
         ("VirtualService", lambda d: d["spec"]["http"][0].update(rout=[])),
         ("EnvoyFilter", lambda d: d["spec"]["configPatches"][0].update(applyTo="SOMEWHERE")),
+        ("RequestAuthentication", lambda d: d["spec"].update(jwtRule=[])),
+        ("AuthorizationPolicy", lambda d: d["spec"].update(action="REFUSE")),
+        ("PeerAuthentication", lambda d: d["spec"]["mtls"].update(mode="STRICTEST")),
     ],
 )
 def test_the_schemas_catch_mistakes(tmp_path, kind, break_it):
-    _, documents = render(tmp_path, "envoy-config/examples/kserve-production.yaml")
+    _, documents = render(tmp_path, "envoy-config/examples/kserve-production.yaml", "--mtls-strict")
     document = copy.deepcopy(next(d for _, d in documents if d["kind"] == kind))
     assert errors(document) == []
     break_it(document)

@@ -20,7 +20,6 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,11 +33,10 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "models"))
 import photos  # noqa: E402
-from conftest import owned_command  # noqa: E402
+from conftest import MeshUp  # noqa: E402
 
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
 CNN = REPO_ROOT / "models" / "repository" / "mnist_cnn"
-UP = re.compile(r"meshserve is up: Envoy on (http://\S+)")
 MAX_BODY_BYTES = 4 << 20
 
 DIGITS_PIPELINE = {
@@ -211,38 +209,11 @@ def test_the_filters_tensors_match_pillow_and_numpy(pipeline, tmp_path):
 # -------------------------------------------------------------------------- end to end
 
 
-class Mesh:
+class Mesh(MeshUp):
     def __init__(self, tmp):
         spec = tmp / "isvc.yaml"
         spec.write_text(isvc_yaml("mnist", DIGITS_PIPELINE))
-        self.lines = []
-        env = dict(os.environ, NO_COLOR="1")
-        self.process = subprocess.Popen(
-            owned_command([BINARY, "up", spec, "--port", "0", "--state-dir", tmp / "state"]),
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        found = threading.Event()
-        self.url = None
-
-        def read():
-            for line in self.process.stdout:
-                self.lines.append(line)
-                match = UP.search(line)
-                if match:
-                    self.url = match.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(90) or self.url is None:
-            self.stop()
-            pytest.fail("meshserve up did not come up:\n" + "".join(self.lines), pytrace=False)
+        super().__init__(spec, tmp / "state", BINARY)
 
     def post(self, path, body, headers=None):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -275,13 +246,6 @@ class Mesh:
                 response += data
         head, body = response.split(b"\r\n\r\n", 1)
         return int(head.split()[1]), json.loads(body)
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="module")

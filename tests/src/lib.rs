@@ -601,6 +601,7 @@ pub fn write_local_mesh(
         upstreams: &upstreams,
         otlp: otlp.map(Into::into),
         trace_sampling: 1.0,
+        jwt: Vec::new(),
     };
     render::write_mesh(dir, config, &wasm_module(), &spec).expect("the mesh's files");
     dir.join(render::BOOTSTRAP_FILE)

@@ -375,3 +375,57 @@ fn bad_inferenceservices_are_answered_with_the_field_path() {
         assert!(stderr.contains(&format!("{path}:")), "{to}: {stderr}");
     }
 }
+
+/// A service with `serving.meshserve.io/jwt-*` annotations gets Envoy's own jwt_authn (and
+/// rbac, for its subjects) right after the router filter, its JWKS fetched over TLS through a
+/// cluster of its own, and client copies of its claim headers dropped: all as Envoy accepts.
+#[test]
+fn tokens_are_checked_by_envoys_own_filters() {
+    let out = Scratch::beside_demo("jwt");
+    render("envoy-config/examples/kserve-production.yaml", &out.0, &[]);
+    let bootstrap = read_json(&out.0.join("envoy.json"));
+    let manager = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"];
+    let names: Vec<&str> = manager["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "meshserve.router",
+            "envoy.filters.http.jwt_authn",
+            "envoy.filters.http.rbac",
+            "meshserve.transformer",
+            "meshserve.logger",
+            "envoy.filters.http.router"
+        ]
+    );
+    let jwt = &manager["http_filters"][1]["typed_config"];
+    let provider = &jwt["providers"]["payments.fraud"];
+    assert_eq!(provider["issuer"], "https://login.payments.example.com");
+    assert_eq!(
+        provider["remote_jwks"]["http_uri"]["cluster"],
+        "meshserve.jwks.payments.fraud"
+    );
+    assert_eq!(
+        jwt["rules"][0]["match"]["headers"][0]["string_match"]["exact"],
+        "fraud"
+    );
+    let clusters = bootstrap["static_resources"]["clusters"]
+        .as_array()
+        .unwrap();
+    let jwks = clusters
+        .iter()
+        .find(|c| c["name"] == "meshserve.jwks.payments.fraud")
+        .unwrap();
+    assert_eq!(
+        jwks["transport_socket"]["typed_config"]["sni"],
+        "login.payments.example.com"
+    );
+    let early = manager["early_header_mutation_extensions"].to_string();
+    assert!(early.contains("x-caller"), "{early}");
+    validate(&out.0.join("envoy.json"));
+}

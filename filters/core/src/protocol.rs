@@ -102,7 +102,7 @@ fn v2(model: &str, version: Option<&str>) -> Protocol {
 /// Open Inference Protocol (and Triton) REST resources under `/v2/` that change or reveal
 /// the server's state rather than run inference: the model repository (index, load, unload),
 /// shared-memory regions, trace and log settings.
-const CONTROL_RESOURCES: [&str; 5] = [
+pub const CONTROL_RESOURCES: [&str; 5] = [
     "repository",
     "systemsharedmemory",
     "cudasharedmemory",
@@ -111,10 +111,10 @@ const CONTROL_RESOURCES: [&str; 5] = [
 ];
 
 /// Per-model REST resources of the same kind: statistics and trace settings.
-const CONTROL_MODEL_RESOURCES: [&str; 2] = ["stats", "trace"];
+pub const CONTROL_MODEL_RESOURCES: [&str; 2] = ["stats", "trace"];
 
 /// gRPC methods of the same kind.
-const CONTROL_METHODS: [&str; 12] = [
+pub const CONTROL_METHODS: [&str; 12] = [
     "RepositoryIndex",
     "RepositoryModelLoad",
     "RepositoryModelUnload",
