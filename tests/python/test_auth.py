@@ -176,3 +176,51 @@ def test_the_claims_reach_the_payload_log_and_forged_headers_do_not(mesh, keys):
     status, _, _ = call(mesh, "/v1/models/digits:predict", token(keys[0], sub="bob"), headers={**forged, "x-case": "no email"})
     assert status == 200
     assert events_of("no email") == [{"x-user": ["bob"]}] * 2
+
+
+def test_keys_fetched_from_a_jwks_uri(tmp_path, keys):
+    """The issuer's keys from its JWKS URI (fetched by Envoy through a cluster of its own)."""
+    document = json.dumps(keys[2]).encode()
+
+    class Keys(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/.well-known/jwks.json" else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(document)))
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args):
+            pass
+
+    issuer = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=issuer.serve_forever, daemon=True).start()
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": "digits",
+            "annotations": {
+                "serving.meshserve.io/jwt-issuer": ISSUER,
+                "serving.meshserve.io/jwt-jwks-uri": f"http://127.0.0.1:{issuer.server_port}/.well-known/jwks.json",
+            },
+        },
+        "spec": {"predictor": {"model": {"modelFormat": {"name": "onnx"}, "storageUri": f"file://{MODEL}"}}},
+    }
+    spec = tmp_path / "isvc.yaml"
+    spec.write_text(json.dumps(isvc))
+    up = MeshUp(spec, tmp_path / "state", BINARY)
+    try:
+        good = token(keys[0])
+        deadline = time.monotonic() + 20  # the first fetch runs when Envoy starts
+        status = 0
+        while status != 200 and time.monotonic() < deadline:
+            status, _, answer = call(up, "/v1/models/digits:predict", good)
+            time.sleep(0.1)
+        assert status == 200, answer
+        status, _, answer = call(up, "/v1/models/digits:predict", token(keys[1]))
+        assert status == 401, answer
+    finally:
+        up.stop()
+        issuer.shutdown()
+        issuer.server_close()
