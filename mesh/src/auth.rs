@@ -325,23 +325,30 @@ pub fn claim_headers(services: &[(String, String, Jwt)]) -> Vec<String> {
     headers
 }
 
-/// Envoy's replies to a missing or bad token (401, or 403 for a wrong audience) and to a
-/// subject not allowed (403), in the REST protocols' error shape (`{"error": "Jwt is
-/// missing"}`); gRPC clients get `UNAUTHENTICATED` / `PERMISSION_DENIED` from Envoy as it is.
-/// Only those replies: the filters' own are JSON already.
-pub fn envoy_local_reply() -> Value {
+/// Mappers for Envoy's own replies to a missing or bad token (401, or 403 for a wrong
+/// audience) and to a subject not allowed (403), in the REST protocols' error shape
+/// (`{"error": "Jwt is missing"}`); gRPC clients get `UNAUTHENTICATED` / `PERMISSION_DENIED`
+/// from Envoy as it is. Only those replies: the filters' own are JSON already.
+pub fn envoy_reply_mappers() -> Vec<Value> {
+    vec![
+        rest_error_mapper(json!({"metadata_filter": {"matcher": {"filter": JWT_FILTER,
+            "path": [{"key": FAILURE_KEY}], "value": {"present_match": true}}}})),
+        rest_error_mapper(
+            json!({"metadata_filter": {"matcher": {"filter": RBAC_FILTER,
+            "path": [{"key": "enforced_engine_result"}], "value": {"present_match": true}}}}),
+        ),
+    ]
+}
+
+/// A local-reply mapper that puts Envoy's reason in `{"error": ...}` for REST requests that
+/// `filter` (an access-log filter) selects.
+pub fn rest_error_mapper(filter: Value) -> Value {
     let not_grpc = json!({"header_filter": {"header": {"name": "content-type",
         "string_match": {"prefix": "application/grpc"}, "invert_match": true}}});
-    let mapper = |filter: &str, key: &str| {
-        json!({
-            "filter": {"and_filter": {"filters": [
-                {"metadata_filter": {"matcher": {"filter": filter, "path": [{"key": key}], "value": {"present_match": true}}}},
-                not_grpc,
-            ]}},
-            "body_format_override": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}, "content_type": "application/json"},
-        })
-    };
-    json!({"mappers": [mapper(JWT_FILTER, FAILURE_KEY), mapper(RBAC_FILTER, "enforced_engine_result")]})
+    json!({
+        "filter": {"and_filter": {"filters": [filter, not_grpc]}},
+        "body_format_override": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}, "content_type": "application/json"},
+    })
 }
 
 /// The cluster a remote JWKS is fetched through (TLS for `https://`, checked against the

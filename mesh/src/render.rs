@@ -367,6 +367,8 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         "codec_type": "AUTO",
         // A client gets 10 s to send a request's headers (slow-loris), as the sidecar does.
         "request_headers_timeout": "10s",
+        // And 60 s for the whole request, body included (slow bodies), as the sidecar does.
+        "request_timeout": "60s",
         "route_config": {"name": "meshserve", "virtual_hosts": [{"name": "inference", "domains": ["*"], "routes": [
             {"match": {"prefix": "/", "headers": [{"name": "x-meshserve-cluster", "present_match": true}]},
              "route": {"cluster_header": "x-meshserve-cluster", "timeout": "60s"}},
@@ -377,10 +379,21 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         ]}]},
         "http_filters": http_filters,
     });
+    // Envoy's own replies in the REST error shape: a request not received in time (408),
+    // and the token checks' refusals.
+    let mut mappers = vec![auth::rest_error_mapper(
+        json!({"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 408, "runtime_key": "meshserve.reply.408"}}}}),
+    )];
+    if !envoy.jwt.is_empty() {
+        mappers.extend(auth::envoy_reply_mappers());
+    }
+    if let Some(map) = manager.as_object_mut() {
+        map.insert("local_reply_config".into(), json!({"mappers": mappers}));
+    }
     if !envoy.jwt.is_empty()
         && let Some(map) = manager.as_object_mut()
     {
-        map.insert("local_reply_config".into(), auth::envoy_local_reply());
         let claims = auth::claim_headers(&envoy.jwt);
         if !claims.is_empty() {
             // A claim header comes from a verified token only: what a client sends is

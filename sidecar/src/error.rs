@@ -25,6 +25,9 @@ pub enum ApiError {
     /// The request waited past its timeout: 504 / DEADLINE_EXCEEDED.
     #[error("{0}")]
     Timeout(String),
+    /// The client did not send its body in time: 408.
+    #[error("{0}")]
+    SlowClient(String),
     /// 415: the body is not in a form the endpoint reads.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,7 +73,9 @@ impl ApiError {
                 tonic::Status::invalid_argument(message)
             }
             ApiError::NotFound(_) => tonic::Status::not_found(message),
-            ApiError::Timeout(_) => tonic::Status::deadline_exceeded(message),
+            ApiError::Timeout(_) | ApiError::SlowClient(_) => {
+                tonic::Status::deadline_exceeded(message)
+            }
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::TooLarge(_) | ApiError::Overloaded(_) => {
                 tonic::Status::resource_exhausted(message)

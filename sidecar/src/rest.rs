@@ -38,7 +38,7 @@ use meshserve_filter_core::transform::Wire;
 use crate::error::ApiError;
 use crate::payloads::spool::SpoolError;
 use crate::payloads::{IntakeError, events_from_request};
-use crate::service::{EXTENSIONS, SERVER_NAME, SERVER_VERSION, Service};
+use crate::service::{EXTENSIONS, Limits, SERVER_NAME, SERVER_VERSION, Service};
 use crate::telemetry::{postprocess_span, preprocess_span, record_status, server_span, timed};
 
 /// An endpoint, parsed from the path.
@@ -188,7 +188,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                         .into(),
                 )
             })?;
-            let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
+            let (headers, body) = read_body(request, service.limits()).await?;
             let events = events_from_request(&headers, body.to_vec())
                 .map_err(|e| ApiError::BadRequest(e.to_string()))?;
             intake.take(events).await.map_err(|e| match e {
@@ -259,7 +259,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
         Route::Infer { model, version } => {
             let found = service.model(&model, &version)?;
             let permit = service.admit()?;
-            let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
+            let (headers, body) = read_body(request, service.limits()).await?;
             check_content_type(&headers)?;
             let header_length = inference_header_length(&headers)?;
             let transformer = service.transformer_for(&headers, Wire::V2);
@@ -286,7 +286,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             answer
         }
         Route::RepositoryIndex => {
-            let (_, body) = read_body(request, service.limits().max_request_bytes).await?;
+            let (_, body) = read_body(request, service.limits()).await?;
             let ready_only = optional_json(&body)?
                 .get("ready")
                 .and_then(Value::as_bool)
@@ -304,7 +304,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(json_response(StatusCode::OK, to_json(&index)))
         }
         Route::Load(model) => {
-            let (_, body) = read_body(request, service.limits().max_request_bytes).await?;
+            let (_, body) = read_body(request, service.limits()).await?;
             reject_load_parameters(&optional_json(&body)?)?;
             service.load(&model).await?;
             Ok(json_response(StatusCode::OK, b"{}".to_vec()))
@@ -338,7 +338,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
         Route::V1Predict(model) => {
             let found = service.model(&model, "")?;
             let permit = service.admit()?;
-            let (headers, body) = read_body(request, service.limits().max_request_bytes).await?;
+            let (headers, body) = read_body(request, service.limits()).await?;
             check_content_type(&headers)?;
             let transformer = service.transformer_for(&headers, Wire::V1);
             let (request, took) = timed(preprocess_span(), || match transformer {
@@ -405,15 +405,24 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
 }
 
 fn error_response(error: &ApiError) -> HttpResponse {
-    json_response(error.status(), error_body(&error.to_string()))
+    let mut response = json_response(error.status(), error_body(&error.to_string()));
+    if matches!(error, ApiError::SlowClient(_)) {
+        // The rest of a slow body is not waited for.
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
-/// Reads the body up to `limit` bytes; a longer one is refused with 413 before it is read
-/// whole when `Content-Length` says so, else as soon as the limit is crossed.
+/// Reads the body up to `limits.max_request_bytes`; a longer one is refused with 413 before
+/// it is read whole when `Content-Length` says so, else as soon as the limit is crossed. A
+/// body that takes longer than `limits.body_read_timeout` is refused with 408.
 async fn read_body(
     request: Request<Incoming>,
-    limit: usize,
+    limits: Limits,
 ) -> Result<(HeaderMap, Bytes), ApiError> {
+    let limit = limits.max_request_bytes;
     let too_large = |size: String| {
         ApiError::TooLarge(format!(
             "request body of {size} bytes is over the limit of {limit} bytes (--max-request-bytes)"
@@ -429,13 +438,25 @@ async fn read_body(
     {
         return Err(too_large(length.to_string()));
     }
-    let body = Limited::new(body, limit).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            too_large("more than that".to_owned())
-        } else {
-            ApiError::BadRequest(format!("failed to read the request body: {e}"))
-        }
-    })?;
+    let read = tokio::time::timeout(
+        limits.body_read_timeout,
+        Limited::new(body, limit).collect(),
+    );
+    let body = read
+        .await
+        .map_err(|_| {
+            ApiError::SlowClient(format!(
+                "the request body did not arrive within {} s (--body-read-timeout-secs)",
+                limits.body_read_timeout.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large("more than that".to_owned())
+            } else {
+                ApiError::BadRequest(format!("failed to read the request body: {e}"))
+            }
+        })?;
     Ok((parts.headers, body.to_bytes()))
 }
 

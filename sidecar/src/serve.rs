@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Inference requests in flight at once; beyond it, 429 / RESOURCE_EXHAUSTED at once.
     #[arg(long, default_value_t = Limits::default().max_in_flight, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize), env = "MESHSERVE_MAX_IN_FLIGHT")]
     pub max_in_flight: usize,
+    /// Seconds a client gets to send a request's body (REST); then 408 Request Timeout and the
+    /// connection closes. (Its headers get 10 s.)
+    #[arg(long, default_value_t = Limits::default().body_read_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "MESHSERVE_BODY_READ_TIMEOUT_SECS")]
+    pub body_read_timeout_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -184,6 +188,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
     let limits = Limits {
         max_request_bytes: args.max_request_bytes,
         max_in_flight: args.max_in_flight,
+        body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
     };
     let mut service = Service::new(repository, limits);
     if let Some(transformer) = transformer {

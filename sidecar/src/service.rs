@@ -21,6 +21,9 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Inference requests running or waiting at once; beyond it, 429 / RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
+    /// How long a client may take to send a request's body (REST); then 408 and the
+    /// connection is closed (slow-loris bodies).
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -28,6 +31,7 @@ impl Default for Limits {
         Limits {
             max_request_bytes: 64 * 1024 * 1024,
             max_in_flight: 256,
+            body_read_timeout: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -204,3 +204,36 @@ fn a_model_that_fails_to_load_leaves_the_server_unready_with_the_reason() {
     drop(sidecar);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A body sent too slowly (slow-loris) gets 408 after `--body-read-timeout-secs` and its
+/// connection is closed; a `Content-Length` over the limit gets 413 before any body is sent.
+#[test]
+fn slow_bodies_time_out_and_huge_ones_are_refused_at_once() {
+    let sidecar = Sidecar::start(&["--body-read-timeout-secs", "1"]);
+    let started = std::time::Instant::now();
+    let mut slow = start_slow_request(sidecar.http);
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("--body-read-timeout-secs"),
+        "{answer}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "closed after {took:?}"
+    );
+
+    let mut huge = TcpStream::connect(sidecar.http).unwrap();
+    huge.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        huge,
+        "POST /v2/models/fixed_shape/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = huge.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}
