@@ -351,35 +351,22 @@ pub fn rest_error_mapper(filter: Value) -> Value {
     })
 }
 
-/// The cluster a remote JWKS is fetched through (TLS for `https://`, checked against the
-/// system's CAs).
-pub fn envoy_jwks_cluster(name: &str, namespace: &str, url: &Url) -> Value {
-    let cluster = jwks_cluster(name, namespace);
-    let kind = if url.host.parse::<std::net::IpAddr>().is_ok() {
-        "STATIC"
-    } else {
-        "STRICT_DNS"
-    };
-    let mut value = json!({
-        "name": cluster,
-        "type": kind,
-        "connect_timeout": "5s",
-        "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": url.host, "port_value": url.port}}}}]}]},
-    });
-    if url.tls
-        && let Some(map) = value.as_object_mut()
-    {
-        map.insert(
-            "transport_socket".into(),
-            json!({"name": "envoy.transport_sockets.tls", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": url.host,
-                "common_tls_context": {"validation_context": {"system_root_certs": {}}},
-            }}),
-        );
-    }
-    value
+/// The TLS a remote JWKS is fetched over for `https://` (the server's certificate checked
+/// against the system's CAs, SNI its host): the JWKS cluster's `transport_socket`.
+pub fn jwks_tls(url: &Url) -> Option<Value> {
+    url.tls.then(|| {
+        json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": url.host,
+            "common_tls_context": {"validation_context": {"system_root_certs": {}}},
+        }})
+    })
+}
+
+fn metadata(name: &str, namespace: &str, isvc: &str) -> Value {
+    json!({"name": name, "namespace": namespace,
+           "labels": {"app.kubernetes.io/managed-by": "meshserve",
+                      "serving.kserve.io/inferenceservice": isvc}})
 }
 
 /// Istio's `RequestAuthentication` for one service, on the gateway's pods.
@@ -412,9 +399,7 @@ pub fn request_authentication(
     json!({
         "apiVersion": "security.istio.io/v1",
         "kind": "RequestAuthentication",
-        "metadata": {"name": format!("meshserve-{namespace}-{name}"), "namespace": gateway_namespace,
-                     "labels": {"app.kubernetes.io/managed-by": "meshserve",
-                                "serving.kserve.io/inferenceservice": name}},
+        "metadata": metadata(&format!("meshserve-{namespace}-{name}"), gateway_namespace, name),
         "spec": {"selector": {"matchLabels": gateway_labels}, "jwtRules": [rule]},
     })
 }
@@ -439,9 +424,7 @@ pub fn authorization_policy(
     json!({
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
-        "metadata": {"name": format!("meshserve-{namespace}-{name}-callers"), "namespace": gateway_namespace,
-                     "labels": {"app.kubernetes.io/managed-by": "meshserve",
-                                "serving.kserve.io/inferenceservice": name}},
+        "metadata": metadata(&format!("meshserve-{namespace}-{name}-callers"), gateway_namespace, name),
         "spec": {
             "selector": {"matchLabels": gateway_labels},
             "action": "DENY",

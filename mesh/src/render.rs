@@ -354,7 +354,15 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
     http_filters.splice(at..at, checks);
     for (name, namespace, jwt) in &envoy.jwt {
         if let Jwks::Uri(url) = &jwt.jwks {
-            clusters.push(auth::envoy_jwks_cluster(name, namespace, url));
+            let at = Endpoint {
+                host: url.host.clone(),
+                port: url.port,
+            };
+            let mut jwks = cluster(&auth::jwks_cluster(name, namespace), &at, false);
+            if let (Some(tls), Some(map)) = (auth::jwks_tls(url), jwks.as_object_mut()) {
+                map.insert("transport_socket".into(), tls);
+            }
+            clusters.push(jwks);
         }
     }
     http_filters.push(

@@ -53,6 +53,20 @@ def keys():
     return signing, stranger, {"keys": [public]}
 
 
+def isvc_file(path, annotations, predictor=None):
+    path.write_text(  # JSON is YAML
+        json.dumps(
+            {
+                "apiVersion": "serving.kserve.io/v1beta1",
+                "kind": "InferenceService",
+                "metadata": {"name": "digits", "annotations": annotations},
+                "spec": {"predictor": {"model": {"modelFormat": {"name": "onnx"}, "storageUri": f"file://{MODEL}"}, **(predictor or {})}},
+            }
+        )
+    )
+    return path
+
+
 def token(key, **claims):
     now = int(time.time())
     body = {"iss": ISSUER, "sub": "alice", "aud": "digits", "iat": now, "exp": now + 600, **claims}
@@ -64,28 +78,15 @@ def mesh(tmp_path_factory, keys):
     tmp = tmp_path_factory.mktemp("auth")
     sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    isvc = {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": "digits",
-            "annotations": {
-                "serving.meshserve.io/jwt-issuer": ISSUER,
-                "serving.meshserve.io/jwt-jwks": json.dumps(keys[2]),
-                "serving.meshserve.io/jwt-audiences": "digits",
-                "serving.meshserve.io/jwt-subjects": "alice, bob",
-                "serving.meshserve.io/jwt-claim-headers": "sub=x-user, email=x-email",
-            },
-        },
-        "spec": {
-            "predictor": {
-                "logger": {"mode": "all", "url": f"http://127.0.0.1:{sink.server_port}", "metadataHeaders": ["x-user", "x-email", "x-case"]},
-                "model": {"modelFormat": {"name": "onnx"}, "storageUri": f"file://{MODEL}"},
-            }
-        },
+    annotations = {
+        "serving.meshserve.io/jwt-issuer": ISSUER,
+        "serving.meshserve.io/jwt-jwks": json.dumps(keys[2]),
+        "serving.meshserve.io/jwt-audiences": "digits",
+        "serving.meshserve.io/jwt-subjects": "alice, bob",
+        "serving.meshserve.io/jwt-claim-headers": "sub=x-user, email=x-email",
     }
-    spec = tmp / "isvc.yaml"
-    spec.write_text(json.dumps(isvc))  # JSON is YAML
+    logger = {"mode": "all", "url": f"http://127.0.0.1:{sink.server_port}", "metadataHeaders": ["x-user", "x-email", "x-case"]}
+    spec = isvc_file(tmp / "isvc.yaml", annotations, {"logger": logger})
     up = MeshUp(spec, tmp / "state", BINARY)
     yield up
     up.stop()
@@ -195,20 +196,9 @@ def test_keys_fetched_from_a_jwks_uri(tmp_path, keys):
 
     issuer = ThreadingHTTPServer(("127.0.0.1", 0), Keys)
     threading.Thread(target=issuer.serve_forever, daemon=True).start()
-    isvc = {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": "digits",
-            "annotations": {
-                "serving.meshserve.io/jwt-issuer": ISSUER,
-                "serving.meshserve.io/jwt-jwks-uri": f"http://127.0.0.1:{issuer.server_port}/.well-known/jwks.json",
-            },
-        },
-        "spec": {"predictor": {"model": {"modelFormat": {"name": "onnx"}, "storageUri": f"file://{MODEL}"}}},
-    }
-    spec = tmp_path / "isvc.yaml"
-    spec.write_text(json.dumps(isvc))
+    uri = f"http://127.0.0.1:{issuer.server_port}/.well-known/jwks.json"
+    annotations = {"serving.meshserve.io/jwt-issuer": ISSUER, "serving.meshserve.io/jwt-jwks-uri": uri}
+    spec = isvc_file(tmp_path / "isvc.yaml", annotations)
     up = MeshUp(spec, tmp_path / "state", BINARY)
     try:
         good = token(keys[0])
