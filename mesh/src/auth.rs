@@ -1,7 +1,7 @@
 //! Who may call an InferenceService: JWT authentication declared with meshserve's
-//! annotations, rendered as Envoy's own filters for a local mesh (`jwt_authn`, and `rbac`
-//! when only some subjects may call) and as Istio's `RequestAuthentication` and
-//! `AuthorizationPolicy`. Both run after the router filter, which names the InferenceService
+//! annotations, and Envoy's own filters for it in a local mesh (`jwt_authn`, and `rbac` when
+//! only some subjects may call); `istio` renders the same requirement as Istio's
+//! `RequestAuthentication` and `AuthorizationPolicy`. Both run after the router filter, which names the InferenceService
 //! of every request in `x-meshserve-isvc` / `x-meshserve-namespace` (and removes any a client
 //! sent): the token a request needs is the one its InferenceService asks for, over REST and
 //! gRPC alike.
@@ -36,11 +36,11 @@ const PREFIX: &str = "serving.meshserve.io/jwt-";
 /// The filter that verifies tokens, and the metadata namespace it writes payloads to.
 pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
 /// Headers the router filter sets on every request it routes.
-const ISVC_HEADER: &str = "x-meshserve-isvc";
+pub const ISVC_HEADER: &str = "x-meshserve-isvc";
 /// Where `jwt_authn` notes why it refused a token (dynamic metadata).
 const FAILURE_KEY: &str = "failure";
 const RBAC_FILTER: &str = "envoy.filters.http.rbac";
-const NAMESPACE_HEADER: &str = "x-meshserve-namespace";
+pub const NAMESPACE_HEADER: &str = "x-meshserve-namespace";
 
 /// Where the keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,11 +215,12 @@ pub fn jwks_cluster(name: &str, namespace: &str) -> String {
     format!("meshserve.jwks.{namespace}.{name}")
 }
 
-fn service_headers(name: &str, namespace: &str) -> Value {
-    json!([
-        {"name": ISVC_HEADER, "string_match": {"exact": name}},
-        {"name": NAMESPACE_HEADER, "string_match": {"exact": namespace}},
-    ])
+/// Envoy header matchers for the requests the router routed to one service.
+fn service_headers(name: &str, namespace: &str) -> [Value; 2] {
+    [
+        json!({"name": ISVC_HEADER, "string_match": {"exact": name}}),
+        json!({"name": NAMESPACE_HEADER, "string_match": {"exact": namespace}}),
+    ]
 }
 
 /// One service's `jwt_authn` provider.
@@ -287,9 +288,7 @@ pub fn envoy_filters(services: &[(String, String, Jwt)]) -> Vec<Value> {
                 })
                 .collect();
             let mut ids: Vec<Value> = service_headers(name, namespace)
-                .as_array()
                 .into_iter()
-                .flatten()
                 .map(|h| json!({"header": h}))
                 .collect();
             ids.push(json!({"not_id": {"or_ids": {"ids": allowed}}}));
@@ -313,42 +312,45 @@ pub fn envoy_filters(services: &[(String, String, Jwt)]) -> Vec<Value> {
     filters
 }
 
-/// The claim headers of every service: removed from what clients send, before any filter
-/// runs, so that a header the backend trusts comes only from a verified token.
-pub fn claim_headers(services: &[(String, String, Jwt)]) -> Vec<String> {
-    let mut headers: Vec<String> = services
+/// Envoy's HTTP connection manager's `early_header_mutation_extensions` that remove every
+/// service's claim headers from what clients send, before any filter runs, so that a header
+/// the backend trusts comes only from a verified token. `None` without claim headers.
+pub fn envoy_claim_removal(services: &[(String, String, Jwt)]) -> Option<Value> {
+    let mut headers: Vec<&str> = services
         .iter()
-        .flat_map(|(_, _, jwt)| jwt.claim_headers.iter().map(|c| c.header.clone()))
+        .flat_map(|(_, _, jwt)| jwt.claim_headers.iter().map(|c| c.header.as_str()))
         .collect();
-    headers.sort();
+    headers.sort_unstable();
     headers.dedup();
-    headers
-}
-
-/// Mappers for Envoy's own replies to a missing or bad token (401, or 403 for a wrong
-/// audience) and to a subject not allowed (403), in the REST protocols' error shape
-/// (`{"error": "Jwt is missing"}`); gRPC clients get `UNAUTHENTICATED` / `PERMISSION_DENIED`
-/// from Envoy as it is. Only those replies: the filters' own are JSON already.
-pub fn envoy_reply_mappers() -> Vec<Value> {
-    vec![
-        rest_error_mapper(json!({"metadata_filter": {"matcher": {"filter": JWT_FILTER,
-            "path": [{"key": FAILURE_KEY}], "value": {"present_match": true}}}})),
-        rest_error_mapper(
-            json!({"metadata_filter": {"matcher": {"filter": RBAC_FILTER,
-            "path": [{"key": "enforced_engine_result"}], "value": {"present_match": true}}}}),
-        ),
-    ]
-}
-
-/// A local-reply mapper that puts Envoy's reason in `{"error": ...}` for REST requests that
-/// `filter` (an access-log filter) selects.
-pub fn rest_error_mapper(filter: Value) -> Value {
-    let not_grpc = json!({"header_filter": {"header": {"name": "content-type",
-        "string_match": {"prefix": "application/grpc"}, "invert_match": true}}});
-    json!({
-        "filter": {"and_filter": {"filters": [filter, not_grpc]}},
-        "body_format_override": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}, "content_type": "application/json"},
+    (!headers.is_empty()).then(|| {
+        json!([{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": headers.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+            },
+        }])
     })
+}
+
+/// Access-log filters that select Envoy's own refusals of a request for its token: a missing
+/// or bad token (401, or 403 for a wrong audience; `jwt_authn` notes them in its metadata)
+/// and a subject not allowed (403; `rbac` notes its verdict). The filters' own replies do not
+/// match. Empty when no service asks for tokens.
+pub fn envoy_refusals(services: &[(String, String, Jwt)]) -> Vec<Value> {
+    if services.is_empty() {
+        return Vec::new();
+    }
+    [
+        (JWT_FILTER, FAILURE_KEY),
+        (RBAC_FILTER, "enforced_engine_result"),
+    ]
+    .into_iter()
+    .map(|(filter, key)| {
+        json!({"metadata_filter": {"matcher": {"filter": filter, "path": [{"key": key}],
+                "value": {"present_match": true}}}})
+    })
+    .collect()
 }
 
 /// The TLS a remote JWKS is fetched over for `https://` (the server's certificate checked
@@ -360,82 +362,6 @@ pub fn jwks_tls(url: &Url) -> Option<Value> {
             "sni": url.host,
             "common_tls_context": {"validation_context": {"system_root_certs": {}}},
         }})
-    })
-}
-
-fn metadata(name: &str, namespace: &str, isvc: &str) -> Value {
-    json!({"name": name, "namespace": namespace,
-           "labels": {"app.kubernetes.io/managed-by": "meshserve",
-                      "serving.kserve.io/inferenceservice": isvc}})
-}
-
-/// Istio's `RequestAuthentication` for one service, on the gateway's pods.
-pub fn request_authentication(
-    name: &str,
-    namespace: &str,
-    jwt: &Jwt,
-    gateway_namespace: &str,
-    gateway_labels: &Value,
-) -> Value {
-    let mut rule = json!({"issuer": jwt.issuer, "forwardOriginalToken": false});
-    if let Some(map) = rule.as_object_mut() {
-        match &jwt.jwks {
-            Jwks::Inline(text) => map.insert("jwks".into(), json!(text)),
-            Jwks::Uri(url) => map.insert("jwksUri".into(), json!(url.text)),
-        };
-        if !jwt.audiences.is_empty() {
-            map.insert("audiences".into(), json!(jwt.audiences));
-        }
-        if !jwt.claim_headers.is_empty() {
-            map.insert(
-                "outputClaimToHeaders".into(),
-                jwt.claim_headers
-                    .iter()
-                    .map(|c| json!({"header": c.header, "claim": c.claim}))
-                    .collect(),
-            );
-        }
-    }
-    json!({
-        "apiVersion": "security.istio.io/v1",
-        "kind": "RequestAuthentication",
-        "metadata": metadata(&format!("meshserve-{namespace}-{name}"), gateway_namespace, name),
-        "spec": {"selector": {"matchLabels": gateway_labels}, "jwtRules": [rule]},
-    })
-}
-
-/// Istio's `AuthorizationPolicy` for one service: every request routed to it without a
-/// token from its issuer (or from another subject than those allowed) is denied.
-pub fn authorization_policy(
-    name: &str,
-    namespace: &str,
-    jwt: &Jwt,
-    gateway_namespace: &str,
-    gateway_labels: &Value,
-) -> Value {
-    let principals: Vec<String> = if jwt.subjects.is_empty() {
-        vec![format!("{}/*", jwt.issuer)]
-    } else {
-        jwt.subjects
-            .iter()
-            .map(|s| format!("{}/{s}", jwt.issuer))
-            .collect()
-    };
-    json!({
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": metadata(&format!("meshserve-{namespace}-{name}-callers"), gateway_namespace, name),
-        "spec": {
-            "selector": {"matchLabels": gateway_labels},
-            "action": "DENY",
-            "rules": [{
-                "from": [{"source": {"notRequestPrincipals": principals}}],
-                "when": [
-                    {"key": format!("request.headers[{ISVC_HEADER}]"), "values": [name]},
-                    {"key": format!("request.headers[{NAMESPACE_HEADER}]"), "values": [namespace]},
-                ],
-            }],
-        },
     })
 }
 

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::auth;
+use crate::auth::{ISVC_HEADER, Jwks, Jwt, NAMESPACE_HEADER};
 use crate::isvc::InferenceService;
 use crate::render::{self, Filter};
 use crate::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
@@ -232,7 +232,7 @@ pub fn security(services: &[InferenceService], settings: &Settings) -> Vec<Value
         // closed here).
         map.insert(
             "when".into(),
-            json!([{"key": "request.headers[x-meshserve-isvc]", "notValues": open}]),
+            json!([{"key": format!("request.headers[{ISVC_HEADER}]"), "notValues": open}]),
         );
     }
     let mut out = vec![json!({
@@ -244,9 +244,8 @@ pub fn security(services: &[InferenceService], settings: &Settings) -> Vec<Value
     })];
     for isvc in services {
         if let Some(jwt) = &isvc.jwt {
-            let (name, ns, at) = (&isvc.name, &isvc.namespace, &settings.gateway_namespace);
-            out.push(auth::request_authentication(name, ns, jwt, at, &labels));
-            out.push(auth::authorization_policy(name, ns, jwt, at, &labels));
+            out.push(request_authentication(isvc, jwt, settings));
+            out.push(authorization_policy(isvc, jwt, settings));
         }
     }
     if settings.mtls_strict {
@@ -266,4 +265,71 @@ pub fn security(services: &[InferenceService], settings: &Settings) -> Vec<Value
         }
     }
     out
+}
+
+/// A security resource's metadata, in the gateway's namespace, labelled with its service.
+fn security_metadata(name: String, isvc: &InferenceService, settings: &Settings) -> Value {
+    json!({"name": name, "namespace": settings.gateway_namespace,
+           "labels": {"app.kubernetes.io/managed-by": "meshserve",
+                      "serving.kserve.io/inferenceservice": isvc.name}})
+}
+
+/// Istio's `RequestAuthentication` for one service, on the gateway's pods.
+pub fn request_authentication(isvc: &InferenceService, jwt: &Jwt, settings: &Settings) -> Value {
+    let (name, namespace) = (&isvc.name, &isvc.namespace);
+    let mut rule = json!({"issuer": jwt.issuer, "forwardOriginalToken": false});
+    if let Some(map) = rule.as_object_mut() {
+        match &jwt.jwks {
+            Jwks::Inline(text) => map.insert("jwks".into(), json!(text)),
+            Jwks::Uri(url) => map.insert("jwksUri".into(), json!(url.text)),
+        };
+        if !jwt.audiences.is_empty() {
+            map.insert("audiences".into(), json!(jwt.audiences));
+        }
+        if !jwt.claim_headers.is_empty() {
+            map.insert(
+                "outputClaimToHeaders".into(),
+                jwt.claim_headers
+                    .iter()
+                    .map(|c| json!({"header": c.header, "claim": c.claim}))
+                    .collect(),
+            );
+        }
+    }
+    json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": security_metadata(format!("meshserve-{namespace}-{name}"), isvc, settings),
+        "spec": {"selector": {"matchLabels": gateway_labels(settings)}, "jwtRules": [rule]},
+    })
+}
+
+/// Istio's `AuthorizationPolicy` for one service: every request routed to it without a
+/// token from its issuer (or from another subject than those allowed) is denied.
+pub fn authorization_policy(isvc: &InferenceService, jwt: &Jwt, settings: &Settings) -> Value {
+    let (name, namespace) = (&isvc.name, &isvc.namespace);
+    let principals: Vec<String> = if jwt.subjects.is_empty() {
+        vec![format!("{}/*", jwt.issuer)]
+    } else {
+        jwt.subjects
+            .iter()
+            .map(|s| format!("{}/{s}", jwt.issuer))
+            .collect()
+    };
+    json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": security_metadata(format!("meshserve-{namespace}-{name}-callers"), isvc, settings),
+        "spec": {
+            "selector": {"matchLabels": gateway_labels(settings)},
+            "action": "DENY",
+            "rules": [{
+                "from": [{"source": {"notRequestPrincipals": principals}}],
+                "when": [
+                    {"key": format!("request.headers[{ISVC_HEADER}]"), "values": [name]},
+                    {"key": format!("request.headers[{NAMESPACE_HEADER}]"), "values": [namespace]},
+                ],
+            }],
+        },
+    })
 }

@@ -1,7 +1,7 @@
 //! meshserve's control plane: KServe InferenceServices in, everything that runs them out. Its
 //! modules, from the bottom up (each uses only those above it in this list):
 //!
-//! - [`auth`]: JWT requirements from annotations, as Envoy filters and Istio policies.
+//! - [`auth`]: JWT requirements from annotations, and the Envoy filters that enforce them.
 //! - [`isvc`]: one InferenceService, parsed and validated (the field at fault named);
 //!   [`files`]: the InferenceServices of a file, and a transformer read from one.
 //! - [`render`]: the filter configuration, its extension-config files and an Envoy bootstrap.

@@ -389,30 +389,14 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
     });
     // Envoy's own replies in the REST error shape: a request not received in time (408),
     // and the token checks' refusals.
-    let mut mappers = vec![auth::rest_error_mapper(
-        json!({"status_code_filter": {"comparison": {
-        "op": "EQ", "value": {"default_value": 408, "runtime_key": "meshserve.reply.408"}}}}),
-    )];
-    if !envoy.jwt.is_empty() {
-        mappers.extend(auth::envoy_reply_mappers());
-    }
+    let mut refusals = vec![json!({"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 408, "runtime_key": "meshserve.reply.408"}}}})];
+    refusals.extend(auth::envoy_refusals(&envoy.jwt));
     if let Some(map) = manager.as_object_mut() {
+        let mappers: Vec<Value> = refusals.into_iter().map(rest_error_mapper).collect();
         map.insert("local_reply_config".into(), json!({"mappers": mappers}));
-    }
-    if !envoy.jwt.is_empty()
-        && let Some(map) = manager.as_object_mut()
-    {
-        let claims = auth::claim_headers(&envoy.jwt);
-        if !claims.is_empty() {
-            // A claim header comes from a verified token only: what a client sends is
-            // dropped before any filter runs.
-            map.insert("early_header_mutation_extensions".into(), json!([{
-                "name": "envoy.http.early_header_mutation.header_mutation",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": claims.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
-                },
-            }]));
+        if let Some(removal) = auth::envoy_claim_removal(&envoy.jwt) {
+            map.insert("early_header_mutation_extensions".into(), removal);
         }
     }
     let mut runtime = json!({});
@@ -459,6 +443,18 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
             }],
             "clusters": clusters,
         },
+    })
+}
+
+/// A local-reply mapper that puts Envoy's reason in `{"error": ...}` (the REST protocols'
+/// error shape) for the non-gRPC replies `filter` (an access-log filter) selects; gRPC
+/// clients keep Envoy's `grpc-status`.
+fn rest_error_mapper(filter: Value) -> Value {
+    let not_grpc = json!({"header_filter": {"header": {"name": "content-type",
+        "string_match": {"prefix": "application/grpc"}, "invert_match": true}}});
+    json!({
+        "filter": {"and_filter": {"filters": [filter, not_grpc]}},
+        "body_format_override": {"json_format": {"error": "%LOCAL_REPLY_BODY%"}, "content_type": "application/json"},
     })
 }
 
