@@ -175,6 +175,10 @@ pub(crate) struct RenderArgs {
     /// each InferenceService's namespace (istio/security.yaml).
     #[arg(long)]
     pub mtls_strict: bool,
+    /// The Kubernetes cluster's DNS domain: Services are <name>.<namespace>.svc.DOMAIN, and
+    /// the Istio filter configuration calls out to Istio's clusters by those names.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -268,6 +272,7 @@ pub(crate) fn render(args: RenderArgs) -> Result<(), String> {
             gateway_namespace: args.gateway_namespace,
             gateway_selector: args.gateway_selector,
             mtls_strict: args.mtls_strict,
+            cluster_domain: args.cluster_domain,
         },
     };
     let (written, notes) = targets::render(&options)?;

@@ -125,7 +125,11 @@ mod tests {
     fn state() -> tempfile::TempDir {
         let isvc = crate::isvc::sample();
         let dir = tempfile::tempdir().unwrap();
-        let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();
+        let config = filter_config(
+            &[(&isvc, vec!["digits".into()])],
+            &crate::render::Naming::Local,
+        )
+        .unwrap();
         write_atomically(&dir.path().join(FILTER_CONFIG_FILE), &config).unwrap();
         write_atomically(
             &dir.path().join(ROUTER_ECDS_FILE),

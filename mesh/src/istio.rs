@@ -3,13 +3,16 @@
 //! without WasmPlugin (EXTENSION_CONFIG + HTTP_FILTER patches, the module fetched by Istio's
 //! agent); a `Gateway`; and per InferenceService a `VirtualService` that sends each request to
 //! the revision the router filter chose (its `x-meshserve-cluster` header) on that
-//! revision's Service. The filter configuration is the same JSON as everywhere else.
+//! revision's Service. The filter configuration is the same JSON as everywhere else, with
+//! Istio's cluster names (`outbound|<port>||<service host>`, [`naming`]): the filters' call-outs
+//! (payload events to a revision's log intake, shadow copies) can reach only the clusters
+//! istiod gives the gateway.
 
 use serde_json::{Value, json};
 
 use crate::auth::{ISVC_HEADER, Jwks, Jwt, NAMESPACE_HEADER};
 use crate::isvc::InferenceService;
-use crate::render::{self, Filter};
+use crate::render::{Filter, Naming};
 use crate::workload::{self, GRPC_PORT, HTTP_PORT, Settings};
 
 /// The gateway rendered, and the VirtualServices bound to it.
@@ -40,13 +43,27 @@ fn phase(filter: Filter) -> &'static str {
     }
 }
 
+/// The cluster names the filters use in Istio's proxies.
+pub fn naming(settings: &Settings) -> Naming {
+    Naming::Istio {
+        domain: settings.cluster_domain.clone(),
+    }
+}
+
 fn gateway_labels(settings: &Settings) -> Value {
     let (k, v) = &settings.gateway_selector;
     json!({k: v})
 }
 
-/// One `WasmPlugin` per filter root.
+/// One `WasmPlugin` per filter root. Istio's WasmPlugin cannot set Envoy's
+/// `allow_on_headers_stop_iteration`, so their configuration says `"hold_headers": false`:
+/// the filters then never hold a stream's headers for its body (see
+/// `meshserve_filter_core::config::Config::hold_headers`).
 pub fn wasm_plugins(filters: &[Filter], config: &Value, settings: &Settings) -> Vec<Value> {
+    let mut config = config.clone();
+    if let Some(map) = config.as_object_mut() {
+        map.insert("hold_headers".into(), json!(false));
+    }
     filters
         .iter()
         .map(|filter| {
@@ -152,17 +169,16 @@ pub fn gateway(settings: &Settings) -> Value {
     })
 }
 
-/// Routes for one InferenceService: each revision's REST and gRPC cluster names (what the
-/// router filter writes in `x-meshserve-cluster`) to its Service's ports.
+/// Routes for one InferenceService: each served revision's REST and gRPC cluster names (what
+/// the router filter writes in `x-meshserve-cluster`: Istio's own names for the revision's
+/// Service ports, [`Naming::Istio`]) to that Service's ports. A shadow gets no route: the
+/// router calls its cluster directly.
 pub fn virtual_service(isvc: &InferenceService, settings: &Settings) -> Value {
+    let naming = naming(settings);
     let mut routes = Vec::new();
-    for revision in workload::revisions(isvc) {
-        let (http, grpc) = render::clusters(&isvc.name, &revision.name);
-        let host = format!(
-            "{}.{}.svc.cluster.local",
-            workload::name(&isvc.name, &revision.name),
-            isvc.namespace
-        );
+    for revision in workload::served(isvc) {
+        let (http, grpc) = naming.clusters(isvc, revision);
+        let host = workload::service_host(isvc, revision, &settings.cluster_domain);
         for (cluster, port, protocol) in [(grpc, GRPC_PORT, "grpc"), (http, HTTP_PORT, "http")] {
             routes.push(json!({
                 "name": format!("{}-{protocol}", workload::name(&isvc.name, &revision.name)),

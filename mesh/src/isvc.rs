@@ -1,7 +1,8 @@
 //! The KServe `serving.kserve.io/v1beta1` InferenceService subset that `meshserve up` runs:
 //! `metadata.name` / `namespace`, `spec.predictor` (`name`, `model.modelFormat.name: onnx`,
-//! `model.storageUri`, `canaryTrafficPercent`), and standard mode's `spec.canary[]`
-//! (`predictor`, `trafficPercent`). Fields that only matter on Kubernetes (resources, replicas,
+//! `model.storageUri`, `canaryTrafficPercent`), standard mode's `spec.canary[]`
+//! (`predictor`, `trafficPercent`), and meshserve's `spec.shadow` (the same shape: a revision
+//! that gets a copy of `trafficPercent`% of the requests). Fields that only matter on Kubernetes (resources, replicas,
 //! service accounts) are accepted and ignored; fields meshserve cannot honour locally are
 //! refused with their path.
 
@@ -58,6 +59,9 @@ struct RawSpec {
     predictor: Option<RawPredictor>,
     #[serde(default)]
     canary: Vec<RawCanary>,
+    /// meshserve's shadow revision: a `spec.canary[]`-shaped entry whose `trafficPercent` is
+    /// the share of requests copied to it.
+    shadow: Option<RawCanary>,
     transformer: Option<Value>,
     explainer: Option<Value>,
 }
@@ -270,6 +274,10 @@ pub struct InferenceService {
     pub namespace: String,
     pub default: RevisionSpec,
     pub canaries: Vec<RevisionSpec>,
+    /// meshserve's `spec.shadow`: a revision that gets a copy of `percent`% of the requests;
+    /// its answers go nowhere but to the router's verdict (does it predict what the serving
+    /// revision predicted?), counted in Envoy's stats.
+    pub shadow: Option<RevisionSpec>,
     /// meshserve's declarative transformer (`spec.transformer`), checked by the filters' own
     /// parser; passed to them as written.
     pub transformer: Option<Value>,
@@ -366,37 +374,20 @@ impl InferenceService {
         let mut canaries = Vec::new();
         for (i, canary) in raw.spec.canary.into_iter().enumerate() {
             let path = format!("spec.canary[{i}]");
-            let percent = match (canary.traffic_percent, canary_percent, i) {
-                (Some(p), _, _) => p,
-                (None, Some(p), 0) => p,
-                (None, _, _) => {
-                    return Err(error(&format!("{path}.trafficPercent"), "is required"));
-                }
-            };
-            if !(0..=100).contains(&percent) {
-                return Err(error(
-                    &format!("{path}.trafficPercent"),
-                    format!("{percent} is not between 0 and 100"),
-                ));
-            }
-            let predictor = canary
-                .predictor
-                .ok_or_else(|| error(&format!("{path}.predictor"), "is required"))?;
-            let fallback = canary
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("{name}-canary-{}", i + 1));
-            let mut spec = revision(
-                &format!("{path}.predictor"),
-                predictor,
-                fallback,
-                percent,
-                base,
-            )?;
-            if let Some(n) = canary.name {
-                spec.name = n;
-            }
-            canaries.push(spec);
+            let inherited = if i == 0 { canary_percent } else { None };
+            let fallback = format!("{name}-canary-{}", i + 1);
+            canaries.push(extra_revision(&path, canary, inherited, fallback, base)?);
+        }
+        let shadow = raw
+            .spec
+            .shadow
+            .map(|s| extra_revision("spec.shadow", s, None, format!("{name}-shadow"), base))
+            .transpose()?;
+        if shadow.as_ref().is_some_and(|s| s.logger.is_some()) {
+            return Err(error(
+                "spec.shadow.predictor.logger",
+                "a shadow's answers reach no client, so there is nothing to log: its verdicts are in Envoy's stats (wasmcustom.meshserve.shadow.*)",
+            ));
         }
         if canaries.is_empty() && canary_percent.is_some_and(|p| p > 0) {
             return Err(error(
@@ -412,14 +403,18 @@ impl InferenceService {
             ));
         }
         let mut names = vec![&default.name];
-        for canary in &canaries {
-            if names.contains(&&canary.name) {
+        for (field, revision) in canaries
+            .iter()
+            .map(|c| ("spec.canary", c))
+            .chain(shadow.iter().map(|s| ("spec.shadow", s)))
+        {
+            if names.contains(&&revision.name) {
                 return Err(error(
-                    "spec.canary",
-                    format!("revision name '{}' is used twice", canary.name),
+                    field,
+                    format!("revision name '{}' is used twice", revision.name),
                 ));
             }
-            names.push(&canary.name);
+            names.push(&revision.name);
         }
         let autoscaler = match raw
             .metadata
@@ -461,6 +456,7 @@ impl InferenceService {
             namespace,
             default,
             canaries,
+            shadow,
             transformer,
             autoscaler,
             public_control_api,
@@ -468,6 +464,42 @@ impl InferenceService {
             annotations: raw.metadata.annotations,
         })
     }
+}
+
+/// A `spec.canary[i]` or `spec.shadow` entry: its `trafficPercent` (or, for the first
+/// canary, the predictor's `canaryTrafficPercent`), 0 to 100, and its predictor.
+fn extra_revision(
+    path: &str,
+    entry: RawCanary,
+    inherited: Option<i64>,
+    fallback: String,
+    base: &Path,
+) -> Result<RevisionSpec, IsvcError> {
+    let percent = entry
+        .traffic_percent
+        .or(inherited)
+        .ok_or_else(|| error(&format!("{path}.trafficPercent"), "is required"))?;
+    if !(0..=100).contains(&percent) {
+        return Err(error(
+            &format!("{path}.trafficPercent"),
+            format!("{percent} is not between 0 and 100"),
+        ));
+    }
+    let predictor = entry
+        .predictor
+        .ok_or_else(|| error(&format!("{path}.predictor"), "is required"))?;
+    let fallback = entry.name.clone().unwrap_or(fallback);
+    let mut spec = revision(
+        &format!("{path}.predictor"),
+        predictor,
+        fallback,
+        percent,
+        base,
+    )?;
+    if let Some(n) = entry.name {
+        spec.name = n;
+    }
+    Ok(spec)
 }
 
 /// KServe's transformer is a container; meshserve's is a pipeline the Envoy filter runs
@@ -739,6 +771,7 @@ pub(crate) fn sample() -> InferenceService {
         namespace: "default".into(),
         default: rev("v1", 0),
         canaries: vec![rev("v2", 20)],
+        shadow: None,
         transformer: None,
         autoscaler: Autoscaler::default(),
         labels: BTreeMap::new(),
@@ -847,6 +880,51 @@ spec:
             batched("file:///tmp/e.jsonl").unwrap_err().path,
             "spec.predictor.logger.cloudEventsBatch"
         );
+    }
+
+    #[test]
+    fn a_shadow_is_a_revision_that_gets_copies() {
+        let shadow = "  shadow:\n    trafficPercent: 30\n    predictor:\n      name: digits-v3\n      model:\n        modelFormat: {name: onnx}\n        storageUri: file://models/repository/sklearn_digits/2/model.onnx\n";
+        let yaml = format!("{GOOD}{shadow}");
+        let isvc = InferenceService::parse(&yaml, &base()).unwrap();
+        let parsed = isvc.shadow.as_ref().unwrap();
+        assert_eq!((parsed.name.as_str(), parsed.percent), ("digits-v3", 30));
+        // It runs (a workload of its own) but is not routed to, and takes no canary share.
+        let names: Vec<&str> = crate::workload::revisions(&isvc)
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["digits-v1", "digits-v2", "digits-v3"]);
+        assert_eq!(crate::workload::served(&isvc).count(), 2);
+        let config = crate::render::filter_config(
+            &[(&isvc, vec!["digits".into()])],
+            &crate::render::Naming::Local,
+        )
+        .unwrap();
+        assert_eq!(
+            config["services"][0]["predictor"]["shadow"],
+            serde_json::json!({"name": "digits-v3", "cluster": "digits.digits-v3",
+                               "grpc_cluster": "digits.digits-v3.grpc", "percent": 30})
+        );
+        for (bad, path) in [
+            (
+                yaml.replace("trafficPercent: 30", "trafficPercent: 130"),
+                "spec.shadow.trafficPercent",
+            ),
+            (
+                yaml.replace("name: digits-v3", "name: digits-v2"),
+                "spec.shadow",
+            ),
+            (
+                yaml.replace(
+                    "      name: digits-v3\n",
+                    "      name: digits-v3\n      logger: {url: http://127.0.0.1:1}\n",
+                ),
+                "spec.shadow.predictor.logger",
+            ),
+        ] {
+            let err = InferenceService::parse(&bad, &base()).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+        }
     }
 
     #[test]
@@ -974,9 +1052,17 @@ spec:
         };
         let open = InferenceService::parse(&with("true"), &base()).unwrap();
         assert!(open.public_control_api);
-        let config = crate::render::filter_config(&[(&open, vec!["digits".into()])]).unwrap();
+        let config = crate::render::filter_config(
+            &[(&open, vec!["digits".into()])],
+            &crate::render::Naming::Local,
+        )
+        .unwrap();
         assert_eq!(config["services"][0]["public_control_api"], true);
-        let config = crate::render::filter_config(&[(&closed, vec!["digits".into()])]).unwrap();
+        let config = crate::render::filter_config(
+            &[(&closed, vec!["digits".into()])],
+            &crate::render::Naming::Local,
+        )
+        .unwrap();
         assert!(config["services"][0].get("public_control_api").is_none());
         assert!(
             !InferenceService::parse(&with("false"), &base())

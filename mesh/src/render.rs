@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{self, Jwks, Jwt};
 use crate::isvc::{InferenceService, RevisionSpec};
+use crate::workload;
 
 /// The name of the router filter's extension config (ECDS) in the bootstrap.
 pub const ROUTER_FILTER: &str = "meshserve.router";
@@ -177,14 +178,51 @@ pub const OTLP_CLUSTER: &str = "meshserve.otlp";
 /// How often Envoy sends the spans it has (Envoy's default is 5 s).
 const TRACE_FLUSH_MS: u64 = 1000;
 
-/// A revision's Envoy cluster names (REST and gRPC).
+/// A revision's Envoy cluster names (REST and gRPC) in the Envoys meshserve renders.
 pub fn clusters(isvc: &str, revision: &str) -> (String, String) {
     let base = format!("{isvc}.{revision}");
     (base.clone(), format!("{base}.grpc"))
 }
 
-fn revision_json(isvc: &str, revision: &RevisionSpec, percent: Option<i64>) -> Value {
-    let (cluster, grpc_cluster) = clusters(isvc, &revision.name);
+/// How a target names the Envoy clusters that reach a revision. The filters use these names
+/// for everything: the router names the revision's cluster in `x-meshserve-cluster` (Envoy's
+/// `cluster_header` routes on it locally, Istio's VirtualServices match it), the logger calls
+/// out to the REST one for the revision's log intake, the router sends shadow copies to it.
+/// This is the one place that decides them for each target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Naming {
+    /// The Envoy bootstraps meshserve renders itself (`meshserve up`, render's local and
+    /// compose files): [`clusters`].
+    Local,
+    /// Istio: the clusters istiod gives every proxy, one per Service port,
+    /// `outbound|<port>||<service>.<namespace>.svc.<domain>` (`domain`: the cluster's DNS
+    /// domain, `cluster.local` by default).
+    Istio { domain: String },
+}
+
+impl Naming {
+    /// (REST cluster, gRPC cluster) of `revision` of `isvc`.
+    pub fn clusters(&self, isvc: &InferenceService, revision: &RevisionSpec) -> (String, String) {
+        match self {
+            Naming::Local => clusters(&isvc.name, &revision.name),
+            Naming::Istio { domain } => {
+                let host = workload::service_host(isvc, revision, domain);
+                (
+                    format!("outbound|{}||{host}", workload::HTTP_PORT),
+                    format!("outbound|{}||{host}", workload::GRPC_PORT),
+                )
+            }
+        }
+    }
+}
+
+fn revision_json(
+    isvc: &InferenceService,
+    revision: &RevisionSpec,
+    percent: Option<i64>,
+    naming: &Naming,
+) -> Value {
+    let (cluster, grpc_cluster) = naming.clusters(isvc, revision);
     let mut v = json!({"name": revision.name, "cluster": cluster, "grpc_cluster": grpc_cluster});
     if let Some(map) = v.as_object_mut() {
         if let Some(p) = percent {
@@ -198,19 +236,27 @@ fn revision_json(isvc: &str, revision: &RevisionSpec, percent: Option<i64>) -> V
 }
 
 /// The filter configuration for some InferenceServices, each serving `models` (the model
-/// names its sidecars answer for).
-pub fn filter_config(services: &[(&InferenceService, Vec<String>)]) -> Result<Value, String> {
+/// names its sidecars answer for), with the cluster names of the target it is for.
+pub fn filter_config(
+    services: &[(&InferenceService, Vec<String>)],
+    naming: &Naming,
+) -> Result<Value, String> {
     let services: Vec<Value> = services
         .iter()
         .map(|(isvc, models)| {
+            let revision = |r: &RevisionSpec, percent| revision_json(isvc, r, percent, naming);
+            let mut predictor = json!({
+                "default": revision(&isvc.default, None),
+                "canaries": isvc.canaries.iter().map(|c| revision(c, Some(c.percent))).collect::<Vec<_>>(),
+            });
+            if let (Some(shadow), Some(map)) = (&isvc.shadow, predictor.as_object_mut()) {
+                map.insert("shadow".into(), revision(shadow, Some(shadow.percent)));
+            }
             let mut service = json!({
                 "name": isvc.name,
                 "namespace": isvc.namespace,
                 "models": models,
-                "predictor": {
-                    "default": revision_json(&isvc.name, &isvc.default, None),
-                    "canaries": isvc.canaries.iter().map(|c| revision_json(&isvc.name, c, Some(c.percent))).collect::<Vec<_>>(),
-                },
+                "predictor": predictor,
             });
             if let (Some(transformer), Some(map)) = (&isvc.transformer, service.as_object_mut()) {
                 map.insert("transformer".into(), transformer.clone());
@@ -476,9 +522,36 @@ mod tests {
     }
 
     #[test]
+    fn istio_names_the_clusters_istiod_gives_its_proxies() {
+        let mut isvc = isvc();
+        isvc.default.logger = Some(crate::isvc::RevisionLogger {
+            url: "http://sink:8080".into(),
+            batched: false,
+            filter: json!({"mode": "all"}),
+        });
+        let naming = Naming::Istio {
+            domain: "corp.internal".into(),
+        };
+        let config = filter_config(&[(&isvc, vec!["digits".into()])], &naming).unwrap();
+        let default = &config["services"][0]["predictor"]["default"];
+        assert_eq!(
+            default["cluster"],
+            "outbound|8080||digits-v1.default.svc.corp.internal"
+        );
+        assert_eq!(
+            default["grpc_cluster"],
+            "outbound|8081||digits-v1.default.svc.corp.internal"
+        );
+        // The logger's call-outs go to the REST cluster of the revision it logs for.
+        let checked = check(&config).unwrap();
+        let (_, intake) = checked.logger("digits", "default", "v1").unwrap();
+        assert_eq!(intake, default["cluster"]);
+    }
+
+    #[test]
     fn the_filter_config_passes_the_filters_own_check() {
         let isvc = isvc();
-        let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();
+        let config = filter_config(&[(&isvc, vec!["digits".into()])], &Naming::Local).unwrap();
         assert_eq!(
             config["services"][0]["predictor"]["canaries"][0]["percent"],
             20
@@ -500,7 +573,7 @@ mod tests {
         isvc.transformer = Some(
             json!({"response": {"steps": [{"softmax": {}}]}, "limits": {"max_body_bytes": 4_000_000}}),
         );
-        let config = filter_config(&[(&isvc, vec!["digits".into()])]).unwrap();
+        let config = filter_config(&[(&isvc, vec!["digits".into()])], &Naming::Local).unwrap();
         let checked = check(&config).unwrap();
         assert_eq!(filters(&checked), vec![ROUTER, TRANSFORMER]);
         assert_eq!(buffer_limit(&checked), 4_000_000 + BUFFER_HEADROOM);
@@ -549,7 +622,11 @@ mod tests {
             ]
         );
         // Without a transformer: the router alone, Envoy's default buffer.
-        let plain = filter_config(&[(&self::tests::isvc(), vec!["digits".into()])]).unwrap();
+        let plain = filter_config(
+            &[(&self::tests::isvc(), vec!["digits".into()])],
+            &Naming::Local,
+        )
+        .unwrap();
         assert_eq!(filters(&check(&plain).unwrap()), vec![ROUTER]);
         assert_eq!(buffer_limit(&check(&plain).unwrap()), 1 << 20);
     }

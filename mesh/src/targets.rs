@@ -15,7 +15,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::files::read_services;
-use crate::render::{self, EnvoySpec, Upstream};
+use crate::render::{self, EnvoySpec, Naming, Upstream};
 use crate::workload::{self, Settings};
 use crate::{compose, istio, kube};
 
@@ -53,6 +53,7 @@ pub struct RenderOptions {
 pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), String> {
     let services = read_services(&options.file)?;
     workload::check_names(&services)?;
+    workload::check_domain(&options.settings.cluster_domain)?;
     let mut settings = options.settings.clone();
     if settings.wasm_sha256.is_none()
         && options.pin_wasm
@@ -73,9 +74,10 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         }
         served.push((isvc, models));
     }
-    let config = render::filter_config(&served)?;
+    let config = render::filter_config(&served, &Naming::Local)?;
     let checked = render::check(&config)?;
     let filters = render::filters(&checked);
+    let istio_config = render::filter_config(&served, &istio::naming(&settings))?;
     let mut written = Vec::new();
     let mut notes = Vec::new();
     for isvc in &services {
@@ -177,12 +179,12 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
     let istio_files: [(&str, Vec<Value>, &str); 5] = [
         (
             "wasmplugins.yaml",
-            istio::wasm_plugins(&filters, &config, &settings),
+            istio::wasm_plugins(&filters, &istio_config, &settings),
             "# meshserve's filters in the ingress gateway, one WasmPlugin per filter (Istio 1.12 and later).\n",
         ),
         (
             "envoyfilter.yaml",
-            vec![istio::envoy_filter(&filters, &config, &settings)],
+            vec![istio::envoy_filter(&filters, &istio_config, &settings)],
             "# The same filters for meshes without WasmPlugin: apply this OR wasmplugins.yaml, not both.\n",
         ),
         ("gateway.yaml", vec![istio::gateway(&settings)], ""),

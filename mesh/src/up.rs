@@ -19,7 +19,7 @@ use crate::files::read_services;
 use crate::isvc::RevisionSpec;
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
 use crate::tools::{find_envoy, find_wasm};
-use crate::workload::{batcher_args, logger_args, otlp_args};
+use crate::workload::{self, batcher_args, logger_args, otlp_args};
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +316,7 @@ pub async fn up(
             }
             None => None,
         };
-        for revision in std::iter::once(&isvc.default).chain(&isvc.canaries) {
+        for revision in workload::revisions(isvc) {
             let local = revision.storage.local().ok_or_else(|| {
                 UpError::Input(format!(
                     "revision {}: pvc:// storage is read on Kubernetes only (meshserve render); meshserve up serves file:// locations",
@@ -347,7 +347,7 @@ pub async fn up(
         }
         served.push((isvc, models));
     }
-    let config = render::filter_config(&served).map_err(UpError::Input)?;
+    let config = render::filter_config(&served, &render::Naming::Local).map_err(UpError::Input)?;
     let listener = SocketAddr::new(options.host, options.port);
     let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.admin_port);
     let otlp = match &options.otlp_endpoint {
@@ -438,6 +438,11 @@ pub async fn up(
             isvc.canaries
                 .iter()
                 .map(|c| format!("{} {}%", c.name, c.percent)),
+        )
+        .chain(
+            isvc.shadow
+                .iter()
+                .map(|s| format!("shadow {} gets a copy of {}%", s.name, s.percent)),
         )
         .collect();
         println!(

@@ -49,6 +49,9 @@ pub struct Settings {
     pub gateway_selector: (String, String),
     /// Render a PeerAuthentication STRICT for the predictors of each namespace.
     pub mtls_strict: bool,
+    /// The Kubernetes cluster's DNS domain (`cluster.local` unless the cluster was set up
+    /// otherwise): Services are `<name>.<namespace>.svc.<domain>`, in Istio's cluster names too.
+    pub cluster_domain: String,
 }
 
 /// A revision's workload name (Deployment, Service, compose service): the revision's name
@@ -59,6 +62,34 @@ pub fn name(isvc: &str, revision: &str) -> String {
         revision.to_owned()
     } else {
         format!("{isvc}-{revision}")
+    }
+}
+
+/// A revision's Kubernetes Service, by its full DNS name in a cluster with DNS `domain`.
+pub fn service_host(isvc: &InferenceService, revision: &RevisionSpec, domain: &str) -> String {
+    format!(
+        "{}.{}.svc.{domain}",
+        name(&isvc.name, &revision.name),
+        isvc.namespace
+    )
+}
+
+/// Checks a cluster DNS domain: dot-separated DNS labels (`cluster.local`).
+pub fn check_domain(domain: &str) -> Result<(), String> {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if domain.len() <= 253 && domain.split('.').all(label) {
+        Ok(())
+    } else {
+        Err(format!(
+            "cluster domain '{domain}' is not a DNS name (lower-case labels joined by dots, e.g. cluster.local)"
+        ))
     }
 }
 
@@ -86,8 +117,13 @@ pub fn check_names(services: &[InferenceService]) -> Result<(), String> {
     Ok(())
 }
 
-/// Default revision first, then the canaries.
+/// Every revision that runs: the default first, then the canaries, then the shadow.
 pub fn revisions(isvc: &InferenceService) -> impl Iterator<Item = &RevisionSpec> {
+    served(isvc).chain(&isvc.shadow)
+}
+
+/// The revisions requests are routed to (and answered by): the default, then the canaries.
+pub fn served(isvc: &InferenceService) -> impl Iterator<Item = &RevisionSpec> {
     std::iter::once(&isvc.default).chain(&isvc.canaries)
 }
 

@@ -192,7 +192,13 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
     assert {p["metadata"]["namespace"] for p in kinds["PeerAuthentication"]} == {"payments", "vision"}
     assert plugins["router"]["pluginConfig"]["services"][0]["name"] == "fraud"
     routes = kinds["VirtualService"][0]["spec"]["http"]
-    assert routes[0]["match"][0]["headers"]["x-meshserve-cluster"]["exact"].endswith(".grpc")
+    # The router's choice, the VirtualService's match and the filters' call-outs all name
+    # Istio's cluster for the Service port; the WasmPlugin cannot hold headers.
+    grpc_cluster = "outbound|8081||fraud-predictor.payments.svc.cluster.local"
+    assert routes[0]["match"][0]["headers"]["x-meshserve-cluster"]["exact"] == grpc_cluster
+    default = plugins["router"]["pluginConfig"]["services"][0]["predictor"]["default"]
+    assert default["grpc_cluster"] == grpc_cluster and default["cluster"] == grpc_cluster.replace("8081", "8080")
+    assert plugins["router"]["pluginConfig"]["hold_headers"] is False
     assert routes[0]["route"][0]["destination"]["port"]["number"] == 8081
 
 

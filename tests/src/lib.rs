@@ -1,6 +1,7 @@
 //! Test harness: runs the real `meshserve` binary on 127.0.0.1 with OS-chosen ports, reads the
 //! bound addresses from its log, keeps its log to print when a test fails, and kills it on drop.
 
+pub mod istio;
 pub mod otlp;
 
 use std::io::{BufRead, BufReader};
@@ -84,7 +85,6 @@ impl Sidecar {
         wait_ready: bool,
     ) -> Sidecar {
         let mut args: Vec<String> = vec![
-            "serve".into(),
             "--model-repository".into(),
             repository.display().to_string(),
             "--http-port".into(),
@@ -93,6 +93,15 @@ impl Sidecar {
             grpc.to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Sidecar::serve(&args, wait_ready)
+    }
+
+    /// `meshserve serve ARGS` (they name the model and the ports, 0 for the OS to pick);
+    /// waits for readiness if `wait_ready`.
+    pub fn serve(args: &[String], wait_ready: bool) -> Sidecar {
+        let args: Vec<String> = std::iter::once("serve".to_owned())
+            .chain(args.iter().cloned())
+            .collect();
         let (mut child, log) = spawn(&args);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -12,7 +12,8 @@
 //!      "shadow": {"name": "digits-shadow", "cluster": "digits_shadow", "percent": 10}},
 //!    "explainer": {"name": "digits-explainer", "cluster": "digits_explainer"},
 //!    "sticky": {"header": "x-user"}}],
-//!  "limits": {"grpc_peek_bytes": 4096}}
+//!  "limits": {"grpc_peek_bytes": 4096},
+//!  "hold_headers": true}
 //! ```
 
 use serde::Deserialize;
@@ -30,6 +31,7 @@ pub struct ConfigError(pub String);
 pub struct Config {
     services: Vec<Service>,
     limits: Limits,
+    hold_headers: bool,
 }
 
 /// Named limits.
@@ -158,6 +160,12 @@ struct RawConfig {
     services: Vec<Service>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default = "yes")]
+    hold_headers: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Config {
@@ -168,6 +176,7 @@ impl Config {
         let config = Config {
             services: raw.services,
             limits: raw.limits,
+            hold_headers: raw.hold_headers,
         };
         config.validate()?;
         Ok(config)
@@ -179,6 +188,18 @@ impl Config {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Whether the filters may hold a stream's headers while they read its body (`true`
+    /// unless the configuration says `"hold_headers": false`). That needs Envoy's
+    /// `allow_on_headers_stop_iteration`, which meshserve's own Envoy configurations and the
+    /// EnvoyFilter form set and Istio's WasmPlugin cannot; without it a held stream would
+    /// never get its body. Where it is off, a gRPC request is routed by its host (or to the
+    /// only InferenceService), not by the model name in its message, and the transformer
+    /// sends the rewritten headers before the rewritten body (JSON to the model, not the
+    /// binary tensor extension).
+    pub fn hold_headers(&self) -> bool {
+        self.hold_headers
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -182,7 +182,9 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
                 GrpcMethod::Repository(_) => (2, Some(1)),
                 GrpcMethod::ServerScoped(_) => (0, None),
             };
-            if field == 0 {
+            if field == 0 || host_route(config, request.authority).is_some() {
+                // The host names the service: the model name can stay in the message, for
+                // the predictor to read.
                 None
             } else {
                 match peek_model(request.body, field, fallback) {
@@ -200,7 +202,16 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
                             ),
                         );
                     }
-                    Peek::NeedMore => return Decision::NeedBody,
+                    Peek::NeedMore if config.hold_headers() => return Decision::NeedBody,
+                    // The headers cannot wait for the message here (Istio's WasmPlugin):
+                    // the only service, or the host, must say where the call goes.
+                    Peek::NeedMore if config.services().len() == 1 => None,
+                    Peek::NeedMore => {
+                        return reply(
+                            400,
+                            "this gateway routes gRPC by host, not by the model name in the message (Istio's WasmPlugin cannot hold a request's headers): set the authority to <inferenceservice>.<namespace>.<domain>, or install meshserve's EnvoyFilter form".into(),
+                        );
+                    }
                     Peek::Malformed(why) => {
                         return reply(400, format!("malformed gRPC request: {why}"));
                     }
@@ -777,6 +788,65 @@ mod tests {
             .decide(),
             Decision::NeedBody
         );
+    }
+
+    #[test]
+    fn grpc_goes_by_host_and_never_waits_where_headers_cannot_be_held() {
+        let infer = "/inference.GRPCInferenceService/ModelInfer";
+        // A host that names the service routes at once, the message unread.
+        let by_host = Req {
+            authority: Some("digits.default.example.com"),
+            ..req(infer)
+        }
+        .route();
+        assert_eq!(
+            (by_host.isvc.as_str(), by_host.cluster.as_str()),
+            ("digits", "digits_default_grpc")
+        );
+
+        let decide_with = |config: &Config, authority: Option<&str>| {
+            decide(
+                config,
+                &Request {
+                    path: infer,
+                    authority,
+                    header: &|_: &str| None,
+                    body: &[],
+                    end_of_body: false,
+                    draw: 0,
+                    shadow_draw: 99,
+                },
+            )
+        };
+        let mut v = json!({"services": [
+            {"name": "digits", "predictor": {"default": {"name": "v1", "cluster": "d", "grpc_cluster": "d.grpc"}}},
+            {"name": "text", "predictor": {"default": {"name": "v1", "cluster": "t"}}}]});
+        v["hold_headers"] = json!(false);
+        let unheld = Config::parse(v.to_string().as_bytes()).unwrap();
+        assert!(!unheld.hold_headers() && config().hold_headers());
+        // Two services and no host: a clear refusal, not a stream that waits for ever.
+        match decide_with(&unheld, None) {
+            Decision::Reply(reply) => {
+                assert_eq!((reply.status, reply.grpc_status()), (400, 3));
+                assert!(
+                    reply.message.contains("routes gRPC by host"),
+                    "{}",
+                    reply.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide_with(&unheld, Some("digits.default.svc")) {
+            Decision::Route(route) => assert_eq!(route.cluster, "d.grpc"),
+            other => panic!("{other:?}"),
+        }
+        // One service: it is where the call goes.
+        v["services"].as_array_mut().unwrap().pop();
+        let one = Config::parse(v.to_string().as_bytes()).unwrap();
+        match decide_with(&one, None) {
+            Decision::Route(route) => assert_eq!(route.isvc, "digits"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -512,6 +512,22 @@ impl HttpContext for RouterStream {
         }
         Action::Continue
     }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A gRPC answer ends with its trailers, not with a body chunk.
+        let copy = self.response_copy.take();
+        self.settle_primary(copy);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // The stream is over (reset, or ended before an answer): the shadow's verdict must
+        // not wait for a primary answer that will not come.
+        if self.shadow_id.is_some() {
+            self.response_copy = None;
+            self.settle_primary(None);
+        }
+    }
 }
 
 impl RouterStream {

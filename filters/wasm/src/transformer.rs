@@ -199,6 +199,16 @@ impl HttpContext for TransformStream {
         if let Some(path) = new_path {
             set(MapType::HttpRequestHeaders, ":path", Some(&path));
         }
+        if !self.config.hold_headers() {
+            // The headers go on now (Istio's WasmPlugin cannot hold them): the rewritten
+            // body will be JSON, sent chunked.
+            set(
+                MapType::HttpRequestHeaders,
+                "content-type",
+                Some("application/json"),
+            );
+            return Action::Continue;
+        }
         // Hold the headers until the body is rewritten (needs Envoy's
         // `allow_on_headers_stop_iteration`, which the renderer sets).
         Action::Pause
@@ -223,7 +233,8 @@ impl HttpContext for TransformStream {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let encoded = match transformer.request(wire, &body, header_length) {
+        let held = self.config.hold_headers();
+        let encoded = match transformer.request_as(wire, &body, header_length, held) {
             Ok(encoded) => encoded,
             Err(error) => return self.refuse(&error),
         };
@@ -234,6 +245,11 @@ impl HttpContext for TransformStream {
             return self.refuse(&TransformError::internal(
                 "the transformed request could not be sent",
             ));
+        }
+        if !held {
+            // Its headers are gone already, JSON and without a length.
+            self.count("request", "ok");
+            return Action::Continue;
         }
         let length = encoded.body.len().to_string();
         set(MapType::HttpRequestHeaders, "content-length", Some(&length));
@@ -286,7 +302,12 @@ impl HttpContext for TransformStream {
             "content-type",
             Some("application/json"),
         );
-        Action::Pause
+        if self.config.hold_headers() {
+            Action::Pause
+        } else {
+            // The status and these headers go on now; the body is rewritten below.
+            Action::Continue
+        }
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -306,6 +327,16 @@ impl HttpContext for TransformStream {
             .unwrap_or_default();
         let (answer, outcome) = match transformer.response(wire, &body, header_length) {
             Ok(answer) => (answer, "ok"),
+            Err(error) if !self.config.hold_headers() => {
+                // The client has its 200 already: end the stream rather than send an error
+                // body under it.
+                log::warn!("transformer: {error} (the response is reset)");
+                self.count("response", "reset");
+                if let Err(status) = hostcalls::reset_http_response() {
+                    log::warn!("cannot reset the response: {status:?}");
+                }
+                return Action::Pause;
+            }
             Err(error) => {
                 log::warn!("transformer: {error}");
                 set(
@@ -321,11 +352,13 @@ impl HttpContext for TransformStream {
         {
             log::warn!("cannot replace the response body: {status:?}");
         }
-        set(
-            MapType::HttpResponseHeaders,
-            "content-length",
-            Some(&answer.len().to_string()),
-        );
+        if self.config.hold_headers() {
+            set(
+                MapType::HttpResponseHeaders,
+                "content-length",
+                Some(&answer.len().to_string()),
+            );
+        }
         self.count("response", outcome);
         Action::Continue
     }

@@ -401,8 +401,20 @@ impl Transformer {
         body: &[u8],
         header_length: Option<usize>,
     ) -> Result<EncodedBody, TransformError> {
+        self.request_as(wire, body, header_length, true)
+    }
+
+    /// As [`Transformer::request`]; with `binary` false, all JSON (no
+    /// `Inference-Header-Content-Length` to send, for headers that left before the body).
+    pub fn request_as(
+        &self,
+        wire: Wire,
+        body: &[u8],
+        header_length: Option<usize>,
+        binary: bool,
+    ) -> Result<EncodedBody, TransformError> {
         self.infer_request(wire, body, header_length)
-            .map(|request| rest::encode_infer_request(&request, true))
+            .map(|request| rest::encode_infer_request(&request, binary))
     }
 
     /// The request for the model, as data (what [`Transformer::request`] encodes).
