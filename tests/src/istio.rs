@@ -687,6 +687,11 @@ impl IstioGateway {
         })
     }
 
+    /// The gateway's HTTP filters before Envoy's router, in chain order.
+    pub fn filters(&self) -> &[String] {
+        &self.filters
+    }
+
     /// Applies a new rendering to the running gateway, as `kubectl apply` and istiod's push
     /// would: every xDS file replaced in one rename each.
     pub fn apply(&self, out: &Path) -> Result<(), String> {

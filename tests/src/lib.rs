@@ -434,6 +434,24 @@ pub fn wasm_module() -> PathBuf {
     path
 }
 
+/// A ModelInfer request for the digits models (one row of 64 features, all 2.0), with `id`.
+pub fn digits_grpc_request(id: &str) -> meshserve_proto::inference::ModelInferRequest {
+    use meshserve_proto::inference::model_infer_request::InferInputTensor;
+    meshserve_proto::inference::ModelInferRequest {
+        model_name: "digits".into(),
+        id: id.into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 64],
+            parameters: Default::default(),
+            contents: None,
+        }],
+        raw_input_contents: vec![meshserve_proto::TensorData::Fp32(vec![2.0; 64]).to_raw()],
+        ..Default::default()
+    }
+}
+
 /// A running Envoy on a bootstrap file; its listener's real port read from the admin API.
 #[derive(Debug)]
 pub struct Envoy {

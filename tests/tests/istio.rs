@@ -17,11 +17,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use meshserve_e2e::istio::{Form, IstioGateway, Pods};
 use meshserve_e2e::{LogSink, Sidecar, root, run_to_exit, wasm_module};
-use meshserve_proto::TensorData;
 use meshserve_proto::grpc::response_from_grpc;
-use meshserve_proto::inference::ModelInferRequest;
 use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use meshserve_proto::inference::model_infer_request::InferInputTensor;
 use serde_json::{Value, json};
 
 const SAMPLE: &str = include_str!("../../models/samples/sklearn_digits_v1_request.json");
@@ -329,19 +326,7 @@ async fn grpc_infer(
         endpoint = endpoint.origin(format!("http://{authority}").parse().unwrap());
     }
     let mut grpc = GrpcInferenceServiceClient::new(endpoint.connect().await.unwrap());
-    let request = ModelInferRequest {
-        model_name: "digits".into(),
-        id: "through-istio".into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 64],
-            parameters: Default::default(),
-            contents: None,
-        }],
-        raw_input_contents: vec![TensorData::Fp32(vec![2.0; 64]).to_raw()],
-        ..Default::default()
-    };
+    let request = meshserve_e2e::digits_grpc_request("through-istio");
     let response = tokio::time::timeout(Duration::from_secs(10), grpc.model_infer(request))
         .await
         .expect("a gRPC answer within 10 s")?;
@@ -352,6 +337,20 @@ async fn grpc_infer(
 async fn serves_through_the_gateway(form: Form, tag: &str) {
     let istio = Istio::start(tag, form, false);
     let client = reqwest::Client::new();
+    // The router first (it names the service for everything after it), the logger last.
+    let chain: &[&str] = match form {
+        Form::WasmPlugins => &[
+            "istio-system.meshserve-router",
+            "istio-system.meshserve-transformer",
+            "istio-system.meshserve-logger",
+        ],
+        Form::EnvoyFilter => &[
+            "meshserve.router",
+            "meshserve.transformer",
+            "meshserve.logger",
+        ],
+    };
+    assert_eq!(istio.gateway.filters(), chain);
 
     // V1 and V2 REST.
     let (status, revision, body) = post(

@@ -14,12 +14,10 @@ use std::time::{Duration, Instant};
 use meshserve_e2e::{Envoy, Sidecar, TempRepository, wasm_module, write_local_mesh};
 use meshserve_mesh::canary::{Change, apply};
 use meshserve_mesh::render::{self, ROUTER_ECDS_FILE};
-use meshserve_proto::TensorData;
 use meshserve_proto::grpc::response_from_grpc;
 use meshserve_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use meshserve_proto::inference::model_infer_request::InferInputTensor;
 use meshserve_proto::inference::{
-    ModelInferRequest, RepositoryIndexRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
+    RepositoryIndexRequest, RepositoryModelUnloadRequest, ServerLiveRequest,
 };
 use serde_json::{Value, json};
 
@@ -242,19 +240,7 @@ async fn routes_v1_v2_and_grpc_pins_sticks_explains_and_refuses_unknown_models()
     let mut grpc = GrpcInferenceServiceClient::connect(format!("http://{}", mesh.envoy.listener))
         .await
         .unwrap();
-    let request = ModelInferRequest {
-        model_name: "digits".into(),
-        id: "via-envoy".into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![1, 64],
-            parameters: Default::default(),
-            contents: None,
-        }],
-        raw_input_contents: vec![TensorData::Fp32(vec![2.0; 64]).to_raw()],
-        ..Default::default()
-    };
+    let request = meshserve_e2e::digits_grpc_request("via-envoy");
     let response = grpc.model_infer(request.clone()).await.unwrap();
     let revision = response
         .metadata()
