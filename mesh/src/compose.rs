@@ -25,12 +25,17 @@ const ADMIN_PORT: u16 = 9901;
 pub fn local_only(services: &[InferenceService]) -> Result<(), String> {
     for isvc in services {
         for revision in workload::revisions(isvc) {
-            if let Storage::Pvc { .. } = revision.storage {
-                return Err(format!(
-                    "InferenceService {}: revision {}: pvc:// storage exists on Kubernetes only",
-                    isvc.name, revision.name
-                ));
-            }
+            let why = match revision.storage {
+                Storage::Pvc { .. } => "pvc:// storage exists on Kubernetes only",
+                Storage::Remote { .. } => {
+                    "remote storage is read on Kubernetes and by meshserve up; compose mounts local files"
+                }
+                Storage::File { .. } => continue,
+            };
+            return Err(format!(
+                "InferenceService {}: revision {}: {why}",
+                isvc.name, revision.name
+            ));
         }
     }
     Ok(())

@@ -169,14 +169,17 @@ pub fn gateway(settings: &Settings) -> Value {
     })
 }
 
-/// Routes for one InferenceService: each served revision's REST and gRPC cluster names (what
-/// the router filter writes in `x-meshserve-cluster`: Istio's own names for the revision's
-/// Service ports, [`Naming::Istio`]) to that Service's ports. A shadow gets no route: the
-/// router calls its cluster directly.
+/// Routes for one InferenceService: each revision's REST and gRPC cluster names (what the
+/// router filter writes in `x-meshserve-cluster`: Istio's own names for the revision's
+/// Service ports, [`Naming::Istio`]) to that Service's ports. The router never routes a
+/// client to the shadow (and removes the header clients send), but its routes name the
+/// shadow's Service so that istiod gives the gateway its clusters even where it prunes the
+/// gateway's clusters to those its routes use (`PILOT_FILTER_GATEWAY_CLUSTER_CONFIG`): the
+/// router's shadow copies call out to them.
 pub fn virtual_service(isvc: &InferenceService, settings: &Settings) -> Value {
     let naming = naming(settings);
     let mut routes = Vec::new();
-    for revision in workload::served(isvc) {
+    for revision in workload::revisions(isvc) {
         let (http, grpc) = naming.clusters(isvc, revision);
         let host = workload::service_host(isvc, revision, &settings.cluster_domain);
         for (cluster, port, protocol) in [(grpc, GRPC_PORT, "grpc"), (http, HTTP_PORT, "http")] {

@@ -156,6 +156,9 @@ pub enum Storage {
     File { path: PathBuf, relative: PathBuf },
     /// `pvc://CLAIM/PATH` (KServe's): a PersistentVolumeClaim, on Kubernetes only.
     Pvc { claim: String, path: String },
+    /// `s3://`, `gs://`, Azure Blob or `http(s)://`: downloaded by the sidecar
+    /// ([`meshserve_predictor::remote`]); by `meshserve up` before it starts the sidecar.
+    Remote { uri: String },
 }
 
 impl Storage {
@@ -163,12 +166,13 @@ impl Storage {
     pub fn local(&self) -> Option<&Path> {
         match self {
             Storage::File { path, .. } => Some(path),
-            Storage::Pvc { .. } => None,
+            Storage::Pvc { .. } | Storage::Remote { .. } => None,
         }
     }
 
     /// The model names a revision with this storage serves: its InferenceService's name for
-    /// one model (and for a claim, which is read on Kubernetes only), else its repository's.
+    /// one model (and for a claim or a remote location, not read while rendering), else its
+    /// repository's.
     pub fn models(&self, isvc: &str) -> Result<Vec<String>, String> {
         match self.local() {
             Some(path) => meshserve_predictor::storage::model_names(path, isvc),
@@ -383,6 +387,15 @@ impl InferenceService {
             .shadow
             .map(|s| extra_revision("spec.shadow", s, None, format!("{name}-shadow"), base))
             .transpose()?;
+        if shadow
+            .as_ref()
+            .is_some_and(|s| s.scaling.min_replicas == Some(0))
+        {
+            return Err(error(
+                "spec.shadow.predictor.minReplicas",
+                "a shadow cannot scale to zero: its copies are the router's call-outs, which no autoscaler sees as requests",
+            ));
+        }
         if shadow.as_ref().is_some_and(|s| s.logger.is_some()) {
             return Err(error(
                 "spec.shadow.predictor.logger",
@@ -619,10 +632,25 @@ fn storage(path: &str, uri: &str, base: &Path) -> Result<Storage, IsvcError> {
             path: inner.trim_matches('/').to_owned(),
         });
     }
+    if meshserve_predictor::remote::is_remote(uri) {
+        let (_, rest) = uri.split_once("://").unwrap_or_default();
+        if rest.split('/').next().is_none_or(str::is_empty) {
+            return Err(error(path, format!("'{uri}' names no bucket or host")));
+        }
+        if rest.contains('@') {
+            return Err(error(
+                path,
+                "credentials do not belong in the URI: give them in the environment (docs/reference.md#remote-storage)",
+            ));
+        }
+        return Ok(Storage::Remote {
+            uri: uri.to_owned(),
+        });
+    }
     Err(error(
         path,
         format!(
-            "'{uri}': meshserve reads file:// (relative to this file) and pvc://CLAIM/PATH; copy models from object stores into a volume first"
+            "'{uri}': meshserve reads file:// (relative to this file), pvc://CLAIM/PATH, s3://, gs://, https://ACCOUNT.blob.core.windows.net/... and http(s)://"
         ),
     ))
 }
@@ -1084,7 +1112,7 @@ spec:
                 "spec.canary[0].trafficPercent",
             ),
             (
-                GOOD.replace("file://models/repository/sklearn_digits/1", "s3://bucket"),
+                GOOD.replace("file://models/repository/sklearn_digits/1", "s3://user:secret@bucket"),
                 "spec.predictor.model.storageUri",
             ),
             (

@@ -122,27 +122,30 @@ fn deployment(
     scaler: Scaler,
     settings: &Settings,
 ) -> Value {
-    let (claim, sub_path) = match &revision.storage {
-        Storage::File { relative, .. } => (
+    let mut mounts = vec![json!({"name": "scratch", "mountPath": SCRATCH_DIR})];
+    let mut volumes = vec![json!({"name": "scratch", "emptyDir": {}})];
+    let claim = match &revision.storage {
+        Storage::File { relative, .. } => Some((
             settings.models_claim.clone(),
             workload::claim_path(relative),
-        ),
-        Storage::Pvc { claim, path } => (claim.clone(), path.clone()),
+        )),
+        Storage::Pvc { claim, path } => Some((claim.clone(), path.clone())),
+        // Downloaded by the sidecar into its scratch volume.
+        Storage::Remote { .. } => None,
     };
-    let mut model_mount = json!({"name": "models", "mountPath": workload::model_path(&revision.storage), "readOnly": true});
-    if !sub_path.is_empty()
-        && let Some(map) = model_mount.as_object_mut()
-    {
-        map.insert("subPath".into(), json!(sub_path));
+    if let Some((claim, sub_path)) = claim {
+        let mut model_mount = json!({"name": "models", "mountPath": workload::model_path(&revision.storage), "readOnly": true});
+        if !sub_path.is_empty()
+            && let Some(map) = model_mount.as_object_mut()
+        {
+            map.insert("subPath".into(), json!(sub_path));
+        }
+        mounts.insert(0, model_mount);
+        volumes.insert(
+            0,
+            json!({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}),
+        );
     }
-    let mut mounts = vec![
-        model_mount,
-        json!({"name": "scratch", "mountPath": SCRATCH_DIR}),
-    ];
-    let mut volumes = vec![
-        json!({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}),
-        json!({"name": "scratch", "emptyDir": {}}),
-    ];
     if isvc.transformer.is_some() {
         mounts.push(json!({"name": "transformer", "mountPath": TRANSFORMER_DIR, "readOnly": true}));
         volumes.push(

@@ -65,7 +65,8 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
     let mut served = Vec::new();
     for isvc in &services {
         let mut models = Vec::new();
-        for revision in workload::revisions(isvc) {
+        // The names clients may call: the shadow's extra models are not served.
+        for revision in workload::served(isvc) {
             for name in revision.storage.models(&isvc.name)? {
                 if !models.contains(&name) {
                     models.push(name);

@@ -13,10 +13,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use meshserve_predictor::storage;
+use meshserve_predictor::{remote, storage};
 
 use crate::files::read_services;
-use crate::isvc::RevisionSpec;
+use crate::isvc::{RevisionSpec, Storage};
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
 use crate::tools::{find_envoy, find_wasm};
 use crate::workload::{self, batcher_args, logger_args, otlp_args};
@@ -317,12 +317,22 @@ pub async fn up(
             None => None,
         };
         for revision in workload::revisions(isvc) {
-            let local = revision.storage.local().ok_or_else(|| {
-                UpError::Input(format!(
-                    "revision {}: pvc:// storage is read on Kubernetes only (meshserve render); meshserve up serves file:// locations",
-                    revision.name
-                ))
-            })?;
+            let fetched;
+            let local = match &revision.storage {
+                Storage::Remote { uri } => {
+                    let cache = state.join("storage");
+                    fetched = remote::fetch(uri, &cache, remote::MAX_DOWNLOAD_BYTES)
+                        .await
+                        .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
+                    fetched.as_path()
+                }
+                storage => storage.local().ok_or_else(|| {
+                    UpError::Input(format!(
+                        "revision {}: pvc:// storage is read on Kubernetes only (meshserve render); meshserve up serves file:// and remote locations",
+                        revision.name
+                    ))
+                })?,
+            };
             let names = storage::model_names(local, &isvc.name)
                 .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
             let mut extra = sidecar_storage_args(&isvc.name, revision, local, &state);
@@ -339,7 +349,12 @@ pub async fn up(
             let (part, upstream) = start_sidecar(&revision.name, &extra).await?;
             parts.push(part);
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
-            for name in names {
+            // The names clients may call: the shadow's extra models are not served.
+            let shadow = isvc
+                .shadow
+                .as_ref()
+                .is_some_and(|s| s.name == revision.name);
+            for name in names.into_iter().filter(|_| !shadow) {
                 if !models.contains(&name) {
                     models.push(name);
                 }

@@ -139,6 +139,8 @@ pub fn model_path(storage: &Storage) -> String {
         Storage::File { path, .. } if path.is_file() => file_name(path),
         Storage::Pvc { path, .. } => file_name(Path::new(path)),
         Storage::File { .. } => None,
+        // The sidecar downloads it itself.
+        Storage::Remote { uri } => return uri.clone(),
     };
     match single {
         Some(file) => format!("{MODELS_DIR}/{file}"),
@@ -171,6 +173,12 @@ pub fn sidecar_args(
     ]
     .map(str::to_owned)
     .to_vec();
+    if let Storage::Remote { .. } = revision.storage {
+        args.extend([
+            "--storage-cache".to_owned(),
+            format!("{SCRATCH_DIR}/storage"),
+        ]);
+    }
     args.extend(batcher_args(revision.batcher));
     if let Some(n) = revision.scaling.container_concurrency {
         args.extend(["--max-in-flight".to_owned(), n.to_string()]);

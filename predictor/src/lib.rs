@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod remote;
 pub mod repository;
 pub mod runtime;
 pub mod storage;

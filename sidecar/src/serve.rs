@@ -32,9 +32,19 @@ pub struct ServeArgs {
     )]
     pub model_repository: Option<PathBuf>,
     /// A KServe storage location instead of a repository: one .onnx file, one model's
-    /// directory of versions, or a repository (KServe's /mnt/models in a container).
+    /// directory of versions, or a repository (KServe's /mnt/models in a container); or a
+    /// remote one, downloaded first: s3://, gs://, https://ACCOUNT.blob.core.windows.net/...,
+    /// http(s):// (one file or a .tar.gz/.zip), credentials from the environment as KServe's
+    /// storage initializer reads them.
     #[arg(long, env = "MESHSERVE_STORAGE")]
     pub storage: Option<PathBuf>,
+    /// Where remote --storage is downloaded (kept: a restart over unchanged objects downloads
+    /// nothing). Default: meshserve-storage under the system's temporary directory.
+    #[arg(long, env = "MESHSERVE_STORAGE_CACHE")]
+    pub storage_cache: Option<PathBuf>,
+    /// The most bytes remote --storage may download.
+    #[arg(long, default_value_t = meshserve_predictor::remote::MAX_DOWNLOAD_BYTES, env = "MESHSERVE_MAX_DOWNLOAD_BYTES")]
+    pub max_download_bytes: u64,
     /// The name one model from --storage is served under (KServe: the InferenceService's).
     #[arg(long, default_value = "model", env = "MESHSERVE_MODEL_NAME")]
     pub model_name: String,
@@ -135,6 +145,25 @@ pub enum StartError {
     PayloadLogging(String),
 }
 
+/// `--storage` on this machine: as given, or downloaded first when remote.
+async fn local_storage(
+    storage: &Path,
+    cache: Option<&Path>,
+    max_bytes: u64,
+) -> Result<PathBuf, StartError> {
+    let uri = storage.to_string_lossy();
+    if !meshserve_predictor::remote::is_remote(&uri) {
+        return Ok(storage.to_owned());
+    }
+    let cache = cache.map_or_else(
+        || std::env::temp_dir().join("meshserve-storage"),
+        Path::to_owned,
+    );
+    meshserve_predictor::remote::fetch(&uri, &cache, max_bytes)
+        .await
+        .map_err(StartError::Storage)
+}
+
 fn repository_registry(service: &Service) -> &prometheus::Registry {
     service.repository().metrics().registry()
 }
@@ -152,6 +181,12 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
     let root = match (&args.model_repository, &args.storage) {
         (Some(repository), _) => repository.clone(),
         (None, Some(storage)) => {
+            let storage = &local_storage(
+                storage,
+                args.storage_cache.as_deref(),
+                args.max_download_bytes,
+            )
+            .await?;
             let scratch = args.scratch_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("meshserve-{}", std::process::id()))
             });

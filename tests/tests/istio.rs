@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 
 const SAMPLE: &str = include_str!("../../models/samples/sklearn_digits_v1_request.json");
 const SHADOW: &str = "digits-predictor-v3";
+/// The cluster's DNS domain, not the default, so that `--cluster-domain` is exercised.
+const DOMAIN: &str = "corp.internal";
 
 /// The demo's InferenceServices for this machine: absolute model paths, the test's sink, a
 /// shadow revision copied every request, and the canary at `canary` percent.
@@ -80,6 +82,8 @@ fn render(file: &Path, out: &Path) {
             &out.display().to_string(),
             "--wasm-file",
             &wasm_module().display().to_string(),
+            "--cluster-domain",
+            DOMAIN,
         ],
         Duration::from_secs(60),
     );
@@ -103,7 +107,7 @@ fn with_local_names(out: &Path) {
             ("digits", SHADOW),
             ("mnist", "mnist-predictor-v1"),
         ] {
-            let host = format!("{revision}.default.svc.cluster.local");
+            let host = format!("{revision}.default.svc.{DOMAIN}");
             text = text
                 .replace(
                     &format!("outbound|8081||{host}"),
@@ -193,7 +197,7 @@ impl Istio {
             form,
             pods,
             &wasm_module(),
-            "cluster.local",
+            DOMAIN,
             &dir.join("gateway"),
         )
         .unwrap_or_else(|e| panic!("the rendering does not translate: {e}"));

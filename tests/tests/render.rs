@@ -352,7 +352,7 @@ fn bad_inferenceservices_are_answered_with_the_field_path() {
         ),
         (
             "storageUri: pvc://model-store/fraud/v7/model.onnx",
-            "storageUri: s3://bucket/fraud",
+            "storageUri: ftp://bucket/fraud",
             "spec.predictor.model.storageUri",
         ),
         (
