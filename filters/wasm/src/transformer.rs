@@ -4,7 +4,9 @@
 //! It sits after the router in the filter chain and reads the router's `x-meshserve-*`
 //! headers. A request it transforms is held (headers and body, up to the transformer's
 //! `max_body_bytes`) until the whole body is in, rewritten, and sent on as an Open Inference
-//! Protocol request; the model's answer is held likewise and rewritten for the client. Bad
+//! Protocol request; the model's answer is held likewise and rewritten for the client. Where
+//! the configuration says `hold_headers: false` (Istio's WasmPlugin), only the bodies are held:
+//! the headers go on first, the request as JSON and both without a length. Bad
 //! input gets the transformer's 400/413 with `{"error": "transformer: ..."}`; gRPC passes
 //! untouched.
 
