@@ -41,6 +41,16 @@ if ! command -v docker-compose >/dev/null 2>&1; then
         || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q docker-compose >/dev/null; }
 fi
 
+# Servers from the npm registry that the tests start (Azurite, Azure Storage's emulator), at
+# the versions tests/tools/package-lock.json pins.
+stamp=tests/tools/node_modules/.package-lock.sha256
+want=$(sha256sum tests/tools/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing the test servers in tests/tools (npm ci)"
+    npm ci --prefix tests/tools --no-audit --no-fund --loglevel=error
+    echo "$want" > "$stamp"
+fi
+
 # Every process a test starts must be gone when the tests end: this checkout's meshserve and
 # Envoy processes are listed before and after, and any new one fails the run.
 ours() {

@@ -1,5 +1,6 @@
 """Remote model storage against real servers: an S3 API (moto's server, objects put with
-boto3), a GCS emulator (fake-gcs-server, objects put through its JSON API) and an HTTP server
+boto3), a GCS emulator (fake-gcs-server, objects put through its JSON API), Azure's emulator
+(Azurite from tests/tools, blobs put with Azure's Python client) and an HTTP server
 (Python's, serving a .tar.gz and a .zip of a model directory). `meshserve serve --storage URI`
 downloads, then serves; its answers equal Python onnxruntime's on the same file; a second
 start over unchanged objects downloads nothing; a missing bucket or object is an error that
@@ -297,3 +298,33 @@ def test_up_and_render_take_s3_storage(s3, tmp_path, monkeypatch):
     assert args[args.index("--storage") + 1] == "s3://models/sklearn/digits"
     assert "--storage-cache" in args
     assert all(v["name"] != "models" for v in pod["volumes"])
+
+
+def test_azure_blob_through_azurite(tmp_path):
+    from azure.storage.blob import BlobServiceClient
+
+    binary = REPO_ROOT / "tests" / "tools" / "node_modules" / ".bin" / "azurite-blob"
+    assert binary.exists(), "Azurite is missing: scripts/test.sh installs it (npm ci --prefix tests/tools)"
+    port = free_port()
+    emulator = Process([binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+                        "--skipApiVersionCheck", "--silent"])
+    base = f"http://127.0.0.1:{port}/devstoreaccount1"
+    try:
+        wait_http(base)
+        # Azurite's documented development account and key.
+        key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+        client = BlobServiceClient(account_url=base, credential={"account_name": "devstoreaccount1", "account_key": key})
+        container = client.create_container("models")
+        for version in ("1", "2"):
+            with open(DIGITS / version / "model.onnx", "rb") as f:
+                container.upload_blob(f"sklearn/digits/{version}/model.onnx", f)
+        env = {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": f"http://127.0.0.1:{port}"}
+        server, address = serve("https://devstoreaccount1.blob.core.windows.net/models/sklearn/digits", env,
+                                tmp_path / "cache")
+        try:
+            assert address, server.text() + emulator.text()
+            check_answers(address, "2")
+        finally:
+            server.stop()
+    finally:
+        emulator.stop()
