@@ -74,6 +74,14 @@ struct RawPredictor {
     name: Option<String>,
     canary_traffic_percent: Option<i64>,
     model: Option<RawModel>,
+    /// KServe's framework shorthands (`spec.predictor.onnx: {storageUri: ...}`).
+    onnx: Option<RawModel>,
+    sklearn: Option<RawModel>,
+    xgboost: Option<RawModel>,
+    lightgbm: Option<RawModel>,
+    pytorch: Option<RawModel>,
+    tensorflow: Option<RawModel>,
+    triton: Option<RawModel>,
     batcher: Option<RawBatcher>,
     logger: Option<RawLogger>,
     min_replicas: Option<i64>,
@@ -112,7 +120,17 @@ struct RawLogger {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawModel {
+    /// `spec.predictor.model` only (a shorthand's key is its format).
     model_format: Option<RawFormat>,
+    /// KServe's ServingRuntime: meshserve is the one runtime, whatever it names.
+    #[serde(rename = "runtime")]
+    _runtime: Option<String>,
+    /// The runtime's version (KServe picks the server image by it): not meshserve's.
+    #[serde(rename = "runtimeVersion")]
+    _runtime_version: Option<String>,
+    /// The container's name (KServe's `kserve-container`).
+    #[serde(rename = "name")]
+    _name: Option<String>,
     storage_uri: Option<String>,
     /// v1, v2 or grpc-v2: the sidecar serves all of them.
     protocol_version: Option<String>,
@@ -532,33 +550,51 @@ fn check_transformer(value: Value) -> Result<Value, IsvcError> {
 
 fn revision(
     path: &str,
-    predictor: RawPredictor,
+    mut predictor: RawPredictor,
     fallback: String,
     percent: i64,
     base: &Path,
 ) -> Result<RevisionSpec, IsvcError> {
     let scaling = scaling(path, &predictor)?;
-    let model = predictor
-        .model
-        .ok_or_else(|| error(&format!("{path}.model"), "is required"))?;
-    let format = model.model_format.and_then(|f| f.name).unwrap_or_default();
-    if !format.eq_ignore_ascii_case("onnx") {
-        return Err(error(
-            &format!("{path}.model.modelFormat.name"),
-            format!(
-                "'{format}' is not supported: meshserve serves onnx (convert with skl2onnx, tf2onnx, torch.onnx)"
-            ),
-        ));
+    let (model_path, format, model) = model_form(path, &mut predictor)?;
+    match format.to_ascii_lowercase().as_str() {
+        // ONNX, and the frameworks whose ONNX exports KServe users put under their own key
+        // (a TorchScript file or a SavedModel is refused when the sidecar reads the storage,
+        // naming the export step). Triton's repository of ONNX models serves as it is.
+        "onnx" | "pytorch" | "tensorflow" | "triton" => {}
+        "sklearn" | "xgboost" | "lightgbm" => {
+            return Err(error(
+                &format!(
+                    "{model_path}{}",
+                    if model_path.ends_with(".model") {
+                        ".modelFormat.name"
+                    } else {
+                        ""
+                    }
+                ),
+                format!(
+                    "'{format}' files are not converted yet: export the model to ONNX (skl2onnx for scikit-learn, onnxmltools for XGBoost and LightGBM) and serve it as onnx"
+                ),
+            ));
+        }
+        _ => {
+            return Err(error(
+                &format!("{model_path}.modelFormat.name"),
+                format!(
+                    "'{format}' is not supported: meshserve serves onnx (convert with skl2onnx, onnxmltools, tf2onnx, torch.onnx)"
+                ),
+            ));
+        }
     }
     let uri = model
         .storage_uri
-        .ok_or_else(|| error(&format!("{path}.model.storageUri"), "is required"))?;
-    let storage = storage(&format!("{path}.model.storageUri"), &uri, base)?;
+        .ok_or_else(|| error(&format!("{model_path}.storageUri"), "is required"))?;
+    let storage = storage(&format!("{model_path}.storageUri"), &uri, base)?;
     if let Some(protocol) = &model.protocol_version
         && !["v1", "v2", "grpc-v2"].contains(&protocol.as_str())
     {
         return Err(error(
-            &format!("{path}.model.protocolVersion"),
+            &format!("{model_path}.protocolVersion"),
             format!("'{protocol}' is not v1, v2 or grpc-v2 (the sidecar serves all three)"),
         ));
     }
@@ -604,6 +640,57 @@ fn is_dns_label(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-')
+}
+
+/// The predictor's model, in whichever of KServe's forms it is given: `model` (with
+/// `modelFormat.name`) or one framework key. Returns the field's path, the format and the
+/// model; two forms at once, or none, is an error.
+fn model_form(
+    path: &str,
+    predictor: &mut RawPredictor,
+) -> Result<(String, String, RawModel), IsvcError> {
+    let mut forms: Vec<(&str, RawModel)> = [
+        ("model", predictor.model.take()),
+        ("onnx", predictor.onnx.take()),
+        ("sklearn", predictor.sklearn.take()),
+        ("xgboost", predictor.xgboost.take()),
+        ("lightgbm", predictor.lightgbm.take()),
+        ("pytorch", predictor.pytorch.take()),
+        ("tensorflow", predictor.tensorflow.take()),
+        ("triton", predictor.triton.take()),
+    ]
+    .into_iter()
+    .filter_map(|(key, model)| Some((key, model?)))
+    .collect();
+    if forms.len() > 1 {
+        let keys: Vec<&str> = forms.iter().map(|(k, _)| *k).collect();
+        return Err(error(
+            path,
+            format!("give the model once: {} are all set", keys.join(", ")),
+        ));
+    }
+    let Some((key, mut model)) = forms.pop() else {
+        return Err(error(
+            &format!("{path}.model"),
+            "is required (or one of KServe's framework keys: onnx, sklearn, xgboost, lightgbm, pytorch, tensorflow, triton)",
+        ));
+    };
+    let model_path = format!("{path}.{key}");
+    let format = if key == "model" {
+        model
+            .model_format
+            .take()
+            .and_then(|f| f.name)
+            .unwrap_or_default()
+    } else if model.model_format.is_some() {
+        return Err(error(
+            &format!("{model_path}.modelFormat"),
+            format!("belongs to spec.predictor.model; under {key} the format is {key}"),
+        ));
+    } else {
+        key.to_owned()
+    };
+    Ok((model_path, format, model))
 }
 
 /// `file://` (relative to the InferenceService's file, which must exist here) or `pvc://`.
@@ -908,6 +995,57 @@ spec:
             batched("file:///tmp/e.jsonl").unwrap_err().path,
             "spec.predictor.logger.cloudEventsBatch"
         );
+    }
+
+    #[test]
+    fn kserve_framework_keys_and_model_forms_are_read() {
+        let onnx = GOOD.replacen(
+            "    model:\n      modelFormat: {name: onnx}\n      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n",
+            "    onnx:\n      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n      runtimeVersion: 1.31.1\n      protocolVersion: v2\n      resources: {limits: {cpu: '1'}}\n",
+            1,
+        );
+        assert_ne!(onnx, GOOD);
+        let isvc = InferenceService::parse(&onnx, &base()).unwrap();
+        assert!(matches!(isvc.default.storage, Storage::File { .. }));
+        assert_eq!(
+            isvc.default.pod.resources,
+            Some(serde_json::json!({"limits": {"cpu": "1"}}))
+        );
+        let with_runtime = GOOD.replacen(
+            "      modelFormat: {name: onnx}\n",
+            "      modelFormat: {name: onnx, version: '13'}\n      runtime: kserve-tritonserver\n",
+            1,
+        );
+        assert!(InferenceService::parse(&with_runtime, &base()).is_ok());
+        for (yaml, path, says) in [
+            (
+                onnx.replace("    onnx:\n", "    sklearn:\n"),
+                "spec.predictor.sklearn",
+                "skl2onnx",
+            ),
+            (
+                GOOD.replacen("{name: onnx}", "{name: xgboost}", 1),
+                "spec.predictor.model.modelFormat.name",
+                "onnxmltools",
+            ),
+            (
+                onnx.replace("      runtimeVersion: 1.31.1\n", "      args: [--workers=2]\n"),
+                "spec.predictor.onnx",
+                "unknown field `args`",
+            ),
+            (
+                onnx.replace(
+                    "    onnx:\n",
+                    "    model:\n      modelFormat: {name: onnx}\n      storageUri: file://models\n    onnx:\n",
+                ),
+                "spec.predictor",
+                "model, onnx are all set",
+            ),
+        ] {
+            let err = InferenceService::parse(&yaml, &base()).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+            assert!(err.message.contains(says), "{err}");
+        }
     }
 
     const SHADOW: &str = "  shadow:\n    trafficPercent: 30\n    predictor:\n      name: digits-v3\n      model:\n        modelFormat: {name: onnx}\n        storageUri: file://models/repository/sklearn_digits/2/model.onnx\n";

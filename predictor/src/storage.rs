@@ -21,9 +21,67 @@ fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", what.display())
 }
 
+/// What a model file in another framework's format needs, for the user.
+fn foreign(file: &Path) -> Option<String> {
+    let name = file.file_name()?.to_str()?.to_ascii_lowercase();
+    let what = if name == "saved_model.pb" || name == "saved_model.pbtxt" {
+        "a TensorFlow SavedModel: export it with tf2onnx (python -m tf2onnx.convert --saved-model DIR --output model.onnx)"
+    } else if [".pt", ".pth", ".mar", ".torchscript"]
+        .iter()
+        .any(|e| name.ends_with(e))
+    {
+        "a PyTorch file: export the model with torch.onnx.export"
+    } else if [".joblib", ".pkl", ".pickle"]
+        .iter()
+        .any(|e| name.ends_with(e))
+    {
+        "a scikit-learn pickle: convert it with skl2onnx (zipmap=False)"
+    } else if [".bst", ".ubj"].iter().any(|e| name.ends_with(e)) {
+        "an XGBoost or LightGBM booster: convert it with onnxmltools"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} is {what}, and meshserve serves ONNX",
+        file.display()
+    ))
+}
+
+/// The one model file directly in `dir` (KServe's layout: `model.onnx` beside nothing else
+/// that is a model), if there is one; two are an error.
+fn model_file(dir: &Path) -> Result<Option<PathBuf>, String> {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    let onnx: Vec<&PathBuf> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    match onnx.as_slice() {
+        [] => match files.iter().find_map(|f| foreign(f)) {
+            Some(why) => Err(why),
+            None => Ok(None),
+        },
+        [one] => Ok(Some((*one).clone())),
+        several => Err(format!(
+            "{}: {} .onnx files side by side; one model file per directory (KServe's rule), or one version directory each",
+            dir.display(),
+            several.len()
+        )),
+    }
+}
+
 /// How storage is laid out: `None` for one model, or the model names of a repository.
 pub fn layout(storage: &Path) -> Result<Option<Vec<String>>, String> {
     if storage.is_file() {
+        if let Some(why) = foreign(storage) {
+            return Err(why);
+        }
+        return Ok(None);
+    }
+    if model_file(storage)?.is_some() {
         return Ok(None);
     }
     let entries: Vec<PathBuf> = std::fs::read_dir(storage)
@@ -79,10 +137,21 @@ pub fn prepare_repository(
     let model_dir = scratch.join(name);
     std::fs::create_dir_all(&model_dir).map_err(io(&model_dir))?;
     let mut config = String::new();
-    if storage.is_file() {
+    let file = if storage.is_file() {
+        Some(storage.clone())
+    } else {
+        model_file(&storage)?
+    };
+    if let Some(file) = file {
         let version = model_dir.join("1");
         std::fs::create_dir_all(&version).map_err(io(&version))?;
-        link(&storage, &version.join("model.onnx"))?;
+        link(&file, &version.join("model.onnx"))?;
+        if let Some(dir) = file.parent().filter(|_| !storage.is_file()) {
+            let own = dir.join(CONFIG_FILE);
+            if own.is_file() {
+                config = std::fs::read_to_string(&own).map_err(io(&own))?;
+            }
+        }
     } else {
         for entry in std::fs::read_dir(&storage)
             .map_err(io(&storage))?
@@ -180,5 +249,37 @@ mod tests {
         assert_eq!(same, std::fs::canonicalize(&root).unwrap());
         assert!(names.contains(&"mnist_cnn".to_owned()));
         assert!(prepare_repository(&root, "x", Some((None, None)), scratch.path()).is_err());
+    }
+
+    #[test]
+    fn kserve_directories_of_one_model_file_and_other_formats() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/repository");
+        let dir = tempfile::tempdir().unwrap();
+        // KServe's ONNX sample layout: model.onnx directly in the storage directory.
+        std::fs::copy(
+            root.join("sklearn_digits/1/model.onnx"),
+            dir.path().join("model.onnx"),
+        )
+        .unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        assert_eq!(layout(dir.path()).unwrap(), None);
+        let (repo, names) = prepare_repository(dir.path(), "digits", None, scratch.path()).unwrap();
+        assert_eq!(names, ["digits"]);
+        assert!(repo.join("digits/1/model.onnx").is_file());
+        std::fs::copy(dir.path().join("model.onnx"), dir.path().join("other.onnx")).unwrap();
+        let two = layout(dir.path()).unwrap_err();
+        assert!(two.contains("2 .onnx files"), "{two}");
+        for (file, says) in [
+            ("model.joblib", "skl2onnx"),
+            ("model.bst", "onnxmltools"),
+            ("model.pt", "torch.onnx"),
+            ("saved_model.pb", "tf2onnx"),
+        ] {
+            let other = tempfile::tempdir().unwrap();
+            std::fs::write(other.path().join(file), b"x").unwrap();
+            let why = layout(other.path()).unwrap_err();
+            assert!(why.contains(says), "{file}: {why}");
+            assert!(layout(&other.path().join(file)).unwrap_err().contains(says));
+        }
     }
 }

