@@ -187,17 +187,23 @@ def check_answers(address, version):
     assert np.allclose(scores["data"], expected[1].flatten(), rtol=1e-5, atol=1e-6)
 
 
+def check_serves(uri, env, cache, version, context=lambda: ""):
+    """`meshserve serve --storage URI` answers as onnxruntime does on version `version`;
+    returns its output."""
+    server, address = serve(uri, env, cache)
+    try:
+        assert address, server.text() + context()
+        check_answers(address, version)
+        return server.text()
+    finally:
+        server.stop()
+
+
 def test_s3_prefix_and_single_object_serve_and_stay_cached(s3, tmp_path):
     cache = tmp_path / "cache"
     for uri, version in [("s3://models/sklearn/digits", "2"), ("s3://models/single/model.onnx", "1")]:
-        server, address = serve(uri, s3, cache)
-        try:
-            assert address, server.text()
-            check_answers(address, version)
-            assert "storage: downloaded" in server.text()
-            assert SECRET not in server.text()
-        finally:
-            server.stop()
+        text = check_serves(uri, s3, cache, version)
+        assert "storage: downloaded" in text and SECRET not in text
     # Unchanged objects: nothing downloaded again.
     server, address = serve("s3://models/sklearn/digits", s3, cache)
     try:
@@ -228,12 +234,7 @@ def test_the_download_limit_is_named(s3, tmp_path):
 
 @pytest.mark.parametrize("archive, version", [("digits.tar.gz", "1"), ("digits.zip", "2")])
 def test_http_archives_are_unpacked_and_served(archives, tmp_path, archive, version):
-    server, address = serve(f"{archives}/{archive}", {}, tmp_path / "cache")
-    try:
-        assert address, server.text()
-        check_answers(address, version)
-    finally:
-        server.stop()
+    check_serves(f"{archives}/{archive}", {}, tmp_path / "cache", version)
 
 
 @pytest.fixture(scope="module")
@@ -265,13 +266,8 @@ def gcs():
 
 def test_gcs_through_its_emulator(gcs, tmp_path):
     base, emulator = gcs
-    server, address = serve("gs://kfserving-examples/models/sklearn/digits", {"STORAGE_EMULATOR_HOST": base},
-                            tmp_path / "cache")
-    try:
-        assert address, server.text() + emulator.text()
-        check_answers(address, "2")
-    finally:
-        server.stop()
+    check_serves("gs://kfserving-examples/models/sklearn/digits", {"STORAGE_EMULATOR_HOST": base},
+                 tmp_path / "cache", "2", emulator.text)
 
 
 def test_kserve_onnx_sample_runs_as_written_from_gcs(gcs, tmp_path, monkeypatch):
@@ -355,12 +351,7 @@ def test_azure_blob_through_azurite(tmp_path):
             with open(DIGITS / version / "model.onnx", "rb") as f:
                 container.upload_blob(f"sklearn/digits/{version}/model.onnx", f)
         env = {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": f"http://127.0.0.1:{port}"}
-        server, address = serve("https://devstoreaccount1.blob.core.windows.net/models/sklearn/digits", env,
-                                tmp_path / "cache")
-        try:
-            assert address, server.text() + emulator.text()
-            check_answers(address, "2")
-        finally:
-            server.stop()
+        check_serves("https://devstoreaccount1.blob.core.windows.net/models/sklearn/digits", env,
+                     tmp_path / "cache", "2", emulator.text)
     finally:
         emulator.stop()
