@@ -50,13 +50,22 @@ pub(crate) fn configure(expected: &str) -> Option<Config> {
 pub(crate) struct Rng(u64);
 
 impl Rng {
-    /// Seeded from the host's clock and the context id.
+    /// Seeded from the host's entropy, its clock and the context id. The clock and the id
+    /// alone are not enough: every Envoy worker has its own VM whose root contexts get the
+    /// same ids, configured within one tick of the host's clock, and two workers with one
+    /// seed drew the same CloudEvent ids. The entropy is WASI's `random_get` (which Envoy's
+    /// Wasm host implements), read through std's hash keys, as every `HashMap` here already
+    /// does.
     pub(crate) fn seeded(context_id: u32) -> Rng {
+        use std::hash::{BuildHasher, Hasher};
         let now = hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64);
-        Rng(now ^ (u64::from(context_id) << 32) ^ u64::from(context_id))
+        let mut entropy = std::collections::hash_map::RandomState::new().build_hasher();
+        entropy.write_u64(now);
+        entropy.write_u32(context_id);
+        Rng(entropy.finish() ^ now ^ (u64::from(context_id) << 32))
     }
 
     pub(crate) fn draw(&mut self) -> u64 {
