@@ -556,7 +556,7 @@ fn revision(
     base: &Path,
 ) -> Result<RevisionSpec, IsvcError> {
     let scaling = scaling(path, &predictor)?;
-    let (model_path, format, model) = model_form(path, &mut predictor)?;
+    let (model_path, format_path, format, model) = model_form(path, &mut predictor)?;
     match format.to_ascii_lowercase().as_str() {
         // ONNX, and the frameworks whose ONNX exports KServe users put under their own key
         // (a TorchScript file or a SavedModel is refused when the sidecar reads the storage,
@@ -564,14 +564,7 @@ fn revision(
         "onnx" | "pytorch" | "tensorflow" | "triton" => {}
         "sklearn" | "xgboost" | "lightgbm" => {
             return Err(error(
-                &format!(
-                    "{model_path}{}",
-                    if model_path.ends_with(".model") {
-                        ".modelFormat.name"
-                    } else {
-                        ""
-                    }
-                ),
+                &format_path,
                 format!(
                     "'{format}' files are not converted yet: export the model to ONNX (skl2onnx for scikit-learn, onnxmltools for XGBoost and LightGBM) and serve it as onnx"
                 ),
@@ -579,7 +572,7 @@ fn revision(
         }
         _ => {
             return Err(error(
-                &format!("{model_path}.modelFormat.name"),
+                &format_path,
                 format!(
                     "'{format}' is not supported: meshserve serves onnx (convert with skl2onnx, onnxmltools, tf2onnx, torch.onnx)"
                 ),
@@ -643,12 +636,12 @@ fn is_dns_label(name: &str) -> bool {
 }
 
 /// The predictor's model, in whichever of KServe's forms it is given: `model` (with
-/// `modelFormat.name`) or one framework key. Returns the field's path, the format and the
-/// model; two forms at once, or none, is an error.
+/// `modelFormat.name`) or one framework key. Returns the model's path, the path of the field
+/// that names its format, the format and the model; two forms at once, or none, is an error.
 fn model_form(
     path: &str,
     predictor: &mut RawPredictor,
-) -> Result<(String, String, RawModel), IsvcError> {
+) -> Result<(String, String, String, RawModel), IsvcError> {
     let mut forms: Vec<(&str, RawModel)> = [
         ("model", predictor.model.take()),
         ("onnx", predictor.onnx.take()),
@@ -676,21 +669,22 @@ fn model_form(
         ));
     };
     let model_path = format!("{path}.{key}");
-    let format = if key == "model" {
-        model
+    let (format_path, format) = if key == "model" {
+        let name = model
             .model_format
             .take()
             .and_then(|f| f.name)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (format!("{model_path}.modelFormat.name"), name)
     } else if model.model_format.is_some() {
         return Err(error(
             &format!("{model_path}.modelFormat"),
             format!("belongs to spec.predictor.model; under {key} the format is {key}"),
         ));
     } else {
-        key.to_owned()
+        (model_path.clone(), key.to_owned())
     };
-    Ok((model_path, format, model))
+    Ok((model_path, format_path, format, model))
 }
 
 /// `file://` (relative to the InferenceService's file, which must exist here) or `pvc://`.

@@ -183,7 +183,12 @@ fn locate(uri: &str) -> Result<Location, String> {
 }
 
 fn built<T>(uri: &str, result: object_store::Result<T>) -> Result<T, String> {
-    result.map_err(|e| format!("{uri}: {}", redact(&e.to_string())))
+    result.map_err(|e| store_error(uri, &e))
+}
+
+/// A storage client's error, for the user: the URI, and what went wrong without credentials.
+fn store_error(uri: &str, e: &object_store::Error) -> String {
+    format!("{uri}: {}", redact(&e.to_string()))
 }
 
 /// Drops what could be a credential from an error text (a query string with a signature).
@@ -200,7 +205,7 @@ fn redact(text: &str) -> String {
 /// The objects the location holds: everything under the prefix, or the one object it names.
 /// The boolean says which (true: one object).
 async fn objects(uri: &str, location: &Location) -> Result<(Vec<ObjectMeta>, bool), String> {
-    let failed = |e: object_store::Error| format!("{uri}: {}", redact(&e.to_string()));
+    let failed = |e: object_store::Error| store_error(uri, &e);
     let mut listed = Vec::new();
     if location.listable {
         let mut list = location.store.list(Some(&location.prefix));
@@ -291,7 +296,7 @@ async fn download(
     into: &Path,
     max_bytes: u64,
 ) -> Result<(), String> {
-    let failed = |e: object_store::Error| format!("{uri}: {}", redact(&e.to_string()));
+    let failed = |e: object_store::Error| store_error(uri, &e);
     let mut received = 0u64;
     for object in objects {
         let relative = if single {

@@ -398,8 +398,8 @@ fn routes(out: &Path, domain: &str) -> Result<(u64, Value), String> {
 
 /// The module as Istio's agent leaves it: `local` instead of `remote`, checked against a
 /// pinned SHA-256.
-fn local_module(code: &Value, wasm: &Path) -> Result<Value, String> {
-    if let Some(pinned) = code["remote"]["sha256"].as_str() {
+fn local_module(pinned: Option<&str>, wasm: &Path) -> Result<Value, String> {
+    if let Some(pinned) = pinned {
         let bytes = std::fs::read(wasm).map_err(|e| format!("{}: {e}", wasm.display()))?;
         let actual: String = Sha256::digest(&bytes)
             .iter()
@@ -493,7 +493,7 @@ fn wasm_plugins(out: &Path, wasm: &Path) -> Result<Vec<(String, Value)>, String>
             "failure_policy": policy,
             "vm_config": {
                 "runtime": "envoy.wasm.runtime.v8",
-                "code": local_module(&json!({}), wasm)?,
+                "code": local_module(None, wasm)?,
                 "environment_variables": {"key_values": {
                     "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}},
             },
@@ -547,7 +547,8 @@ fn envoy_filter(out: &Path, wasm: &Path) -> Result<Vec<(String, Value)>, String>
                     return Err(format!("{at}: not a Wasm filter"));
                 }
                 let code = typed["config"]["vm_config"]["code"].clone();
-                typed["config"]["vm_config"]["code"] = local_module(&code, wasm)?;
+                typed["config"]["vm_config"]["code"] =
+                    local_module(code["remote"]["sha256"].as_str(), wasm)?;
                 extensions.insert(name, typed);
             }
             (Some("HTTP_FILTER"), operation) => {
