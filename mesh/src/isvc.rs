@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use meshserve_predictor::convert::Format;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -191,9 +192,9 @@ impl Storage {
     /// The model names a revision with this storage serves: its InferenceService's name for
     /// one model (and for a claim or a remote location, not read while rendering), else its
     /// repository's.
-    pub fn models(&self, isvc: &str) -> Result<Vec<String>, String> {
+    pub fn models(&self, isvc: &str, format: Option<Format>) -> Result<Vec<String>, String> {
         match self.local() {
-            Some(path) => meshserve_predictor::storage::model_names(path, isvc),
+            Some(path) => meshserve_predictor::storage::model_names(path, isvc, format),
             None => Ok(vec![isvc.to_owned()]),
         }
     }
@@ -275,6 +276,12 @@ pub struct RevisionSpec {
     pub batcher: Option<(Option<u64>, Option<u64>)>,
     /// Payload logging.
     pub logger: Option<RevisionLogger>,
+    /// The model's format when the sidecar converts it to ONNX as it loads (sklearn,
+    /// xgboost, lightgbm); `None` for ONNX.
+    pub format: Option<Format>,
+    /// KServe's `PREDICT_PROBA=true` in the predictor's `env`: scikit-learn classifiers
+    /// answer with probabilities.
+    pub predict_proba: bool,
 }
 
 /// A revision's payload logging: the sink its sidecar delivers to, and the filter's part.
@@ -562,14 +569,8 @@ fn revision(
         // (a TorchScript file or a SavedModel is refused when the sidecar reads the storage,
         // naming the export step). Triton's repository of ONNX models serves as it is.
         "onnx" | "pytorch" | "tensorflow" | "triton" => {}
-        "sklearn" | "xgboost" | "lightgbm" => {
-            return Err(error(
-                &format_path,
-                format!(
-                    "'{format}' files are not converted yet: export the model to ONNX (skl2onnx for scikit-learn, onnxmltools for XGBoost and LightGBM) and serve it as onnx"
-                ),
-            ));
-        }
+        // Converted to ONNX by the sidecar when the model loads.
+        "sklearn" | "xgboost" | "lightgbm" => {}
         _ => {
             return Err(error(
                 &format_path,
@@ -579,10 +580,12 @@ fn revision(
             ));
         }
     }
+    let converted = Format::parse(&format);
     let uri = model
         .storage_uri
         .ok_or_else(|| error(&format!("{model_path}.storageUri"), "is required"))?;
     let storage = storage(&format!("{model_path}.storageUri"), &uri, base)?;
+    let predict_proba = env_flag(model.env.as_ref(), "PREDICT_PROBA");
     if let Some(protocol) = &model.protocol_version
         && !["v1", "v2", "grpc-v2"].contains(&protocol.as_str())
     {
@@ -609,6 +612,8 @@ fn revision(
         percent,
         batcher: predictor.batcher.map(|b| (b.max_batch_size, b.max_latency)),
         logger,
+        format: converted,
+        predict_proba,
         scaling,
         pod: PodSettings {
             resources: model.resources,
@@ -622,6 +627,19 @@ fn revision(
             image_pull_secrets: predictor.image_pull_secrets,
             deployment_strategy: predictor.deployment_strategy,
         },
+    })
+}
+
+/// Whether a container's `env` (a list of `{name, value}`) sets `name` to `true`, as KServe's
+/// servers read their flags (any case).
+fn env_flag(env: Option<&Value>, name: &str) -> bool {
+    env.and_then(Value::as_array).is_some_and(|vars| {
+        vars.iter().any(|v| {
+            v.get("name").and_then(Value::as_str) == Some(name)
+                && v.get("value")
+                    .and_then(Value::as_str)
+                    .is_some_and(|value| value.eq_ignore_ascii_case("true"))
+        })
     })
 }
 
@@ -874,6 +892,8 @@ pub(crate) fn sample() -> InferenceService {
         percent,
         batcher: None,
         logger: None,
+        format: None,
+        predict_proba: false,
     };
     InferenceService {
         name: "digits".into(),
@@ -1011,16 +1031,23 @@ spec:
             1,
         );
         assert!(InferenceService::parse(&with_runtime, &base()).is_ok());
+        // The formats the sidecar converts, with KServe's PREDICT_PROBA.
+        let sklearn = onnx.replace(
+            "    onnx:\n",
+            "    sklearn:\n      env: [{name: PREDICT_PROBA, value: 'True'}]\n",
+        );
+        let isvc = InferenceService::parse(&sklearn, &base()).unwrap();
+        assert_eq!(isvc.default.format, Some(Format::Sklearn));
+        assert!(isvc.default.predict_proba);
+        let xgboost = GOOD.replacen("{name: onnx}", "{name: XGBoost}", 1);
+        let isvc = InferenceService::parse(&xgboost, &base()).unwrap();
+        assert_eq!(isvc.default.format, Some(Format::Xgboost));
+        assert!(!isvc.default.predict_proba);
         for (yaml, path, says) in [
             (
-                onnx.replace("    onnx:\n", "    sklearn:\n"),
-                "spec.predictor.sklearn",
-                "skl2onnx",
-            ),
-            (
-                GOOD.replacen("{name: onnx}", "{name: xgboost}", 1),
+                GOOD.replacen("{name: onnx}", "{name: paddle}", 1),
                 "spec.predictor.model.modelFormat.name",
-                "onnxmltools",
+                "not supported",
             ),
             (
                 onnx.replace("      runtimeVersion: 1.31.1\n", "      args: [--workers=2]\n"),
@@ -1236,7 +1263,7 @@ spec:
     fn bad_fields_are_named() {
         let cases = [
             (
-                GOOD.replace("name: onnx", "name: sklearn"),
+                GOOD.replace("name: onnx", "name: mlflow"),
                 "spec.predictor.model.modelFormat.name",
             ),
             (

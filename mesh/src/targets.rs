@@ -67,7 +67,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         let mut models = Vec::new();
         // The names clients may call: the shadow's extra models are not served.
         for revision in workload::served(isvc) {
-            for name in revision.storage.models(&isvc.name)? {
+            for name in revision.storage.models(&isvc.name, revision.format)? {
                 if !models.contains(&name) {
                     models.push(name);
                 }

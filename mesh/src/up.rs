@@ -163,6 +163,15 @@ fn sidecar_storage_args(
             .to_string(),
     ];
     args.extend(batcher_args(revision.batcher));
+    args.extend(workload::model_args(revision));
+    if revision.predict_proba {
+        // On Kubernetes the predictor's env carries PREDICT_PROBA to the sidecar.
+        args.push("--predict-proba".to_owned());
+    }
+    args.extend([
+        "--storage-cache".to_owned(),
+        state.join("storage").display().to_string(),
+    ]);
     args
 }
 
@@ -333,7 +342,7 @@ pub async fn up(
                     ))
                 })?,
             };
-            let names = storage::model_names(local, &isvc.name)
+            let names = storage::model_names(local, &isvc.name, revision.format)
                 .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
             let mut extra = sidecar_storage_args(&isvc.name, revision, local, &state);
             if let Some(file) = &transformer {

@@ -173,13 +173,15 @@ pub fn sidecar_args(
     ]
     .map(str::to_owned)
     .to_vec();
-    if let Storage::Remote { .. } = revision.storage {
+    if matches!(revision.storage, Storage::Remote { .. }) || revision.format.is_some() {
+        // Downloads and conversions land in the pod's scratch volume.
         args.extend([
             "--storage-cache".to_owned(),
             format!("{SCRATCH_DIR}/storage"),
         ]);
     }
     args.extend(batcher_args(revision.batcher));
+    args.extend(model_args(revision));
     if let Some(n) = revision.scaling.container_concurrency {
         args.extend(["--max-in-flight".to_owned(), n.to_string()]);
     }
@@ -210,6 +212,14 @@ pub fn logger_args(logger: &RevisionLogger, spool: &str) -> Vec<String> {
         args.push("--log-sink-batch".to_owned());
     }
     args
+}
+
+/// The model's format as `meshserve serve` flags, for a format the sidecar converts.
+pub fn model_args(revision: &RevisionSpec) -> Vec<String> {
+    match revision.format {
+        Some(format) => vec!["--model-format".to_owned(), format.name().to_owned()],
+        None => Vec::new(),
+    }
 }
 
 /// KServe's batcher as `meshserve serve` flags.

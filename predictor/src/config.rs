@@ -16,6 +16,9 @@
 //! inputs:                      # override what the ONNX file declares
 //!   - {name: input, datatype: FP32, shape: [-1, 1, 28, 28]}
 //! outputs: []
+//! converted_from:              # written by meshserve for a model it converted (see convert)
+//!   format: xgboost            # the model takes one feature matrix as KServe's servers read it
+//!   feature_names: [a, b]      # V1 objects and V2 content_type "pd" name features by these
 //! ```
 
 use std::path::Path;
@@ -132,6 +135,20 @@ pub struct ModelConfig {
     pub intra_op_threads: usize,
     /// Merge queued requests into batches; absent: every request runs alone.
     pub dynamic_batching: Option<DynamicBatching>,
+    /// Set for a model converted from another framework's file: requests are read as
+    /// KServe's server for that framework reads them ([`meshserve_proto::frame`]).
+    pub converted_from: Option<ConvertedFrom>,
+}
+
+/// Where a converted model came from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertedFrom {
+    /// `sklearn`, `xgboost` or `lightgbm`.
+    pub format: String,
+    /// The features' names, in the input's column order, when the model file names them.
+    #[serde(default)]
+    pub feature_names: Vec<String>,
 }
 
 fn one() -> usize {
@@ -153,6 +170,7 @@ impl Default for ModelConfig {
             instance_count: 1,
             intra_op_threads: 0,
             dynamic_batching: None,
+            converted_from: None,
         }
     }
 }

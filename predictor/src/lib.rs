@@ -17,6 +17,7 @@
 mod batcher;
 mod classification;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod metrics;
 pub mod model;

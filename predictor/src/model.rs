@@ -150,6 +150,17 @@ impl ModelVersion {
         &self.outputs
     }
 
+    /// For a model converted from another framework: its one input, a matrix of features,
+    /// and the features' names. Requests are read as KServe's server for that framework
+    /// reads them ([`meshserve_proto::frame`]).
+    pub fn feature_matrix(&self) -> Option<(&TensorSpec, &[String])> {
+        let converted = self.config.converted_from.as_ref()?;
+        match self.inputs.as_slice() {
+            [one] => Some((one, converted.feature_names.as_slice())),
+            _ => None,
+        }
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -192,6 +203,10 @@ impl ModelVersion {
     }
 
     async fn run(&self, request: InferRequest) -> Result<InferResponse> {
+        let request = match self.feature_matrix() {
+            Some((spec, names)) => meshserve_proto::frame::request_from_v2(request, spec, names)?,
+            None => request,
+        };
         let requested = self.requested_outputs(&request.outputs)?;
         let timeout = self.timeout(&request)?;
         let inputs = self.validate_inputs(request.inputs)?;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ModelConfig;
 use crate::config::CONFIG_FILE;
+use crate::convert::{self, Format};
 
 /// KServe's `batcher`: (`maxBatchSize` rows, `maxLatency` in ms), each optional.
 pub type Batcher = (Option<u64>, Option<u64>);
@@ -21,7 +22,7 @@ fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", what.display())
 }
 
-/// What a model file in another framework's format needs, for the user.
+/// What a model file in a format meshserve does not convert needs, for the user.
 fn foreign(file: &Path) -> Option<String> {
     let name = file.file_name()?.to_str()?.to_ascii_lowercase();
     let what = if name == "saved_model.pb" || name == "saved_model.pbtxt" {
@@ -31,13 +32,6 @@ fn foreign(file: &Path) -> Option<String> {
         .any(|e| name.ends_with(e))
     {
         "a PyTorch file: export the model with torch.onnx.export"
-    } else if [".joblib", ".pkl", ".pickle"]
-        .iter()
-        .any(|e| name.ends_with(e))
-    {
-        "a scikit-learn pickle: convert it with skl2onnx (zipmap=False)"
-    } else if [".bst", ".ubj"].iter().any(|e| name.ends_with(e)) {
-        "an XGBoost or LightGBM booster: convert it with onnxmltools"
     } else {
         return None;
     };
@@ -47,41 +41,87 @@ fn foreign(file: &Path) -> Option<String> {
     ))
 }
 
-/// The one model file directly in `dir` (KServe's layout: `model.onnx` beside nothing else
-/// that is a model), if there is one; two are an error.
-fn model_file(dir: &Path) -> Result<Option<PathBuf>, String> {
-    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+/// A model file: ONNX (`None`), or a format converted when it loads.
+type ModelFile = (PathBuf, Option<Format>);
+
+/// The format of one file: `format` when given (a `.bst` is then that framework's), else
+/// from the file.
+fn file_format(file: &Path, format: Option<Format>) -> Option<Option<Format>> {
+    let ext = file.extension()?.to_str()?.to_ascii_lowercase();
+    if ext == "onnx" {
+        return Some(None);
+    }
+    match format {
+        Some(f) => f.extensions().contains(&ext.as_str()).then_some(Some(f)),
+        None => Format::of_file(file).map(Some),
+    }
+}
+
+/// The one model file directly in `dir` (KServe's layout: `model.onnx`, `model.joblib`,
+/// `model.bst`, ... beside nothing else that is a model), if there is one; two are an error.
+/// With a `format` (the InferenceService's), only that framework's files count, as only they
+/// do for KServe's server of that framework.
+fn model_file(dir: &Path, format: Option<Format>) -> Result<Option<ModelFile>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
-    let onnx: Vec<&PathBuf> = files
+    files.sort();
+    let onnx: Vec<ModelFile> = files
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .map(|p| (p.clone(), None))
         .collect();
-    match onnx.as_slice() {
+    // ONNX files win over others in a directory, unless the InferenceService names another
+    // format.
+    let candidates: Vec<ModelFile> = if !onnx.is_empty() && format.is_none() {
+        onnx
+    } else {
+        files
+            .iter()
+            .filter_map(|f| match file_format(f, format) {
+                Some(Some(found)) => Some((f.clone(), Some(found))),
+                _ => None,
+            })
+            .collect()
+    };
+    match candidates.as_slice() {
         [] => match files.iter().find_map(|f| foreign(f)) {
             Some(why) => Err(why),
-            None => Ok(None),
+            None => match format {
+                Some(f) => Err(format!(
+                    "{}: no {} model file (*.{}) in it",
+                    dir.display(),
+                    f.name(),
+                    f.extensions().join(", *.")
+                )),
+                None => Ok(None),
+            },
         },
-        [one] => Ok(Some((*one).clone())),
+        [one] => Ok(Some(one.clone())),
         several => Err(format!(
-            "{}: {} .onnx files side by side; one model file per directory (KServe's rule), or one version directory each",
+            "{}: {} model files side by side ({}); one model file per directory (KServe's rule), or one version directory each",
             dir.display(),
-            several.len()
+            several.len(),
+            several
+                .iter()
+                .filter_map(|(p, _)| p.file_name().and_then(|n| n.to_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }
 
 /// How storage is laid out: `None` for one model, or the model names of a repository.
-pub fn layout(storage: &Path) -> Result<Option<Vec<String>>, String> {
+pub fn layout(storage: &Path, format: Option<Format>) -> Result<Option<Vec<String>>, String> {
     if storage.is_file() {
         if let Some(why) = foreign(storage) {
             return Err(why);
         }
         return Ok(None);
     }
-    if model_file(storage)?.is_some() {
+    if model_file(storage, format)?.is_some() {
         return Ok(None);
     }
     let entries: Vec<PathBuf> = std::fs::read_dir(storage)
@@ -110,21 +150,37 @@ pub fn layout(storage: &Path) -> Result<Option<Vec<String>>, String> {
 }
 
 /// The model names storage serves: `name` for one model, else the repository's.
-pub fn model_names(storage: &Path, name: &str) -> Result<Vec<String>, String> {
-    Ok(layout(storage)?.unwrap_or_else(|| vec![name.to_owned()]))
+pub fn model_names(
+    storage: &Path,
+    name: &str,
+    format: Option<Format>,
+) -> Result<Vec<String>, String> {
+    Ok(layout(storage, format)?.unwrap_or_else(|| vec![name.to_owned()]))
+}
+
+/// How one storage location becomes a repository.
+#[derive(Debug, Clone)]
+pub struct Prepare {
+    /// KServe's batcher, for one model.
+    pub batcher: Option<Batcher>,
+    /// The format the InferenceService names, when it names one meshserve converts.
+    pub format: Option<Format>,
+    /// How models in other formats are converted, and where conversions are kept.
+    pub convert: convert::Options,
 }
 
 /// A model repository for `storage`, made under `scratch` for one model (links to its
-/// versions and its config.yaml with `batcher` applied), or the storage itself when it is a
-/// repository. Returns the repository and its model names.
+/// versions, or to its conversion to ONNX, and its config.yaml with the batcher applied), or
+/// the storage itself when it is a repository. Returns the repository and its model names.
 pub fn prepare_repository(
     storage: &Path,
     name: &str,
-    batcher: Option<Batcher>,
+    how: &Prepare,
     scratch: &Path,
 ) -> Result<(PathBuf, Vec<String>), String> {
+    let batcher = how.batcher;
     let storage = std::fs::canonicalize(storage).map_err(io(storage))?;
-    if let Some(models) = layout(&storage)? {
+    if let Some(models) = layout(&storage, how.format)? {
         if batcher.is_some() {
             return Err(format!(
                 "the KServe batcher applies to one model; {} is a repository of several: set dynamic_batching in each model's config.yaml",
@@ -137,15 +193,35 @@ pub fn prepare_repository(
     let model_dir = scratch.join(name);
     std::fs::create_dir_all(&model_dir).map_err(io(&model_dir))?;
     let mut config = String::new();
+    let mut converted = None;
     let file = if storage.is_file() {
-        Some(storage.clone())
+        match file_format(&storage, how.format) {
+            Some(format) => Some((storage.clone(), format)),
+            None if how.format.is_some() => {
+                return Err(format!(
+                    "{} is not a {} model file",
+                    storage.display(),
+                    how.format.map_or("", Format::name)
+                ));
+            }
+            None => Some((storage.clone(), None)),
+        }
     } else {
-        model_file(&storage)?
+        model_file(&storage, how.format)?
     };
-    if let Some(file) = file {
+    if let Some((file, format)) = file {
         let version = model_dir.join("1");
         std::fs::create_dir_all(&version).map_err(io(&version))?;
-        link(&file, &version.join("model.onnx"))?;
+        let onnx = match format {
+            Some(format) => {
+                let done = convert::convert(&file, format, &how.convert)?;
+                let onnx = done.onnx.clone();
+                converted = Some(done);
+                onnx
+            }
+            None => file.clone(),
+        };
+        link(&onnx, &version.join("model.onnx"))?;
         if let Some(dir) = file.parent().filter(|_| !storage.is_file()) {
             let own = dir.join(CONFIG_FILE);
             if own.is_file() {
@@ -164,7 +240,10 @@ pub fn prepare_repository(
             }
         }
     }
-    let config = model_config(&config, batcher)?;
+    let mut config = model_config(&config, batcher)?;
+    if let Some(done) = converted {
+        config = with_converted_from(&config, &done)?;
+    }
     if !config.is_empty() {
         std::fs::write(model_dir.join(CONFIG_FILE), config).map_err(io(&model_dir))?;
     }
@@ -204,6 +283,26 @@ pub fn model_config(original: &str, batcher: Option<Batcher>) -> Result<String, 
     serde_yaml::to_string(&config).map_err(|e| e.to_string())
 }
 
+/// A config.yaml with `converted_from` added.
+fn with_converted_from(config: &str, done: &convert::Converted) -> Result<String, String> {
+    let mut value: serde_yaml::Value = if config.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(config).map_err(|e| format!("config.yaml: {e}"))?
+    };
+    let from = crate::config::ConvertedFrom {
+        format: done.format.name().to_owned(),
+        feature_names: done.feature_names.clone(),
+    };
+    if let Some(map) = value.as_mapping_mut() {
+        map.insert(
+            "converted_from".into(),
+            serde_yaml::to_value(from).map_err(|e| e.to_string())?,
+        );
+    }
+    serde_yaml::to_string(&value).map_err(|e| e.to_string())
+}
+
 fn link(target: &Path, at: &Path) -> Result<(), String> {
     #[cfg(unix)]
     let linked = std::os::unix::fs::symlink(target, at);
@@ -215,6 +314,14 @@ fn link(target: &Path, at: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn how(batcher: Option<Batcher>, cache: &Path) -> Prepare {
+        Prepare {
+            batcher,
+            format: None,
+            convert: convert::Options::new(cache),
+        }
+    }
 
     #[test]
     fn the_kserve_batcher_becomes_dynamic_batching() {
@@ -239,16 +346,23 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/repository");
         let scratch = tempfile::tempdir().unwrap();
         let file = root.join("sklearn_digits/1/model.onnx");
-        let (repo, names) =
-            prepare_repository(&file, "digits", Some((Some(8), None)), scratch.path()).unwrap();
+        let (repo, names) = prepare_repository(
+            &file,
+            "digits",
+            &how(Some((Some(8), None)), scratch.path()),
+            scratch.path(),
+        )
+        .unwrap();
         assert_eq!(names, vec!["digits"]);
         assert!(repo.join("digits/1/model.onnx").is_file());
         assert!(repo.join("digits/config.yaml").is_file());
         // A repository is served as it is, and refuses the single-model batcher.
-        let (same, names) = prepare_repository(&root, "x", None, scratch.path()).unwrap();
+        let (same, names) =
+            prepare_repository(&root, "x", &how(None, scratch.path()), scratch.path()).unwrap();
         assert_eq!(same, std::fs::canonicalize(&root).unwrap());
         assert!(names.contains(&"mnist_cnn".to_owned()));
-        assert!(prepare_repository(&root, "x", Some((None, None)), scratch.path()).is_err());
+        let batched = how(Some((None, None)), scratch.path());
+        assert!(prepare_repository(&root, "x", &batched, scratch.path()).is_err());
     }
 
     #[test]
@@ -262,24 +376,64 @@ mod tests {
         )
         .unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        assert_eq!(layout(dir.path()).unwrap(), None);
-        let (repo, names) = prepare_repository(dir.path(), "digits", None, scratch.path()).unwrap();
+        assert_eq!(layout(dir.path(), None).unwrap(), None);
+        let (repo, names) = prepare_repository(
+            dir.path(),
+            "digits",
+            &how(None, scratch.path()),
+            scratch.path(),
+        )
+        .unwrap();
         assert_eq!(names, ["digits"]);
         assert!(repo.join("digits/1/model.onnx").is_file());
         std::fs::copy(dir.path().join("model.onnx"), dir.path().join("other.onnx")).unwrap();
-        let two = layout(dir.path()).unwrap_err();
-        assert!(two.contains("2 .onnx files"), "{two}");
-        for (file, says) in [
-            ("model.joblib", "skl2onnx"),
-            ("model.bst", "onnxmltools"),
-            ("model.pt", "torch.onnx"),
-            ("saved_model.pb", "tf2onnx"),
-        ] {
+        let two = layout(dir.path(), None).unwrap_err();
+        assert!(
+            two.contains("2 model files") && two.contains("other.onnx"),
+            "{two}"
+        );
+        for (file, says) in [("model.pt", "torch.onnx"), ("saved_model.pb", "tf2onnx")] {
             let other = tempfile::tempdir().unwrap();
             std::fs::write(other.path().join(file), b"x").unwrap();
-            let why = layout(other.path()).unwrap_err();
+            let why = layout(other.path(), None).unwrap_err();
             assert!(why.contains(says), "{file}: {why}");
-            assert!(layout(&other.path().join(file)).unwrap_err().contains(says));
+            assert!(
+                layout(&other.path().join(file), None)
+                    .unwrap_err()
+                    .contains(says)
+            );
         }
+    }
+
+    #[test]
+    fn other_frameworks_files_are_one_model_each_and_the_format_decides_which_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        std::fs::write(path.join("model.bst"), b"tree\nversion=v4\n").unwrap();
+        std::fs::write(path.join("README.txt"), b"notes").unwrap();
+        // Without a format: a .bst and a .txt are two LightGBM files.
+        let two = model_file(path, None).unwrap_err();
+        assert!(
+            two.contains("README.txt") && two.contains("model.bst"),
+            "{two}"
+        );
+        // With one: only that framework's files count (KServe's lgbserver reads .bst).
+        std::fs::remove_file(path.join("README.txt")).unwrap();
+        let (file, format) = model_file(path, Some(Format::Lightgbm)).unwrap().unwrap();
+        assert_eq!(
+            (file.file_name().unwrap(), format),
+            ("model.bst".as_ref(), Some(Format::Lightgbm))
+        );
+        assert_eq!(
+            model_file(path, None).unwrap().unwrap().1,
+            Some(Format::Lightgbm),
+            "a .bst holding LightGBM's text is LightGBM's"
+        );
+        let none = model_file(path, Some(Format::Sklearn)).unwrap_err();
+        assert!(
+            none.contains("no sklearn model file (*.joblib, *.pkl, *.pickle)"),
+            "{none}"
+        );
+        assert_eq!(layout(path, Some(Format::Lightgbm)).unwrap(), None);
     }
 }

@@ -10,6 +10,7 @@
 //! so the proxy-wasm filters use the same code as the sidecar.
 
 pub mod datatype;
+pub mod frame;
 pub mod grpc;
 pub mod infer;
 pub mod rest;

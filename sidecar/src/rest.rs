@@ -345,7 +345,13 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                 Some(t) => t
                     .infer_request(Wire::V1, &body, None)
                     .map_err(ApiError::from),
-                None => v1::request_from_v1(&body, found.inputs()).map_err(ApiError::from),
+                None => match found.feature_matrix() {
+                    Some((spec, names)) => {
+                        meshserve_proto::frame::request_from_v1(&body, spec, names)
+                            .map_err(ApiError::from)
+                    }
+                    None => v1::request_from_v1(&body, found.inputs()).map_err(ApiError::from),
+                },
             });
             found.observe_preprocess(took);
             let request = request?;

@@ -45,6 +45,22 @@ pub struct ServeArgs {
     /// The most bytes remote --storage may download.
     #[arg(long, default_value_t = meshserve_predictor::remote::MAX_DOWNLOAD_BYTES, env = "MESHSERVE_MAX_DOWNLOAD_BYTES")]
     pub max_download_bytes: u64,
+    /// The format of the --storage model (KServe's modelFormat.name): onnx, or sklearn,
+    /// xgboost or lightgbm, converted to ONNX when it loads (then only that framework's
+    /// files count in the directory). Default: from the files.
+    #[arg(long, env = "MESHSERVE_MODEL_FORMAT", value_parser = parse_format)]
+    pub model_format: Option<ModelFormat>,
+    /// scikit-learn classifiers answer predict_proba instead of predict (KServe's
+    /// PREDICT_PROBA=true).
+    #[arg(long, env = "PREDICT_PROBA")]
+    pub predict_proba: bool,
+    /// The Python that converts scikit-learn pickles (with scikit-learn, skl2onnx and onnx).
+    /// Default: the set-up script's .venv when there is one, else python3.
+    #[arg(long, default_value = meshserve_predictor::convert::PYTHON, env = "MESHSERVE_PYTHON")]
+    pub python: PathBuf,
+    /// Seconds one scikit-learn conversion may take.
+    #[arg(long, default_value_t = meshserve_predictor::convert::SKLEARN_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "MESHSERVE_CONVERT_TIMEOUT_SECS")]
+    pub convert_timeout_secs: u64,
     /// The name one model from --storage is served under (KServe: the InferenceService's).
     #[arg(long, default_value = "model", env = "MESHSERVE_MODEL_NAME")]
     pub model_name: String,
@@ -130,6 +146,22 @@ pub struct ServeArgs {
     pub log_file_max_bytes: u64,
 }
 
+/// `--model-format`: ONNX, or a format converted when it loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Onnx,
+    Converted(meshserve_predictor::convert::Format),
+}
+
+fn parse_format(name: &str) -> Result<ModelFormat, String> {
+    match name.to_ascii_lowercase().as_str() {
+        "onnx" | "pytorch" | "tensorflow" | "triton" => Ok(ModelFormat::Onnx),
+        other => meshserve_predictor::convert::Format::parse(other)
+            .map(ModelFormat::Converted)
+            .ok_or_else(|| format!("'{name}' is not onnx, sklearn, xgboost or lightgbm")),
+    }
+}
+
 /// Why `meshserve serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -155,13 +187,18 @@ async fn local_storage(
     if !meshserve_predictor::remote::is_remote(&uri) {
         return Ok(storage.to_owned());
     }
-    let cache = cache.map_or_else(
-        || std::env::temp_dir().join("meshserve-storage"),
-        Path::to_owned,
-    );
+    let cache = storage_cache(cache);
     meshserve_predictor::remote::fetch(&uri, &cache, max_bytes)
         .await
         .map_err(StartError::Storage)
+}
+
+/// `--storage-cache`, or its default.
+fn storage_cache(cache: Option<&Path>) -> PathBuf {
+    cache.map_or_else(
+        || std::env::temp_dir().join("meshserve-storage"),
+        Path::to_owned,
+    )
 }
 
 fn repository_registry(service: &Service) -> &prometheus::Registry {
@@ -190,15 +227,34 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
             let scratch = args.scratch_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("meshserve-{}", std::process::id()))
             });
-            let batcher = args
-                .batcher
-                .then_some((args.batcher_max_batch_size, args.batcher_max_latency_ms));
-            let (root, names) = meshserve_predictor::storage::prepare_repository(
-                storage,
-                &args.model_name,
-                batcher,
-                &scratch,
-            )
+            let mut convert = meshserve_predictor::convert::Options::new(storage_cache(
+                args.storage_cache.as_deref(),
+            ));
+            convert.predict_proba = args.predict_proba;
+            convert.python = args.python.clone();
+            convert.timeout = Duration::from_secs(args.convert_timeout_secs);
+            let how = meshserve_predictor::storage::Prepare {
+                batcher: args
+                    .batcher
+                    .then_some((args.batcher_max_batch_size, args.batcher_max_latency_ms)),
+                format: match args.model_format {
+                    Some(ModelFormat::Converted(format)) => Some(format),
+                    _ => None,
+                },
+                convert,
+            };
+            // Converting a model may take a while: off the async threads.
+            let (storage_dir, name) = (storage.clone(), args.model_name.clone());
+            let (root, names) = tokio::task::spawn_blocking(move || {
+                meshserve_predictor::storage::prepare_repository(
+                    &storage_dir,
+                    &name,
+                    &how,
+                    &scratch,
+                )
+            })
+            .await
+            .map_err(|e| StartError::Storage(format!("preparing the storage: {e}")))?
             .map_err(StartError::Storage)?;
             tracing::info!(storage = %storage.display(), models = %names.join(","), "serving the storage");
             root
