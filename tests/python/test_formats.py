@@ -190,6 +190,10 @@ XGBOOST_CASES = {
                     "model.bst", "ubj"),
     "regression_json_in_bst": (DIABETES, {"objective": "reg:squarederror", "max_depth": 5}, 40, "model.bst", "json"),
     "poisson_json": (DIABETES, {"objective": "count:poisson", "max_depth": 3}, 20, "model.json", "json"),
+    "random_forest_json": (CANCER, {"objective": "binary:logistic", "num_parallel_tree": 8, "subsample": 0.8,
+                                    "colsample_bynode": 0.8, "learning_rate": 1.0, "max_depth": 4}, 1, "model.json",
+                           "json"),
+    "rank_pairwise_ubj": (DIABETES, {"objective": "rank:pairwise", "max_depth": 3}, 10, "model.ubj", "ubj"),
     "dart_json": (CANCER, {"objective": "binary:logistic", "booster": "dart", "rate_drop": 0.2, "max_depth": 3},
                   15, "model.json", "json"),
 }
@@ -199,7 +203,7 @@ XGBOOST_CASES = {
 def test_xgboost_answers_equal_booster_predict(case, serve, tmp_path):
     (X, y), params, rounds, file, form = XGBOOST_CASES[case]
     X_train, y_train, X_test = held_out(with_missing_in_training(X), y)
-    if params["objective"].startswith("reg:") or params["objective"].startswith("count:"):
+    if params["objective"].split(":")[0] in ("reg", "count", "rank"):
         y_train = y_train / 100.0
     booster = xgboost.train(params, xgboost.DMatrix(X_train, label=y_train), num_boost_round=rounds)
     model_dir = tmp_path / case
@@ -224,6 +228,8 @@ LIGHTGBM_CASES = {
     "binary_txt": (CANCER, {"objective": "binary", "num_leaves": 15}, 30, "model.txt"),
     "multiclass_bst": (IRIS, {"objective": "multiclass", "num_class": 3, "num_leaves": 7}, 25, "model.bst"),
     "regression_bst": (DIABETES, {"objective": "regression", "num_leaves": 31}, 40, "model.bst"),
+    "multiclassova_txt": (IRIS, {"objective": "multiclassova", "num_class": 3, "num_leaves": 7}, 15, "model.txt"),
+    "poisson_bst": (DIABETES, {"objective": "poisson", "num_leaves": 15}, 20, "model.bst"),
     "random_forest_txt": (CANCER, {"objective": "binary", "boosting": "rf", "bagging_freq": 1,
                                    "bagging_fraction": 0.7, "num_leaves": 15}, 10, "model.txt"),
 }
