@@ -27,7 +27,7 @@ pub fn local_only(services: &[InferenceService]) -> Result<(), String> {
         for revision in workload::revisions(isvc) {
             let why = match revision.storage {
                 Storage::Pvc { .. } => "pvc:// storage exists on Kubernetes only",
-                Storage::Remote { .. } => {
+                Storage::Remote { .. } | Storage::Spec { .. } => {
                     "remote storage is read on Kubernetes and by meshserve up; compose mounts local files"
                 }
                 Storage::File { .. } => continue,

@@ -133,10 +133,25 @@ struct RawModel {
     #[serde(rename = "name")]
     _name: Option<String>,
     storage_uri: Option<String>,
+    /// KServe's storage spec: an entry of the storage-config secret, instead of `storageUri`.
+    storage: Option<RawStorage>,
     /// v1, v2 or grpc-v2: the sidecar serves all of them.
     protocol_version: Option<String>,
     resources: Option<Value>,
     env: Option<Value>,
+}
+
+/// KServe's `storage`: `key` names the storage-config secret's entry, `path` the model in the
+/// bucket, `parameters` override the entry (`bucket`, `type`, ...).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawStorage {
+    key: Option<String>,
+    path: Option<String>,
+    parameters: Option<BTreeMap<String, String>>,
+    /// Declared by KServe and read nowhere.
+    #[serde(rename = "schemaPath")]
+    _schema_path: Option<Value>,
 }
 
 /// KServe's `batcher`: `maxBatchSize` rows, `maxLatency` in milliseconds.
@@ -178,6 +193,14 @@ pub enum Storage {
     /// `s3://`, `gs://`, Azure Blob or `http(s)://`: downloaded by the sidecar
     /// ([`meshserve_predictor::remote`]); by `meshserve up` before it starts the sidecar.
     Remote { uri: String },
+    /// KServe's storage spec: `path` in the bucket of the storage-config secret's entry `key`
+    /// (KServe's default `default`), with `parameters` over it. On Kubernetes the sidecar
+    /// reads the entry from the secret; `meshserve up` from `$STORAGE_CONFIG`.
+    Spec {
+        key: String,
+        path: String,
+        parameters: BTreeMap<String, String>,
+    },
 }
 
 impl Storage {
@@ -185,7 +208,7 @@ impl Storage {
     pub fn local(&self) -> Option<&Path> {
         match self {
             Storage::File { path, .. } => Some(path),
-            Storage::Pvc { .. } | Storage::Remote { .. } => None,
+            Storage::Pvc { .. } | Storage::Remote { .. } | Storage::Spec { .. } => None,
         }
     }
 
@@ -581,10 +604,22 @@ fn revision(
         }
     }
     let converted = Format::parse(&format);
-    let uri = model
-        .storage_uri
-        .ok_or_else(|| error(&format!("{model_path}.storageUri"), "is required"))?;
-    let storage = storage(&format!("{model_path}.storageUri"), &uri, base)?;
+    let storage = match (model.storage_uri, model.storage) {
+        (Some(_), Some(_)) => {
+            return Err(error(
+                &format!("{model_path}.storage"),
+                "give storageUri or storage, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(error(
+                &format!("{model_path}.storageUri"),
+                "is required (or KServe's storage spec)",
+            ));
+        }
+        (Some(uri), None) => storage(&format!("{model_path}.storageUri"), &uri, base)?,
+        (None, Some(spec)) => storage_spec(&format!("{model_path}.storage"), spec)?,
+    };
     let predict_proba = env_flag(model.env.as_ref(), "PREDICT_PROBA");
     if let Some(protocol) = &model.protocol_version
         && !["v1", "v2", "grpc-v2"].contains(&protocol.as_str())
@@ -703,6 +738,47 @@ fn model_form(
         (model_path.clone(), key.to_owned())
     };
     Ok((model_path, format_path, format, model))
+}
+
+/// KServe's storage spec, checked: a path, and an s3 type where `parameters` give one.
+fn storage_spec(path: &str, spec: RawStorage) -> Result<Storage, IsvcError> {
+    let parameters = spec.parameters.unwrap_or_default();
+    if let Some(kind) = parameters.get("type")
+        && kind != "s3"
+    {
+        return Err(error(
+            &format!("{path}.parameters.type"),
+            format!(
+                "'{kind}' is not read: meshserve reads s3 storage specs (give other stores as storageUri)"
+            ),
+        ));
+    }
+    let model = spec.path.unwrap_or_default();
+    if model.trim_matches('/').is_empty() {
+        return Err(error(
+            &format!("{path}.path"),
+            "is required: the model's path in the bucket",
+        ));
+    }
+    let key = spec.key.unwrap_or_else(|| match parameters.get("type") {
+        Some(kind) => format!("default_{kind}"),
+        None => "default".to_owned(),
+    });
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(error(
+            &format!("{path}.key"),
+            format!("'{key}' is not a secret key name"),
+        ));
+    }
+    Ok(Storage::Spec {
+        key,
+        path: model,
+        parameters,
+    })
 }
 
 /// `file://` (relative to the InferenceService's file, which must exist here) or `pvc://`.
@@ -1039,6 +1115,20 @@ spec:
         let isvc = InferenceService::parse(&sklearn, &base()).unwrap();
         assert_eq!(isvc.default.format, Some(Format::Sklearn));
         assert!(isvc.default.predict_proba);
+        let spec = GOOD.replacen(
+            "      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n",
+            "      storage: {key: localMinIO, path: /sklearn, parameters: {bucket: example-models}}\n",
+            1,
+        );
+        let isvc = InferenceService::parse(&spec, &base()).unwrap();
+        assert_eq!(
+            isvc.default.storage,
+            Storage::Spec {
+                key: "localMinIO".into(),
+                path: "/sklearn".into(),
+                parameters: [("bucket".to_owned(), "example-models".to_owned())].into(),
+            }
+        );
         let xgboost = GOOD.replacen("{name: onnx}", "{name: XGBoost}", 1);
         let isvc = InferenceService::parse(&xgboost, &base()).unwrap();
         assert_eq!(isvc.default.format, Some(Format::Xgboost));
@@ -1265,6 +1355,30 @@ spec:
             (
                 GOOD.replace("name: onnx", "name: mlflow"),
                 "spec.predictor.model.modelFormat.name",
+            ),
+            (
+                GOOD.replacen(
+                    "      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n",
+                    "      storageUri: s3://b/m\n      storage: {path: m}\n",
+                    1,
+                ),
+                "spec.predictor.model.storage",
+            ),
+            (
+                GOOD.replacen(
+                    "      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n",
+                    "      storage: {key: k}\n",
+                    1,
+                ),
+                "spec.predictor.model.storage.path",
+            ),
+            (
+                GOOD.replacen(
+                    "      storageUri: file://models/repository/sklearn_digits/1/model.onnx\n",
+                    "      storage: {path: m, parameters: {type: hdfs}}\n",
+                    1,
+                ),
+                "spec.predictor.model.storage.parameters.type",
             ),
             (
                 GOOD.replace("trafficPercent: 20", "trafficPercent: 120"),

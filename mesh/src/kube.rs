@@ -4,6 +4,7 @@
 //! KEDA ScaledObject where the revision scales to zero or on requests. A transformer's
 //! pipeline travels in a ConfigMap. Envoy is Istio's: see [`crate::istio`].
 
+use meshserve_predictor::remote::{STORAGE_CONFIG, STORAGE_OVERRIDE_CONFIG};
 use serde_json::{Map, Value, json};
 
 use crate::isvc::{Autoscaler, InferenceService, RevisionSpec, ScaleMetric, Storage};
@@ -15,6 +16,9 @@ use crate::workload::{
 pub const CONTAINER: &str = "kserve-container";
 /// Seconds a stopping pod gets: the sidecar drains for 30.
 const GRACE_SECONDS: u64 = 40;
+/// KServe's storage-config secret, and the InferenceService annotation that names another.
+const DEFAULT_STORAGE_SECRET: &str = "storage-config";
+const STORAGE_SECRET_ANNOTATION: &str = "serving.kserve.io/storageSecretName";
 /// KEDA's wait before scaling an idle revision to zero (KEDA's default).
 const COOLDOWN_SECONDS: u64 = 300;
 
@@ -131,7 +135,7 @@ fn deployment(
         )),
         Storage::Pvc { claim, path } => Some((claim.clone(), path.clone())),
         // Downloaded by the sidecar into its scratch volume.
-        Storage::Remote { .. } => None,
+        Storage::Remote { .. } | Storage::Spec { .. } => None,
     };
     if let Some((claim, sub_path)) = claim {
         let mut model_mount = json!({"name": "models", "mountPath": workload::model_path(&revision.storage), "readOnly": true});
@@ -182,8 +186,29 @@ fn deployment(
         if let Some(resources) = &revision.pod.resources {
             map.insert("resources".into(), resources.clone());
         }
-        if let Some(env) = &revision.pod.env {
-            map.insert("env".into(), env.clone());
+        let mut env: Vec<Value> = revision
+            .pod
+            .env
+            .as_ref()
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if let Storage::Spec {
+            key, parameters, ..
+        } = &revision.storage
+        {
+            // What KServe's webhook gives its storage initializer.
+            let secret = isvc
+                .annotations
+                .get(STORAGE_SECRET_ANNOTATION)
+                .map_or(DEFAULT_STORAGE_SECRET, String::as_str);
+            env.push(json!({"name": STORAGE_CONFIG, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+            if !parameters.is_empty() {
+                env.push(json!({"name": STORAGE_OVERRIDE_CONFIG, "value": serde_json::to_string(parameters).unwrap_or_default()}));
+            }
+        }
+        if !env.is_empty() {
+            map.insert("env".into(), Value::Array(env));
         }
     }
     let mut pod = json!({

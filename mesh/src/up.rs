@@ -175,6 +175,25 @@ fn sidecar_storage_args(
     args
 }
 
+/// KServe's storage spec, locally: the storage-config entry comes from `$STORAGE_CONFIG` (on
+/// Kubernetes, from the secret), `parameters` over it.
+async fn fetch_storage_spec(
+    key: &str,
+    path: &str,
+    parameters: &std::collections::BTreeMap<String, String>,
+    cache: &Path,
+) -> Result<PathBuf, String> {
+    let config = std::env::var(remote::STORAGE_CONFIG).map_err(|_| {
+        format!(
+            "its storage spec names the storage-config secret's entry '{key}', which meshserve up reads from ${}: set it to that entry's JSON, or give storageUri",
+            remote::STORAGE_CONFIG
+        )
+    })?;
+    let overrides = serde_json::to_string(parameters).map_err(|e| e.to_string())?;
+    let (uri, s3) = remote::storage_spec(path, &config, Some(&overrides))?;
+    remote::fetch_with(&uri, &s3, cache, remote::MAX_DOWNLOAD_BYTES).await
+}
+
 /// `meshserve serve` on these ports (0: the OS picks) with the revision's flags.
 fn serve_args(http: u16, grpc: u16, extra: &[String]) -> Vec<String> {
     let mut args = vec![
@@ -331,6 +350,16 @@ pub async fn up(
                 Storage::Remote { uri } => {
                     let cache = state.join("storage");
                     fetched = remote::fetch(uri, &cache, remote::MAX_DOWNLOAD_BYTES)
+                        .await
+                        .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
+                    fetched.as_path()
+                }
+                Storage::Spec {
+                    key,
+                    path,
+                    parameters,
+                } => {
+                    fetched = fetch_storage_spec(key, path, parameters, &state.join("storage"))
                         .await
                         .map_err(|e| UpError::Input(format!("revision {}: {e}", revision.name)))?;
                     fetched.as_path()

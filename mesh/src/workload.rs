@@ -133,7 +133,10 @@ pub fn model_path(storage: &Storage) -> String {
         p.file_name()
             .and_then(|n| n.to_str())
             .map(str::to_owned)
-            .filter(|_| p.extension().is_some_and(|e| e == "onnx"))
+            .filter(|_| {
+                p.extension().is_some_and(|e| e == "onnx")
+                    || meshserve_predictor::convert::Format::of_file(p).is_some()
+            })
     };
     let single = match storage {
         Storage::File { path, .. } if path.is_file() => file_name(path),
@@ -141,6 +144,7 @@ pub fn model_path(storage: &Storage) -> String {
         Storage::File { .. } => None,
         // The sidecar downloads it itself.
         Storage::Remote { uri } => return uri.clone(),
+        Storage::Spec { path, .. } => return path.clone(),
     };
     match single {
         Some(file) => format!("{MODELS_DIR}/{file}"),
@@ -154,9 +158,13 @@ pub fn sidecar_args(
     revision: &RevisionSpec,
     settings: &Settings,
 ) -> Vec<String> {
+    let storage_flag = match revision.storage {
+        Storage::Spec { .. } => "--storage-spec-path",
+        _ => "--storage",
+    };
     let mut args: Vec<String> = [
         "serve",
-        "--storage",
+        storage_flag,
         &model_path(&revision.storage),
         "--model-name",
         &isvc.name,
@@ -173,7 +181,11 @@ pub fn sidecar_args(
     ]
     .map(str::to_owned)
     .to_vec();
-    if matches!(revision.storage, Storage::Remote { .. }) || revision.format.is_some() {
+    if matches!(
+        revision.storage,
+        Storage::Remote { .. } | Storage::Spec { .. }
+    ) || revision.format.is_some()
+    {
         // Downloads and conversions land in the pod's scratch volume.
         args.extend([
             "--storage-cache".to_owned(),

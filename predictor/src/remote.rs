@@ -64,34 +64,128 @@ fn bucket_and_prefix<'a>(uri: &str, rest: &'a str) -> Result<(&'a str, &'a str),
     Ok((bucket, prefix.trim_matches('/')))
 }
 
-fn locate(uri: &str) -> Result<Location, String> {
+/// S3 settings that KServe's storage spec gives (the storage-config secret's entry), read
+/// before the environment's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    pub endpoint_url: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub region: Option<String>,
+    /// `verify_ssl: "0"` or `"false"`: do not check the certificate.
+    pub verify_ssl: Option<bool>,
+    /// `anonymous: "true"`: unsigned requests.
+    pub anonymous: bool,
+}
+
+/// The environment variable KServe's webhook gives the storage initializer: the JSON entry of
+/// the storage-config secret that `storage.key` names.
+pub const STORAGE_CONFIG: &str = "STORAGE_CONFIG";
+/// `storage.parameters` as JSON, overlaid on [`STORAGE_CONFIG`].
+pub const STORAGE_OVERRIDE_CONFIG: &str = "STORAGE_OVERRIDE_CONFIG";
+
+/// KServe's storage spec (`storage: {key, path, parameters}`) resolved: the storage-config
+/// entry (`config`, JSON of strings: `type`, `bucket`, `endpoint_url`, `access_key_id`,
+/// `secret_access_key`, `region`, `verify_ssl`, `anonymous`) with `overrides` (the
+/// `parameters`) laid over it, and `path` inside the bucket. Returns the `s3://` URI and its
+/// settings. Only `type: s3` is read (KServe's other types are HDFS).
+pub fn storage_spec(
+    path: &str,
+    config: &str,
+    overrides: Option<&str>,
+) -> Result<(String, S3Settings), String> {
+    let parse =
+        |what: &str, text: &str| -> Result<serde_json::Map<String, serde_json::Value>, String> {
+            match serde_json::from_str(text) {
+                Ok(serde_json::Value::Object(map)) => Ok(map),
+                _ => Err(format!("{what} is not a JSON object of strings")),
+            }
+        };
+    let mut entry = parse(STORAGE_CONFIG, config)?;
+    if let Some(overrides) = overrides.filter(|o| !o.trim().is_empty()) {
+        entry.extend(parse("storage.parameters", overrides)?);
+    }
+    let get = |key: &str| {
+        entry
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    match get("type").as_deref() {
+        Some("s3") => {}
+        Some(other) => {
+            return Err(format!(
+                "storage type '{other}' is not read (meshserve reads s3 storage specs; give other stores as storageUri)"
+            ));
+        }
+        None => return Err("the storage spec names no type (KServe: \"type\": \"s3\")".into()),
+    }
+    let bucket = get("bucket").ok_or(
+        "the storage spec names no bucket (in storage.parameters or the storage-config entry)",
+    )?;
+    let flag =
+        |key: &str| get(key).map(|v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false"));
+    let uri = format!("s3://{bucket}/{}", path.trim_matches('/'));
+    Ok((
+        uri.trim_end_matches('/').to_owned(),
+        S3Settings {
+            endpoint_url: get("endpoint_url"),
+            access_key_id: get("access_key_id"),
+            secret_access_key: get("secret_access_key"),
+            region: get("region"),
+            verify_ssl: flag("verify_ssl"),
+            anonymous: flag("anonymous").unwrap_or(false),
+        },
+    ))
+}
+
+fn locate(uri: &str, s3: &S3Settings) -> Result<Location, String> {
     if let Some(rest) = uri.strip_prefix("s3://") {
         let (bucket, prefix) = bucket_and_prefix(uri, rest)?;
         let mut options = options();
         let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        let endpoint = env("AWS_ENDPOINT_URL").or_else(|| {
-            env("S3_ENDPOINT").map(|host| {
-                let scheme = if env("S3_USE_HTTPS").as_deref() == Some("0") {
-                    "http"
-                } else {
-                    "https"
-                };
-                format!("{scheme}://{host}")
-            })
-        });
+        if let Some(region) = &s3.region {
+            builder = builder.with_region(region);
+        }
+        if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+        }
+        let endpoint = s3
+            .endpoint_url
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| {
+                env("S3_ENDPOINT").map(|host| {
+                    let scheme = if env("S3_USE_HTTPS").as_deref() == Some("0") {
+                        "http"
+                    } else {
+                        "https"
+                    };
+                    format!("{scheme}://{host}")
+                })
+            });
         if let Some(endpoint) = endpoint {
             options = options.with_allow_http(endpoint.starts_with("http://"));
             builder = builder.with_endpoint(endpoint);
         }
-        if env("S3_VERIFY_SSL").as_deref() == Some("0") {
+        if s3.verify_ssl == Some(false)
+            || (s3.verify_ssl.is_none() && env("S3_VERIFY_SSL").as_deref() == Some("0"))
+        {
             options = options.with_allow_invalid_certificates(true);
         }
-        if env("AWS_DEFAULT_REGION").is_none() && env("AWS_REGION").is_none() {
+        if s3.region.is_none() && env("AWS_DEFAULT_REGION").is_none() && env("AWS_REGION").is_none()
+        {
             builder = builder.with_region("us-east-1");
         }
-        let signed = ["AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE"]
-            .iter()
-            .any(|v| env(v).is_some());
+        let signed = !s3.anonymous
+            && (s3.access_key_id.is_some()
+                || ["AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE"]
+                    .iter()
+                    .any(|v| env(v).is_some()));
         let store = built(
             uri,
             builder
@@ -229,7 +323,17 @@ async fn objects(uri: &str, location: &Location) -> Result<(Vec<ObjectMeta>, boo
 /// Downloads the storage at `uri` into `cache` (once per content) and returns the local
 /// location: a directory, or the one model file the URI names.
 pub async fn fetch(uri: &str, cache: &Path, max_bytes: u64) -> Result<PathBuf, String> {
-    let location = locate(uri)?;
+    fetch_with(uri, &S3Settings::default(), cache, max_bytes).await
+}
+
+/// [`fetch`], with S3 settings from a storage spec ([`storage_spec`]) read first.
+pub async fn fetch_with(
+    uri: &str,
+    s3: &S3Settings,
+    cache: &Path,
+    max_bytes: u64,
+) -> Result<PathBuf, String> {
+    let location = locate(uri, s3)?;
     let (objects, single) = objects(uri, &location).await?;
     let total: u64 = objects.iter().map(|o| o.size).sum();
     if total > max_bytes {
@@ -390,7 +494,35 @@ mod tests {
             redact("GET https://h/m.onnx?X-Amz-Signature=abc failed"),
             "GET https://h/m.onnx?... failed"
         );
-        assert!(locate("s3:///m").is_err());
-        assert!(locate("https://h/").is_err());
+        assert!(locate("s3:///m", &S3Settings::default()).is_err());
+        assert!(locate("https://h/", &S3Settings::default()).is_err());
+    }
+
+    #[test]
+    fn a_kserve_storage_spec_becomes_an_s3_uri_and_its_settings() {
+        let config = r#"{"type": "s3", "access_key_id": "minio", "secret_access_key": "minio123",
+            "endpoint_url": "http://minio-service.kubeflow:9000", "bucket": "mlpipeline", "region": "us-south"}"#;
+        let (uri, s3) =
+            storage_spec("/sklearn/", config, Some(r#"{"bucket": "example-models"}"#)).unwrap();
+        assert_eq!(uri, "s3://example-models/sklearn");
+        assert_eq!(
+            s3.endpoint_url.as_deref(),
+            Some("http://minio-service.kubeflow:9000")
+        );
+        assert_eq!(
+            (s3.region.as_deref(), s3.anonymous, s3.verify_ssl),
+            (Some("us-south"), false, None)
+        );
+        let (uri, _) = storage_spec("m", config, None).unwrap();
+        assert_eq!(uri, "s3://mlpipeline/m");
+        for (config, says) in [
+            (r#"{"type": "hdfs", "bucket": "b"}"#, "hdfs"),
+            (r#"{"bucket": "b"}"#, "no type"),
+            (r#"{"type": "s3"}"#, "no bucket"),
+            ("[1]", "not a JSON object"),
+        ] {
+            let why = storage_spec("m", config, None).unwrap_err();
+            assert!(why.contains(says), "{why}");
+        }
     }
 }

@@ -27,8 +27,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "MESHSERVE_MODEL_REPOSITORY",
-        required_unless_present = "storage",
-        conflicts_with = "storage"
+        required_unless_present_any = ["storage", "storage_spec_path"],
+        conflicts_with_all = ["storage", "storage_spec_path"]
     )]
     pub model_repository: Option<PathBuf>,
     /// A KServe storage location instead of a repository: one .onnx file, one model's
@@ -36,8 +36,13 @@ pub struct ServeArgs {
     /// remote one, downloaded first: s3://, gs://, https://ACCOUNT.blob.core.windows.net/...,
     /// http(s):// (one file or a .tar.gz/.zip), credentials from the environment as KServe's
     /// storage initializer reads them.
-    #[arg(long, env = "MESHSERVE_STORAGE")]
+    #[arg(long, env = "MESHSERVE_STORAGE", conflicts_with = "storage_spec_path")]
     pub storage: Option<PathBuf>,
+    /// KServe's storage spec instead of --storage: the path inside the bucket (`storage.path`);
+    /// the store, bucket and credentials come from $STORAGE_CONFIG (the storage-config
+    /// secret's entry, JSON) with $STORAGE_OVERRIDE_CONFIG (`storage.parameters`) over it.
+    #[arg(long, env = "MESHSERVE_STORAGE_SPEC_PATH")]
+    pub storage_spec_path: Option<String>,
     /// Where remote --storage is downloaded (kept: a restart over unchanged objects downloads
     /// nothing). Default: meshserve-storage under the system's temporary directory.
     #[arg(long, env = "MESHSERVE_STORAGE_CACHE")]
@@ -193,6 +198,28 @@ async fn local_storage(
         .map_err(StartError::Storage)
 }
 
+/// `--storage-spec-path`: KServe's storage spec, read from the environment as KServe's
+/// storage initializer reads it, downloaded.
+async fn from_storage_spec(
+    path: &str,
+    cache: Option<&Path>,
+    max_bytes: u64,
+) -> Result<PathBuf, StartError> {
+    use meshserve_predictor::remote::{self, STORAGE_CONFIG, STORAGE_OVERRIDE_CONFIG};
+    let config = std::env::var(STORAGE_CONFIG).map_err(|_| {
+        StartError::Storage(format!(
+            "--storage-spec-path needs ${STORAGE_CONFIG}: the storage-config secret's entry (JSON)"
+        ))
+    })?;
+    let overrides = std::env::var(STORAGE_OVERRIDE_CONFIG).ok();
+    let (uri, s3) =
+        remote::storage_spec(path, &config, overrides.as_deref()).map_err(StartError::Storage)?;
+    tracing::info!(%uri, "storage spec");
+    remote::fetch_with(&uri, &s3, &storage_cache(cache), max_bytes)
+        .await
+        .map_err(StartError::Storage)
+}
+
 /// `--storage-cache`, or its default.
 fn storage_cache(cache: Option<&Path>) -> PathBuf {
     cache.map_or_else(
@@ -215,15 +242,29 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
         intra_op_spinning: args.intra_op_spinning,
     })?;
     tracing::info!(library = %runtime.library().display(), device = %runtime.device(), "ONNX Runtime loaded");
-    let root = match (&args.model_repository, &args.storage) {
+    let spec_storage = match &args.storage_spec_path {
+        Some(path) => Some(
+            from_storage_spec(path, args.storage_cache.as_deref(), args.max_download_bytes).await?,
+        ),
+        None => None,
+    };
+    let root = match (
+        &args.model_repository,
+        spec_storage.as_ref().or(args.storage.as_ref()),
+    ) {
         (Some(repository), _) => repository.clone(),
         (None, Some(storage)) => {
-            let storage = &local_storage(
-                storage,
-                args.storage_cache.as_deref(),
-                args.max_download_bytes,
-            )
-            .await?;
+            let storage = &match &spec_storage {
+                Some(fetched) => fetched.clone(),
+                None => {
+                    local_storage(
+                        storage,
+                        args.storage_cache.as_deref(),
+                        args.max_download_bytes,
+                    )
+                    .await?
+                }
+            };
             let scratch = args.scratch_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("meshserve-{}", std::process::id()))
             });

@@ -29,6 +29,7 @@ import lightgbm
 import numpy as np
 import pytest
 import xgboost
+import yaml
 from sklearn import datasets
 from sklearn.ensemble import RandomForestRegressor
 from sklearn.linear_model import LogisticRegression
@@ -487,6 +488,8 @@ def kserve_bucket(tmp_path_factory):
         lgb = lightgbm.train({"objective": "multiclass", "metric": "softmax", "num_class": 3, "verbose": -1},
                              lightgbm.Dataset(X, label=y, feature_name=names))
         lgb.save_model(str(root / "lgb.bst"))
+        s3.create_bucket(Bucket="example-models")
+        s3.upload_file(str(root / "model.joblib"), "example-models", "sklearn/model.joblib")
         for file, key_name in [("model.joblib", "models/sklearn/1.0/model/model.joblib"),
                                ("xgb.bst", "models/xgboost/iris/model.bst"),
                                ("lgb.bst", "models/lightgbm/iris/model.bst"),
@@ -550,6 +553,55 @@ def test_kserve_samples_run_through_meshserve_up_from_s3(kserve_bucket, tmp_path
         check_close(output["data"], expected["data"])
     finally:
         mesh.stop()
+
+
+# KServe's docs/samples/storage/storageSpec/sklearn_storagespec.yaml, as written.
+STORAGE_SPEC_SAMPLE = """\
+apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: example-sklearn-isvc
+spec:
+  predictor:
+    sklearn:
+      storage:
+        key: localMinIO
+        path: sklearn
+        # schemaPath: null
+        parameters:
+          bucket: example-models
+"""
+
+
+def test_kserves_storage_spec_sample_runs_and_renders_the_secret(kserve_bucket, tmp_path, monkeypatch):
+    env, _ = kserve_bucket
+    # The storage-config secret's entry, as KServe's common_secret.yaml writes it (here with
+    # the test's S3 and the user's key); `up` reads it from $STORAGE_CONFIG.
+    entry = {"type": "s3", "access_key_id": env["AWS_ACCESS_KEY_ID"], "secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+             "endpoint_url": env["AWS_ENDPOINT_URL"], "bucket": "mlpipeline", "region": "us-south"}
+    monkeypatch.setenv("STORAGE_CONFIG", json.dumps(entry))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    spec = tmp_path / "storagespec.yaml"
+    spec.write_text(STORAGE_SPEC_SAMPLE)
+    mesh = MeshUp(spec, tmp_path / "state", BINARY, timeout_s=120)
+    try:
+        status, answer = post(f"{mesh.url}/v1/models/example-sklearn-isvc:predict", {"instances": IRIS_SAMPLE})
+        assert (status, answer) == (200, {"predictions": [1, 1]}), answer
+    finally:
+        mesh.stop()
+    assert env["AWS_SECRET_ACCESS_KEY"] not in "".join(mesh.lines)
+    out = tmp_path / "rendered"
+    subprocess.run([BINARY, "render", spec, "--out", out], check=True, capture_output=True)
+    deployment = next(d for d in yaml.safe_load_all((out / "kubernetes" / "example-sklearn-isvc.yaml").read_text())
+                      if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--storage-spec-path") + 1] == "sklearn"
+    assert args[args.index("--model-format") + 1] == "sklearn"
+    env_vars = {e["name"]: e for e in container["env"]}
+    assert env_vars["STORAGE_CONFIG"]["valueFrom"] == {"secretKeyRef": {"name": "storage-config", "key": "localMinIO"}}
+    assert json.loads(env_vars["STORAGE_OVERRIDE_CONFIG"]["value"]) == {"bucket": "example-models"}
 
 
 def test_a_wrong_credential_is_refused_and_never_shown(kserve_bucket, tmp_path):
