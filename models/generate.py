@@ -27,6 +27,8 @@ from sklearn.model_selection import train_test_split
 
 ROOT = Path(__file__).resolve().parent
 REPOSITORY = ROOT / "repository"
+# Model files in other frameworks' formats, served as they are (converted when they load).
+FRAMEWORKS = ROOT / "frameworks"
 REFERENCE = ROOT / "reference"
 SAMPLES = ROOT / "samples"
 EXTRA = ROOT / "extra"
@@ -392,6 +394,24 @@ def train_and_export(data, classifier, input_dims, directory, rng, **training):
     return path, float((probabilities.argmax(axis=1) == data.labels[data.test]).mean())
 
 
+def build_xgboost_digits(data):
+    """The digits as an XGBoost booster (multi:softprob), saved as XGBoost saves `model.bst`
+    (UBJSON): what a KServe user brings to `spec.predictor.xgboost`."""
+    import xgboost
+
+    booster = xgboost.train(
+        {"objective": "multi:softprob", "num_class": 10, "max_depth": 3, "eta": 0.3, "nthread": 1, "seed": SEED},
+        xgboost.DMatrix(data.features[data.train], label=data.labels[data.train]),
+        num_boost_round=10,
+    )
+    directory = FRAMEWORKS / "xgboost_digits"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.bst"
+    path.write_bytes(booster.save_raw("ubj"))
+    predicted = booster.predict(xgboost.DMatrix(data.features[data.test])).argmax(axis=1)
+    return path, float((predicted == data.labels[data.test]).mean())
+
+
 def build_mnist_cnn(data):
     rng = np.random.default_rng(SEED)
     cnn = Classifier(
@@ -521,6 +541,8 @@ def main():
     sklearn_models = build_sklearn_digits(data)
     for version, (_, accuracy) in sklearn_models.items():
         print(f"sklearn_digits v{version}: test accuracy {accuracy:.4f}")
+    xgboost_path, xgboost_accuracy = build_xgboost_digits(data)
+    print(f"{xgboost_path.relative_to(ROOT)}: test accuracy {xgboost_accuracy:.4f}, {xgboost_path.stat().st_size} bytes")
     cnn_path, cnn_accuracy = build_mnist_cnn(data)
     print(f"mnist_cnn v1: test accuracy {cnn_accuracy:.4f}")
 

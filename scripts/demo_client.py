@@ -64,6 +64,12 @@ with open(photo, "rb") as f:
 request = urllib.request.Request(f"{base}/v1/models/mnist:predict", data=json.dumps(picture).encode(), headers=headers)
 with urllib.request.urlopen(request, timeout=10) as response:
     digit = json.load(response)["predictions"][0]
+# The same two digits to the XGBoost booster file, served as it is (converted when it loaded).
+with open(sample, "rb") as f:
+    request = urllib.request.Request(f"{base}/v1/models/digits-xgboost:predict", data=f.read(), headers=headers)
+with urllib.request.urlopen(request, timeout=10) as response:
+    boosted = [max(range(len(p)), key=p.__getitem__) for p in json.load(response)["predictions"]]
+
 print(f"""
 Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
   curl -si -d @{sample} {base}/v1/models/digits:predict
@@ -77,6 +83,10 @@ through the transformer in Envoy (decode, grayscale, crop, area-resize to 28x28,
   the CNN says {digit["digits"][0]} (score {digit["scores"][0]:.4f}; runners-up {", ".join(digit["digits"][1:])})
   {base}/v1/models/mnist:predict   (or V2: an "image" BYTES input to {base}/v2/models/mnist/infer)
   ./target/release/meshserve transform envoy-config/demo/inferenceservice.yaml < body.json   what the model gets
+
+The same digits to an XGBoost booster file served as it is (models/frameworks/xgboost_digits/model.bst,
+converted to ONNX when it loaded; answers as KServe's xgbserver): digits {boosted}
+  curl -s -d @{sample} {base}/v1/models/digits-xgboost:predict
 
 Payload logs (KServe CloudEvents, a request and a response event per call, paired by id): {payload_count()} events
 so far in .meshserve/payloads.jsonl, written by `meshserve log-sink` (the digits predictors' logger.url)

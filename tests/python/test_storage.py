@@ -232,6 +232,36 @@ def test_the_download_limit_is_named(s3, tmp_path):
     assert address is None and "--max-download-bytes" in server.text(), server.text()
 
 
+class TruncatingHandler(SimpleHTTPRequestHandler):
+    """Promises 100,000 bytes and closes the connection after 5,000."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"\0" * 5000)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_truncated_download_is_an_error_and_nothing_is_kept(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TruncatingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}/model.onnx"
+    try:
+        sidecar, address = serve(uri, {}, tmp_path / "cache")
+        sidecar.process.wait(timeout=120)
+        text = sidecar.text()
+        assert address is None and sidecar.process.returncode != 0 and uri in text, text
+        assert not list((tmp_path / "cache").rglob("*.onnx")), "a truncated model was kept"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("archive, version", [("digits.tar.gz", "1"), ("digits.zip", "2")])
 def test_http_archives_are_unpacked_and_served(archives, tmp_path, archive, version):
     check_serves(f"{archives}/{archive}", {}, tmp_path / "cache", version)
