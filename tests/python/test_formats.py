@@ -330,6 +330,19 @@ def test_sklearn_answers_equal_the_estimator(case, file, proba, serve, tmp_path)
         assert output["data"] == expected.flatten().tolist()
 
 
+def test_a_pickle_from_an_older_scikit_learn_serves_and_says_so(serve, tmp_path):
+    # Pickled by scikit-learn 1.5.2, KServe 0.21's pin (tests/fixtures/make_old_sklearn_pickle.py).
+    fixture = REPO_ROOT / "tests" / "fixtures" / "sklearn-1.5.2-iris-pipeline.joblib"
+    (tmp_path / "model.joblib").write_bytes(fixture.read_bytes())
+    served = serve(tmp_path, ["--model-format", "sklearn"])
+    assert served.address, served.text()
+    assert "InconsistentVersionWarning" in served.text() or "1.5.2" in served.text(), served.text()
+    model = joblib.load(fixture)
+    rows = IRIS[0][::5]
+    status, answer = served.v1(rows.tolist())
+    assert status == 200 and answer["predictions"] == model.predict(rows).tolist(), answer
+
+
 def test_a_restart_converts_nothing_and_a_changed_file_converts_again(serve, tmp_path):
     model, _ = sklearn_model("svc")
     joblib.dump(model, tmp_path / "model.joblib")
