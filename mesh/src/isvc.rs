@@ -139,6 +139,8 @@ struct RawModel {
     protocol_version: Option<String>,
     resources: Option<Value>,
     env: Option<Value>,
+    /// The KServe server's command line: refused with the reason.
+    args: Option<Value>,
 }
 
 /// KServe's `storage`: `key` names the storage-config secret's entry, `path` the model in the
@@ -602,6 +604,12 @@ fn revision(
                 ),
             ));
         }
+    }
+    if model.args.is_some() {
+        return Err(error(
+            &format!("{model_path}.args"),
+            "are the command line of KServe's server for the model (--nthread, --workers, ...); meshserve's sidecar is the runtime and takes none: set its limits in the model's config.yaml or the predictor's fields",
+        ));
     }
     let converted = Format::parse(&format);
     let storage = match (model.storage_uri, model.storage) {
@@ -1141,8 +1149,8 @@ spec:
             ),
             (
                 onnx.replace("      runtimeVersion: 1.31.1\n", "      args: [--workers=2]\n"),
-                "spec.predictor.onnx",
-                "unknown field `args`",
+                "spec.predictor.onnx.args",
+                "sidecar is the runtime",
             ),
             (
                 onnx.replace(
