@@ -261,6 +261,28 @@ def test_lightgbm_answers_equal_booster_predict(case, serve, tmp_path):
     check_close(np.reshape(output["data"], complete.shape), complete)
 
 
+def test_lightgbm_categorical_splits_keep_their_categories(serve, tmp_path):
+    rng = np.random.default_rng(3)
+    n = 3000
+    category = rng.integers(0, 40, n).astype(np.float64)
+    X = np.column_stack([rng.normal(size=n), category, rng.normal(size=n)])
+    y = ((np.isin(category, [1, 5, 7, 33, 38]) ^ (X[:, 0] > 0.3)) | (X[:, 2] > 1.5)).astype(float)
+    X[rng.random(n) < 0.05, 1] = np.nan
+    booster = lightgbm.train({"objective": "binary", "num_leaves": 15, "verbose": -1, "min_data_per_group": 5,
+                              "cat_smooth": 1}, lightgbm.Dataset(X[:2000], label=y[:2000], categorical_feature=[1]),
+                             num_boost_round=20)
+    assert "cat_threshold" in booster.model_to_string()
+    booster.save_model(str(tmp_path / "model.txt"))
+    test = X[2000:]
+    # Categories never seen, and negative ones, go where LightGBM sends them too.
+    test[:20, 1] = [-1, 45, 100, 39, 0, 2, 3, 4, 6, 8, 9, 10, 11, 12, 30, 31, 32, 34, 35, 36]
+    served = serve(tmp_path, ["--model-format", "lightgbm"])
+    assert served.address, served.text()
+    status, answer = served.v1(rows_with_nulls(test))
+    assert status == 200, answer
+    check_close(answer["predictions"], booster.predict(test))
+
+
 def test_lightgbm_objects_name_features_as_kserve_reads_them(serve, tmp_path):
     X, y = IRIS
     names = ["sepal_length_(cm)", "sepal_width_(cm)", "petal_length_(cm)", "petal_width_(cm)"]

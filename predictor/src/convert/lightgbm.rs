@@ -190,13 +190,48 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
                 .ok_or_else(|| format!("tree {t}: a leaf outside the tree"))
         }
     };
+    let categorical = decision.iter().any(|k| k & CATEGORICAL != 0);
+    let (boundaries, bitsets): (Vec<usize>, Vec<u32>) = if categorical {
+        (
+            list(block, "cat_boundaries", t)?,
+            list(block, "cat_threshold", t)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut splits = Vec::with_capacity(n);
     for i in 0..n {
         let kind = decision[i];
         if kind & CATEGORICAL != 0 {
-            return Err(format!(
-                "tree {t} has a categorical split, which is not converted yet: train with numerical features"
-            ));
+            // The threshold indexes the split's bitset of categories that go left; NaN and
+            // negative values go right.
+            let set = threshold[i];
+            let words = (set >= 0.0 && set.fract() == 0.0)
+                .then_some(set as usize)
+                .and_then(|c| Some((*boundaries.get(c)?, *boundaries.get(c + 1)?)))
+                .and_then(|(from, to)| bitsets.get(from..to))
+                .ok_or_else(|| {
+                    format!("tree {t} node {i}: a categorical split without its categories")
+                })?;
+            let categories: Vec<f64> = words
+                .iter()
+                .enumerate()
+                .flat_map(|(w, &word)| {
+                    (0..32)
+                        .filter(move |b| word & (1 << b) != 0)
+                        .map(move |b| (w * 32 + b) as f64)
+                })
+                .collect();
+            splits.push(Split {
+                feature: feature[i],
+                threshold: 0.0,
+                mode: Mode::Member,
+                categories,
+                missing_true: false,
+                yes: child(left[i])?,
+                no: child(right[i])?,
+            });
+            continue;
         }
         let default_left = kind & DEFAULT_LEFT != 0;
         let missing_true = match (kind >> 2) & 3 {
@@ -213,6 +248,7 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
             feature: feature[i],
             threshold: threshold[i],
             mode: Mode::Leq,
+            categories: Vec::new(),
             missing_true,
             yes: child(left[i])?,
             no: child(right[i])?,
@@ -256,9 +292,23 @@ mod tests {
     }
 
     #[test]
+    fn a_categorical_split_keeps_its_bitset_of_categories() {
+        let text = model("1", "binary sigmoid:1").replace(
+            "threshold=0.25\n",
+            "threshold=0\ncat_boundaries=0 2\ncat_threshold=34 1\n",
+        );
+        let (ensemble, _) = read(&text).unwrap();
+        let split = &ensemble.trees[0].splits[0];
+        assert_eq!(split.mode, Mode::Member);
+        // 34 = bits 1 and 5 of the first word; 1 = bit 0 of the second (category 32).
+        assert_eq!(split.categories, vec![1.0, 5.0, 32.0]);
+        assert!(!split.missing_true, "NaN goes right");
+    }
+
+    #[test]
     fn what_is_not_converted_says_so() {
         for (text, says) in [
-            (model("1", "binary sigmoid:1"), "categorical"),
+            (model("1", "binary sigmoid:1"), "cat_boundaries"),
             (model("4", "binary sigmoid:1"), "zero as missing"),
             (model("2", "cross_entropy_lambda"), "cross_entropy_lambda"),
             (model("2", "regression sqrt"), "sqrt"),

@@ -30,6 +30,8 @@ pub enum Mode {
     Leq = 0,
     /// `x < threshold` (XGBoost).
     Lt = 1,
+    /// `x` is one of the split's `categories` (LightGBM's categorical splits).
+    Member = 6,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +45,8 @@ pub struct Split {
     pub feature: usize,
     pub threshold: f64,
     pub mode: Mode,
+    /// The categories of a [`Mode::Member`] split (empty for the others).
+    pub categories: Vec<f64>,
     /// Where a missing value (NaN) goes: the `true` branch or not.
     pub missing_true: bool,
     pub yes: Child,
@@ -198,6 +202,8 @@ impl Ensemble {
         let mut missing = Vec::new();
         let mut leaf_targets = Vec::new();
         let mut leaf_weights = Vec::new();
+        // Every membership split's categories in node order, each set ended by NaN.
+        let mut members: Vec<f64> = Vec::new();
         for tree in &self.trees {
             let offset = featureids.len();
             match tree.root {
@@ -211,6 +217,10 @@ impl Ensemble {
                 featureids.push(split.feature as i64);
                 splits.push(precise(split.threshold));
                 modes.push(split.mode as u8);
+                if split.mode == Mode::Member {
+                    members.extend(&split.categories);
+                    members.push(f64::NAN);
+                }
                 missing.push(i64::from(split.missing_true));
                 for (child, ids, leafs) in [
                     (split.yes, &mut true_ids, &mut true_leafs),
@@ -240,29 +250,42 @@ impl Ensemble {
             let column = graph.node("", "Gather", &[INPUT, &first], vec![onnx::int("axis", 1)]);
             graph.node("", "Mul", &[&column, &zero], vec![])
         } else {
+            let mut attributes = Vec::new();
+            if !members.is_empty() {
+                attributes.push(onnx::tensor_attribute(
+                    "membership_values",
+                    onnx::real_tensor("", real, &members),
+                ));
+            }
             graph.node(
                 "ai.onnx.ml",
                 "TreeEnsemble",
                 &[INPUT],
-                vec![
-                    onnx::int("n_targets", self.targets as i64),
-                    onnx::int("aggregate_function", 1),
-                    onnx::int("post_transform", 0),
-                    onnx::ints("tree_roots", roots),
-                    onnx::ints("nodes_featureids", featureids),
-                    onnx::tensor_attribute("nodes_splits", onnx::real_tensor("", real, &splits)),
-                    onnx::tensor_attribute("nodes_modes", onnx::uint8_tensor("", &modes)),
-                    onnx::ints("nodes_truenodeids", true_ids),
-                    onnx::ints("nodes_trueleafs", true_leafs),
-                    onnx::ints("nodes_falsenodeids", false_ids),
-                    onnx::ints("nodes_falseleafs", false_leafs),
-                    onnx::ints("nodes_missing_value_tracks_true", missing),
-                    onnx::ints("leaf_targetids", leaf_targets),
-                    onnx::tensor_attribute(
-                        "leaf_weights",
-                        onnx::real_tensor("", real, &leaf_weights),
-                    ),
-                ],
+                attributes
+                    .into_iter()
+                    .chain([
+                        onnx::int("n_targets", self.targets as i64),
+                        onnx::int("aggregate_function", 1),
+                        onnx::int("post_transform", 0),
+                        onnx::ints("tree_roots", roots),
+                        onnx::ints("nodes_featureids", featureids),
+                        onnx::tensor_attribute(
+                            "nodes_splits",
+                            onnx::real_tensor("", real, &splits),
+                        ),
+                        onnx::tensor_attribute("nodes_modes", onnx::uint8_tensor("", &modes)),
+                        onnx::ints("nodes_truenodeids", true_ids),
+                        onnx::ints("nodes_trueleafs", true_leafs),
+                        onnx::ints("nodes_falsenodeids", false_ids),
+                        onnx::ints("nodes_falseleafs", false_leafs),
+                        onnx::ints("nodes_missing_value_tracks_true", missing),
+                        onnx::ints("leaf_targetids", leaf_targets),
+                        onnx::tensor_attribute(
+                            "leaf_weights",
+                            onnx::real_tensor("", real, &leaf_weights),
+                        ),
+                    ])
+                    .collect(),
             )
         };
         if base.iter().any(|&b| b != 0.0) {
@@ -350,6 +373,7 @@ mod tests {
                         feature: 1,
                         threshold: 0.1,
                         mode: Mode::Leq,
+                        categories: Vec::new(),
                         missing_true: false,
                         yes: Child::Leaf(1.0),
                         no: Child::Leaf(2.0),
