@@ -225,6 +225,28 @@ def test_xgboost_answers_equal_booster_predict(case, serve, tmp_path):
     check_close(np.reshape(output["data"], complete.shape), complete)
 
 
+@pytest.mark.parametrize("onehot", [1, 64], ids=["partition", "one_hot"])
+def test_xgboost_categorical_splits_keep_their_categories(onehot, serve, tmp_path):
+    rng = np.random.default_rng(4)
+    n = 3000
+    category = rng.integers(0, 30, n).astype(np.float64)
+    X = np.column_stack([rng.normal(size=n), category])
+    y = (np.isin(category, [1, 5, 7, 22]) ^ (X[:, 0] > 0.3)).astype(float)
+    X[rng.random(n) < 0.05, 1] = np.nan
+    train = xgboost.DMatrix(X[:2000], label=y[:2000], feature_types=["q", "c"], enable_categorical=True)
+    booster = xgboost.train({"objective": "binary:logistic", "max_depth": 4, "max_cat_to_onehot": onehot},
+                            train, num_boost_round=15)
+    (tmp_path / "model.json").write_bytes(booster.save_raw("json"))
+    test = X[2000:]
+    test[:6, 1] = [-1, 31, 45, 0, 29, 2]
+    expected = booster.predict(xgboost.DMatrix(test, feature_types=["q", "c"], enable_categorical=True))
+    served = serve(tmp_path, ["--model-format", "xgboost"])
+    assert served.address, served.text()
+    status, answer = served.v1(rows_with_nulls(test))
+    assert status == 200, answer
+    check_close(answer["predictions"], expected)
+
+
 LIGHTGBM_CASES = {
     "binary_txt": (CANCER, {"objective": "binary", "num_leaves": 15}, 30, "model.txt"),
     "multiclass_bst": (IRIS, {"objective": "multiclass", "num_class": 3, "num_leaves": 7}, 25, "model.bst"),

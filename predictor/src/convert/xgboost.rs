@@ -282,22 +282,59 @@ fn read_tree(tree: &Value, t: usize, target: usize, weight: f64) -> Result<Tree,
             Child::Split(split_number[i])
         })
     };
+    // Categorical splits: `categories_nodes[k]` holds the categories
+    // `categories[categories_segments[k]..][..categories_sizes[k]]`, the ones that go right.
+    let empty = Vec::new();
+    let list = |key: &str| tree.get(key).and_then(Value::as_array).unwrap_or(&empty);
+    let (cat_nodes, segments, sizes, cats) = (
+        list("categories_nodes"),
+        list("categories_segments"),
+        list("categories_sizes"),
+        list("categories"),
+    );
+    let categories_of = |node: usize| -> Result<Vec<f64>, String> {
+        let k = cat_nodes
+            .iter()
+            .position(|v| int(v) == Some(node as i64))
+            .ok_or_else(|| {
+                format!("tree {t} node {node}: a categorical split without categories")
+            })?;
+        let at = |v: Option<&Value>| v.and_then(int).and_then(|i| usize::try_from(i).ok());
+        let (from, size) = at(segments.get(k))
+            .zip(at(sizes.get(k)))
+            .ok_or_else(|| format!("tree {t} node {node}: bad category segments"))?;
+        cats.get(from..from.saturating_add(size))
+            .ok_or_else(|| format!("tree {t} node {node}: categories outside the list"))?
+            .iter()
+            .map(|c| number(c, "a category"))
+            .collect()
+    };
     let mut out = Vec::with_capacity(splits);
     for i in (0..n).filter(|&i| !is_leaf(i)) {
-        if split_type.and_then(|s| s.get(i)).and_then(int).unwrap_or(0) != 0 {
-            return Err(format!(
-                "tree {t} has a categorical split, which is not converted yet: train with numerical features (one-hot encoded categories)"
-            ));
-        }
         let feature = int(&index[i])
             .and_then(|f| usize::try_from(f).ok())
             .ok_or_else(|| format!("tree {t}: a split on no feature"))?;
+        let default_left = int(&default_left[i]).unwrap_or(0) != 0;
+        if split_type.and_then(|s| s.get(i)).and_then(int).unwrap_or(0) != 0 {
+            // XGBoost sends the split's categories right, every other value left, and a
+            // missing one where default_left says.
+            out.push(Split {
+                feature,
+                threshold: 0.0,
+                mode: Mode::Member,
+                categories: categories_of(i)?,
+                missing_true: !default_left,
+                yes: child(&right[i])?,
+                no: child(&left[i])?,
+            });
+            continue;
+        }
         out.push(Split {
             feature,
             threshold: number(&condition[i], "a split condition")?,
             mode: Mode::Lt,
             categories: Vec::new(),
-            missing_true: int(&default_left[i]).unwrap_or(0) != 0,
+            missing_true: default_left,
             yes: child(&left[i])?,
             no: child(&right[i])?,
         });
@@ -360,12 +397,26 @@ mod tests {
         );
         let mut categorical = tree();
         categorical["split_type"] = json!([1, 0, 0]);
+        let mut with_categories = categorical.clone();
+        with_categories["categories_nodes"] = json!([0]);
+        with_categories["categories_segments"] = json!([0]);
+        with_categories["categories_sizes"] = json!([2]);
+        with_categories["categories"] = json!([3, 8]);
+        let split = &from_json(&model("binary:logistic", with_categories))
+            .unwrap()
+            .trees[0]
+            .splits[0];
+        assert_eq!(
+            (split.mode, &split.categories),
+            (Mode::Member, &vec![3.0, 8.0])
+        );
+        assert_eq!((split.yes, split.missing_true), (Child::Leaf(-1.0), false));
         let mut cyclic = tree();
         cyclic["left_children"] = json!([0, -1, -1]);
         let mut linear = model("binary:logistic", tree());
         linear["learner"]["gradient_booster"] = json!({"name": "gblinear", "model": {}});
         for (m, says) in [
-            (model("binary:logistic", categorical), "categorical"),
+            (model("binary:logistic", categorical), "without categories"),
             (model("binary:logistic", cyclic), "not a tree"),
             (model("survival:cox", tree()), "survival:cox"),
             (linear, "gblinear"),
