@@ -283,6 +283,26 @@ def test_lightgbm_answers_equal_booster_predict(case, serve, tmp_path):
     check_close(np.reshape(output["data"], complete.shape), complete)
 
 
+def test_lightgbm_zero_as_missing_sends_zeros_and_nans_the_default_way(serve, tmp_path):
+    rng = np.random.default_rng(5)
+    n = 3000
+    X = rng.normal(size=(n, 4))
+    X[rng.random(X.shape) < 0.2] = 0.0
+    y = X[:, 0] * 2 + (X[:, 1] == 0) * 3 + np.where(X[:, 2] > -0.2, 1.0, -1.0) + rng.normal(scale=0.1, size=n)
+    booster = lightgbm.train({"objective": "regression", "num_leaves": 15, "zero_as_missing": True, "verbose": -1},
+                             lightgbm.Dataset(X[:2000], label=y[:2000]), num_boost_round=20)
+    assert any(int(d) & 12 == 4 for line in booster.model_to_string().splitlines()
+               if line.startswith("decision_type=") for d in line.split("=")[1].split())
+    booster.save_model(str(tmp_path / "model.txt"))
+    test = X[2000:].copy()
+    test[rng.random(test.shape) < 0.05] = np.nan
+    served = serve(tmp_path, ["--model-format", "lightgbm"])
+    assert served.address, served.text()
+    status, answer = served.v1(rows_with_nulls(test))
+    assert status == 200, answer
+    check_close(answer["predictions"], booster.predict(test))
+
+
 def test_lightgbm_categorical_splits_keep_their_categories(serve, tmp_path):
     rng = np.random.default_rng(3)
     n = 3000

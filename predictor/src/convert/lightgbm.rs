@@ -200,6 +200,7 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
         (Vec::new(), Vec::new())
     };
     let mut splits = Vec::with_capacity(n);
+    let mut zeros = Vec::new();
     for i in 0..n {
         let kind = decision[i];
         if kind & CATEGORICAL != 0 {
@@ -238,11 +239,15 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
             // None: NaN is read as zero.
             0 => 0.0 <= threshold[i],
             2 => default_left,
-            _ => {
-                return Err(format!(
-                    "tree {t} treats zero as missing (zero_as_missing=true), which is not converted"
-                ));
+            // Zero: NaN and zero take the default direction. Where the comparison would send
+            // zero the other way, a test for zero goes first (see `expand_zeros`).
+            1 => {
+                if default_left != (0.0 <= threshold[i]) {
+                    zeros.push(i);
+                }
+                default_left
             }
+            _ => return Err(format!("tree {t} node {i}: an unknown missing type")),
         };
         splits.push(Split {
             feature: feature[i],
@@ -254,10 +259,86 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
             no: child(right[i])?,
         });
     }
-    Ok(Tree {
+    let tree = Tree {
         target,
         root: Child::Split(0),
         splits,
+    };
+    if zeros.is_empty() {
+        return Ok(tree);
+    }
+    expand_zeros(&tree, &zeros).map_err(|e| format!("tree {t}: {e}"))
+}
+
+/// The most splits one tree may have once its zero-as-missing splits are expanded.
+const MAX_EXPANDED_SPLITS: usize = 1 << 20;
+
+/// `tree` with a test `x == 0` before each split in `zeros`, sending zero where the split's
+/// missing values go (its `yes` branch when `missing_true`): the subtree that way is copied,
+/// so the result stays a tree. Built with an explicit stack, and bounded.
+fn expand_zeros(tree: &Tree, zeros: &[usize]) -> Result<Tree, String> {
+    #[derive(Clone, Copy)]
+    enum Slot {
+        Root,
+        Yes(usize),
+        No(usize),
+    }
+    let mut out: Vec<Split> = Vec::new();
+    let mut root = tree.root;
+    let mut stack = vec![(tree.root, Slot::Root)];
+    while let Some((child, slot)) = stack.pop() {
+        let new = match child {
+            Child::Leaf(v) => Child::Leaf(v),
+            Child::Split(i) => {
+                let split = tree
+                    .splits
+                    .get(i)
+                    .ok_or("a child outside the tree")?
+                    .clone();
+                let at = out.len();
+                let copied = Child::Split(at);
+                if zeros.contains(&i) {
+                    let default = if split.missing_true {
+                        split.yes
+                    } else {
+                        split.no
+                    };
+                    out.push(Split {
+                        feature: split.feature,
+                        threshold: 0.0,
+                        mode: Mode::Eq,
+                        categories: Vec::new(),
+                        missing_true: false,
+                        yes: default,
+                        no: Child::Split(at + 1),
+                    });
+                    stack.push((default, Slot::Yes(at)));
+                    out.push(split.clone());
+                    stack.push((split.yes, Slot::Yes(at + 1)));
+                    stack.push((split.no, Slot::No(at + 1)));
+                } else {
+                    out.push(split.clone());
+                    stack.push((split.yes, Slot::Yes(at)));
+                    stack.push((split.no, Slot::No(at)));
+                }
+                if out.len() > MAX_EXPANDED_SPLITS {
+                    return Err(format!(
+                        "over {MAX_EXPANDED_SPLITS} splits once its zero-as-missing splits are expanded"
+                    ));
+                }
+                copied
+            }
+        };
+        match slot {
+            Slot::Root => root = new,
+            Slot::Yes(at) => out[at].yes = new,
+            Slot::No(at) => out[at].no = new,
+        }
+    }
+    Ok(Tree {
+        target: tree.target,
+        root,
+        splits: out,
     })
 }
 
@@ -292,6 +373,26 @@ mod tests {
     }
 
     #[test]
+    fn zero_as_missing_tests_for_zero_first_where_the_comparison_disagrees() {
+        // Missing type Zero (4), default right, threshold 0.25: zero would go left by the
+        // comparison, so a test for zero sends it right first.
+        let (ensemble, _) = read(&model("4", "regression")).unwrap();
+        let tree = &ensemble.trees[0];
+        assert_eq!(tree.splits.len(), 2);
+        let zero = &tree.splits[0];
+        assert_eq!(
+            (zero.mode, zero.threshold, zero.yes),
+            (Mode::Eq, 0.0, Child::Leaf(-0.5))
+        );
+        assert_eq!(tree.splits[1].mode, Mode::Leq);
+        assert!(!tree.splits[1].missing_true);
+        // Default left (6) with threshold 0.25: the comparison already sends zero left.
+        let (plain, _) = read(&model("6", "regression")).unwrap();
+        assert_eq!(plain.trees[0].splits.len(), 1);
+        assert!(plain.trees[0].splits[0].missing_true);
+    }
+
+    #[test]
     fn a_categorical_split_keeps_its_bitset_of_categories() {
         let text = model("1", "binary sigmoid:1").replace(
             "threshold=0.25\n",
@@ -309,7 +410,7 @@ mod tests {
     fn what_is_not_converted_says_so() {
         for (text, says) in [
             (model("1", "binary sigmoid:1"), "cat_boundaries"),
-            (model("4", "binary sigmoid:1"), "zero as missing"),
+            (model("12", "binary sigmoid:1"), "unknown missing type"),
             (model("2", "cross_entropy_lambda"), "cross_entropy_lambda"),
             (model("2", "regression sqrt"), "sqrt"),
             ("hello".to_owned(), "not a LightGBM text model"),

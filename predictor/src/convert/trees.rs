@@ -30,6 +30,8 @@ pub enum Mode {
     Leq = 0,
     /// `x < threshold` (XGBoost).
     Lt = 1,
+    /// `x == threshold` (LightGBM's zero-as-missing splits, expanded).
+    Eq = 4,
     /// `x` is one of the split's `categories` (LightGBM's categorical splits).
     Member = 6,
 }
