@@ -681,7 +681,7 @@ fn env_flag(env: Option<&Value>, name: &str) -> bool {
             v.get("name").and_then(Value::as_str) == Some(name)
                 && v.get("value")
                     .and_then(Value::as_str)
-                    .is_some_and(|value| value.eq_ignore_ascii_case("true"))
+                    .is_some_and(meshserve_predictor::convert::is_true)
         })
     })
 }

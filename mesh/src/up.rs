@@ -190,8 +190,14 @@ async fn fetch_storage_spec(
         )
     })?;
     let overrides = serde_json::to_string(parameters).map_err(|e| e.to_string())?;
-    let (uri, s3) = remote::storage_spec(path, &config, Some(&overrides))?;
-    remote::fetch_with(&uri, &s3, cache, remote::MAX_DOWNLOAD_BYTES).await
+    remote::fetch_storage_spec(
+        path,
+        &config,
+        Some(&overrides),
+        cache,
+        remote::MAX_DOWNLOAD_BYTES,
+    )
+    .await
 }
 
 /// `meshserve serve` on these ports (0: the OS picks) with the revision's flags.

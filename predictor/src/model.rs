@@ -153,10 +153,18 @@ impl ModelVersion {
     /// For a model converted from another framework: its one input, a matrix of features,
     /// and the features' names. Requests are read as KServe's server for that framework
     /// reads them ([`meshserve_proto::frame`]).
-    pub fn feature_matrix(&self) -> Option<(&TensorSpec, &[String])> {
+    pub fn feature_matrix(
+        &self,
+    ) -> Option<(&TensorSpec, &[String], meshserve_proto::frame::Objects)> {
         let converted = self.config.converted_from.as_ref()?;
+        // Only lgbserver reads objects with the model's feature names as columns.
+        let objects = if converted.format == "lightgbm" {
+            meshserve_proto::frame::Objects::Lenient
+        } else {
+            meshserve_proto::frame::Objects::Strict
+        };
         match self.inputs.as_slice() {
-            [one] => Some((one, converted.feature_names.as_slice())),
+            [one] => Some((one, converted.feature_names.as_slice(), objects)),
             _ => None,
         }
     }
@@ -204,7 +212,9 @@ impl ModelVersion {
 
     async fn run(&self, request: InferRequest) -> Result<InferResponse> {
         let request = match self.feature_matrix() {
-            Some((spec, names)) => meshserve_proto::frame::request_from_v2(request, spec, names)?,
+            Some((spec, names, objects)) => {
+                meshserve_proto::frame::request_from_v2(request, spec, names, objects)?
+            }
             None => request,
         };
         let requested = self.requested_outputs(&request.outputs)?;

@@ -141,6 +141,19 @@ pub fn storage_spec(
     ))
 }
 
+/// Downloads what a storage spec names ([`storage_spec`]); returns what [`fetch`] returns.
+pub async fn fetch_storage_spec(
+    path: &str,
+    config: &str,
+    overrides: Option<&str>,
+    cache: &Path,
+    max_bytes: u64,
+) -> Result<PathBuf, String> {
+    let (uri, s3) = storage_spec(path, config, overrides)?;
+    tracing::info!(%uri, "storage spec");
+    fetch_with(&uri, &s3, cache, max_bytes).await
+}
+
 fn locate(uri: &str, s3: &S3Settings) -> Result<Location, String> {
     if let Some(rest) = uri.strip_prefix("s3://") {
         let (bucket, prefix) = bucket_and_prefix(uri, rest)?;

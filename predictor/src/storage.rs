@@ -52,7 +52,7 @@ fn file_format(file: &Path, format: Option<Format>) -> Option<Option<Format>> {
         return Some(None);
     }
     match format {
-        Some(f) => f.extensions().contains(&ext.as_str()).then_some(Some(f)),
+        Some(f) => f.reads(file).then_some(Some(f)),
         None => Format::of_file(file).map(Some),
     }
 }
@@ -410,15 +410,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         std::fs::write(path.join("model.bst"), b"tree\nversion=v4\n").unwrap();
+        // Files beside a model that are not one: a README, MLServer's settings.
         std::fs::write(path.join("README.txt"), b"notes").unwrap();
-        // Without a format: a .bst and a .txt are two LightGBM files.
+        std::fs::write(path.join("model-settings.json"), br#"{"name": "m"}"#).unwrap();
+        assert_eq!(
+            model_file(path, None).unwrap().unwrap().1,
+            Some(Format::Lightgbm)
+        );
+        // Two models are an error, naming both.
+        std::fs::write(path.join("other.txt"), b"tree\nversion=v4\n").unwrap();
         let two = model_file(path, None).unwrap_err();
         assert!(
-            two.contains("README.txt") && two.contains("model.bst"),
+            two.contains("other.txt") && two.contains("model.bst"),
             "{two}"
         );
-        // With one: only that framework's files count (KServe's lgbserver reads .bst).
-        std::fs::remove_file(path.join("README.txt")).unwrap();
+        std::fs::remove_file(path.join("other.txt")).unwrap();
         let (file, format) = model_file(path, Some(Format::Lightgbm)).unwrap().unwrap();
         assert_eq!(
             (file.file_name().unwrap(), format),

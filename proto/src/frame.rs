@@ -3,8 +3,10 @@
 //!
 //! - V1: `inputs` (preferred when both are given) or `instances`: a list of rows, or a list
 //!   of objects keyed by feature name, as pandas reads them (`{"f": [1, 2]}`: a column of
-//!   rows; `{"f": {"0": 1}}`: rows by index; `{"f": 1}`: one row); features the model does
-//!   not name are ignored, the model's features the object lacks are missing (NaN);
+//!   rows; `{"f": {"0": 1}}`: rows by index; `{"f": 1}`: one row). LightGBM's server reads
+//!   objects with the booster's feature names as columns, so there other keys are ignored and
+//!   absent features are missing (NaN); scikit-learn's and XGBoost's servers refuse both,
+//!   and so does meshserve for those ([`Objects`]);
 //! - V2: the first input under any name, in any numeric datatype (read as the model's), or
 //!   with `parameters.content_type: "pd"` one input per feature name.
 //!
@@ -19,15 +21,33 @@ use crate::tensor::TensorData;
 /// The parameter that asks for one input per feature (KServe: `content_type: pd`).
 pub const CONTENT_TYPE: &str = "content_type";
 
+/// The most cells (rows times features) one request's matrix may have: 16 Mi, 128 MiB of
+/// `f64`. Objects can name few values and many rows; this bounds what they make.
+pub const MAX_CELLS: usize = 16 << 20;
+
+/// How objects keyed by feature name are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objects {
+    /// As lgbserver reads them: other keys ignored, absent features missing.
+    Lenient,
+    /// As sklearnserver and xgbserver read them: every feature, and nothing else.
+    Strict,
+}
+
 /// The model's matrix: `spec` declares `[batch, features]` in FP32 or FP64.
 struct Matrix<'a> {
     spec: &'a TensorSpec,
     features: usize,
     names: &'a [String],
+    objects: Objects,
 }
 
 impl<'a> Matrix<'a> {
-    fn new(spec: &'a TensorSpec, names: &'a [String]) -> Result<Self, InvalidRequest> {
+    fn new(
+        spec: &'a TensorSpec,
+        names: &'a [String],
+        objects: Objects,
+    ) -> Result<Self, InvalidRequest> {
         let features = match spec.shape.as_slice() {
             [_, f] if *f > 0 => *f as usize,
             _ => {
@@ -41,7 +61,20 @@ impl<'a> Matrix<'a> {
             spec,
             features,
             names,
+            objects,
         })
+    }
+
+    /// `rows` rows of this matrix, if they fit in [`MAX_CELLS`].
+    fn cells(&self, rows: usize) -> Result<usize, InvalidRequest> {
+        rows.checked_mul(self.features)
+            .filter(|&n| n <= MAX_CELLS)
+            .ok_or_else(|| {
+                InvalidRequest(format!(
+                    "{rows} rows of {} features are over the limit of {MAX_CELLS} values a request",
+                    self.features
+                ))
+            })
     }
 
     fn tensor(&self, values: Vec<f64>) -> Result<InputTensor, InvalidRequest> {
@@ -78,7 +111,7 @@ impl<'a> Matrix<'a> {
 
     /// Rows of numbers, each `features` long.
     fn rows(&self, rows: &[Value]) -> Result<Vec<f64>, InvalidRequest> {
-        let mut values = Vec::with_capacity(rows.len() * self.features);
+        let mut values = Vec::with_capacity(self.cells(rows.len())?);
         for (r, row) in rows.iter().enumerate() {
             let Value::Array(row) = row else {
                 return Err(InvalidRequest(format!(
@@ -104,25 +137,22 @@ impl<'a> Matrix<'a> {
 
     /// Objects keyed by feature name, each one or more rows.
     fn frames(&self, frames: &[Value]) -> Result<Vec<f64>, InvalidRequest> {
-        if self.names.is_empty() {
-            return Err(InvalidRequest::new(
-                "the model file names no features, so instances must be lists of numbers, not objects",
-            ));
-        }
-        if self.names.len() != self.features {
-            return Err(InvalidRequest(format!(
-                "the model names {} features but takes {}",
-                self.names.len(),
-                self.features
-            )));
-        }
+        self.named()?;
         let mut values = Vec::new();
         for (i, frame) in frames.iter().enumerate() {
             let frame = match frame {
                 Value::Object(map) => map,
                 // KServe reads `[[{..}]]` too: a list whose first element is an object.
                 Value::Array(items) => {
-                    values.extend(self.frames(items)?);
+                    for (j, item) in items.iter().enumerate() {
+                        let Value::Object(map) = item else {
+                            return Err(InvalidRequest(format!(
+                                "instance {i} item {j} is not an object of features: {item}"
+                            )));
+                        };
+                        values.extend(self.frame(map, i)?);
+                        self.cells(values.len() / self.features)?;
+                    }
                     continue;
                 }
                 other => {
@@ -132,15 +162,52 @@ impl<'a> Matrix<'a> {
                 }
             };
             values.extend(self.frame(frame, i)?);
+            self.cells(values.len() / self.features)?;
         }
         Ok(values)
+    }
+
+    /// Checks that the model names its features, one name per column.
+    fn named(&self) -> Result<(), InvalidRequest> {
+        if self.names.is_empty() {
+            return Err(InvalidRequest::new(
+                "the model file names no features, so give rows as lists of numbers, not objects or named inputs",
+            ));
+        }
+        if self.names.len() != self.features {
+            return Err(InvalidRequest(format!(
+                "the model names {} features but takes {}",
+                self.names.len(),
+                self.features
+            )));
+        }
+        Ok(())
     }
 
     /// One object: its rows, in the model's feature order.
     fn frame(&self, frame: &Map<String, Value>, i: usize) -> Result<Vec<f64>, InvalidRequest> {
         let fail = |m: String| InvalidRequest(format!("instance {i}: {m}"));
+        let known = frame.keys().filter(|k| self.names.contains(k)).count();
+        if known == 0 {
+            return Err(fail(format!(
+                "names none of the model's features ({})",
+                self.names.join(", ")
+            )));
+        }
+        if self.objects == Objects::Strict {
+            if let Some(other) = frame.keys().find(|k| !self.names.contains(k)) {
+                return Err(fail(format!(
+                    "'{other}' is not one of the model's features ({})",
+                    self.names.join(", ")
+                )));
+            }
+            if let Some(absent) = self.names.iter().find(|n| !frame.contains_key(*n)) {
+                return Err(fail(format!("feature '{absent}' is missing")));
+            }
+        }
         // The rows' index: positions for lists, the keys (in first-seen order) for objects.
         let mut index: Vec<String> = Vec::new();
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
         let mut list_rows: Option<usize> = None;
         for (name, column) in frame.iter().filter(|(n, _)| self.names.contains(n)) {
             match column {
@@ -155,7 +222,7 @@ impl<'a> Matrix<'a> {
                 },
                 Value::Object(by_index) => {
                     for key in by_index.keys() {
-                        if !index.contains(key) {
+                        if seen.insert(key) {
                             index.push(key.clone());
                         }
                     }
@@ -173,7 +240,7 @@ impl<'a> Matrix<'a> {
                 ));
             }
         };
-        let mut values = vec![f64::NAN; rows * self.features];
+        let mut values = vec![f64::NAN; self.cells(rows)?];
         for (c, name) in self.names.iter().enumerate() {
             let Some(column) = frame.get(name) else {
                 continue;
@@ -210,8 +277,9 @@ pub fn request_from_v1(
     body: &[u8],
     spec: &TensorSpec,
     names: &[String],
+    objects: Objects,
 ) -> Result<InferRequest, InvalidRequest> {
-    let matrix = Matrix::new(spec, names)?;
+    let matrix = Matrix::new(spec, names, objects)?;
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| InvalidRequest(format!("malformed V1 predict JSON: {e}")))?;
     let Value::Object(mut body) = body else {
@@ -219,9 +287,13 @@ pub fn request_from_v1(
             "a V1 predict request must be a JSON object with 'instances' or 'inputs'",
         ));
     };
-    let rows = match body.remove("inputs").or_else(|| body.remove("instances")) {
+    let (key, given) = match body.remove("inputs") {
+        Some(inputs) => ("inputs", Some(inputs)),
+        None => ("instances", body.remove("instances")),
+    };
+    let rows = match given {
         Some(Value::Array(rows)) => rows,
-        Some(_) => return Err(InvalidRequest::new("'instances' must be a list")),
+        Some(_) => return Err(InvalidRequest(format!("'{key}' must be a list"))),
         None => {
             return Err(InvalidRequest::new(
                 "a V1 predict request needs 'instances' or 'inputs'",
@@ -249,8 +321,9 @@ pub fn request_from_v2(
     request: InferRequest,
     spec: &TensorSpec,
     names: &[String],
+    objects: Objects,
 ) -> Result<InferRequest, InvalidRequest> {
-    let matrix = Matrix::new(spec, names)?;
+    let matrix = Matrix::new(spec, names, objects)?;
     let framed = request.parameters.get(CONTENT_TYPE).and_then(Value::as_str) == Some("pd");
     let InferRequest {
         id,
@@ -259,6 +332,7 @@ pub fn request_from_v2(
         outputs,
     } = request;
     let values = if framed {
+        matrix.named()?;
         let mut frame = Map::new();
         for input in &inputs {
             let column = reals(&input.data)
@@ -365,13 +439,20 @@ mod tests {
     #[test]
     fn v1_rows_and_pandas_shaped_objects() {
         let s = spec(DataType::Fp64);
-        let r = request_from_v1(br#"{"instances": [[1, 2, 3], [4, 5, 6]]}"#, &s, &names()).unwrap();
+        let r = request_from_v1(
+            br#"{"instances": [[1, 2, 3], [4, 5, 6]]}"#,
+            &s,
+            &names(),
+            Objects::Lenient,
+        )
+        .unwrap();
         assert_eq!(data(&r), (vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
         // `inputs` wins over `instances`, as in KServe.
         let r = request_from_v1(
             br#"{"instances": [[0, 0, 0]], "inputs": [[1, 1, 1]]}"#,
             &s,
             &names(),
+            Objects::Lenient,
         )
         .unwrap();
         assert_eq!(data(&r).1, vec![1., 1., 1.]);
@@ -380,6 +461,7 @@ mod tests {
             br#"{"inputs": [{"c": [3, 30], "a": [1, 10], "zz": [9, 9]}]}"#,
             &s,
             &names(),
+            Objects::Lenient,
         )
         .unwrap();
         let (shape, v) = data(&r);
@@ -391,6 +473,7 @@ mod tests {
             br#"{"inputs": [{"b": {"0": 2}, "a": {"0": 1}, "c": {"0": 3}}]}"#,
             &s,
             &names(),
+            Objects::Lenient,
         )
         .unwrap();
         assert_eq!(data(&r).1, vec![1., 2., 3.]);
@@ -398,6 +481,7 @@ mod tests {
             br#"{"instances": [{"a": 1, "b": 2, "c": 3}, {"a": 4, "b": 5, "c": 6}]}"#,
             &s,
             &names(),
+            Objects::Lenient,
         )
         .unwrap();
         assert_eq!(data(&r), (vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
@@ -413,11 +497,44 @@ mod tests {
             (br#"{"rows": []}"#, "needs 'instances'"),
             (br#"{"inputs": [{"a": [1, 2], "b": [1]}]}"#, "rows"),
         ] {
-            let e = request_from_v1(body, &s, &names()).unwrap_err();
+            let e = request_from_v1(body, &s, &names(), Objects::Lenient).unwrap_err();
             assert!(e.0.contains(says), "{e:?} lacks {says}");
         }
-        let e = request_from_v1(br#"{"inputs": [{"a": 1}]}"#, &s, &[]).unwrap_err();
+        let e =
+            request_from_v1(br#"{"inputs": [{"a": 1}]}"#, &s, &[], Objects::Lenient).unwrap_err();
         assert!(e.0.contains("names no features"), "{e:?}");
+    }
+
+    #[test]
+    fn strict_objects_need_every_feature_and_nothing_else_and_sizes_are_bounded() {
+        let s = spec(DataType::Fp64);
+        let strict = |body: &[u8]| request_from_v1(body, &s, &names(), Objects::Strict);
+        assert!(strict(br#"{"instances": [{"a": 1, "b": 2, "c": 3}]}"#).is_ok());
+        let absent = strict(br#"{"instances": [{"a": 1, "b": 2}]}"#).unwrap_err();
+        assert!(absent.0.contains("'c' is missing"), "{absent:?}");
+        let other = strict(br#"{"instances": [{"a": 1, "b": 2, "c": 3, "d": 4}]}"#).unwrap_err();
+        assert!(other.0.contains("'d' is not one of"), "{other:?}");
+        let none = request_from_v1(
+            br#"{"inputs": [{"x": [1]}]}"#,
+            &s,
+            &names(),
+            Objects::Lenient,
+        )
+        .unwrap_err();
+        assert!(none.0.contains("names none"), "{none:?}");
+        // A column of many rows with other features absent: bounded before it is filled.
+        let wide = TensorSpec {
+            name: "input-0".into(),
+            datatype: DataType::Fp64,
+            shape: vec![-1, 1 << 20],
+        };
+        let many: Vec<String> = (0..1 << 20).map(|i| format!("f{i}")).collect();
+        let body = format!(
+            r#"{{"inputs": [{{"f0": [{}]}}]}}"#,
+            vec!["0"; 100].join(",")
+        );
+        let big = request_from_v1(body.as_bytes(), &wide, &many, Objects::Lenient).unwrap_err();
+        assert!(big.0.contains("over the limit"), "{big:?}");
     }
 
     #[test]
@@ -439,7 +556,7 @@ mod tests {
             )],
             outputs: Vec::new(),
         };
-        let r = request_from_v2(request.clone(), &s, &names()).unwrap();
+        let r = request_from_v2(request.clone(), &s, &names(), Objects::Lenient).unwrap();
         assert_eq!(r.inputs[0].name, "input-0");
         assert_eq!(r.inputs[0].data, TensorData::Fp32(vec![1., 2., 3.]));
         assert_eq!(r.id.as_deref(), Some("7"));
@@ -450,7 +567,7 @@ mod tests {
             input("a", vec![2, 1], TensorData::Fp64(vec![1., 10.])),
             input("b", vec![2], TensorData::Fp64(vec![2., 20.])),
         ];
-        let r = request_from_v2(framed, &s, &names()).unwrap();
+        let r = request_from_v2(framed, &s, &names(), Objects::Lenient).unwrap();
         assert_eq!(
             r.inputs[0].data,
             TensorData::Fp32(vec![1., 2., 3., 10., 20., 30.])
@@ -459,7 +576,7 @@ mod tests {
         let mut two = request.clone();
         two.inputs.push(two.inputs[0].clone());
         assert!(
-            request_from_v2(two, &s, &names())
+            request_from_v2(two, &s, &names(), Objects::Lenient)
                 .unwrap_err()
                 .0
                 .contains("content_type")
@@ -467,7 +584,7 @@ mod tests {
         let mut wrong = request;
         wrong.inputs[0].shape = vec![1, 4];
         assert!(
-            request_from_v2(wrong, &s, &names())
+            request_from_v2(wrong, &s, &names(), Objects::Lenient)
                 .unwrap_err()
                 .0
                 .contains("[rows, 3]")

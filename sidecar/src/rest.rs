@@ -346,8 +346,8 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                     .infer_request(Wire::V1, &body, None)
                     .map_err(ApiError::from),
                 None => match found.feature_matrix() {
-                    Some((spec, names)) => {
-                        meshserve_proto::frame::request_from_v1(&body, spec, names)
+                    Some((spec, names, objects)) => {
+                        meshserve_proto::frame::request_from_v1(&body, spec, names, objects)
                             .map_err(ApiError::from)
                     }
                     None => v1::request_from_v1(&body, found.inputs()).map_err(ApiError::from),

@@ -56,8 +56,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHSERVE_MODEL_FORMAT", value_parser = parse_format)]
     pub model_format: Option<ModelFormat>,
     /// scikit-learn classifiers answer predict_proba instead of predict (KServe's
-    /// PREDICT_PROBA=true).
-    #[arg(long, env = "PREDICT_PROBA")]
+    /// PREDICT_PROBA=true, in any case; another value is off).
+    #[arg(long, env = "PREDICT_PROBA", num_args = 0..=1, default_missing_value = "true",
+          default_value = "false", value_parser = parse_true)]
     pub predict_proba: bool,
     /// The Python that converts scikit-learn pickles (with scikit-learn, skl2onnx and onnx).
     /// Default: the set-up script's .venv when there is one, else python3.
@@ -156,6 +157,10 @@ pub struct ServeArgs {
 pub enum ModelFormat {
     Onnx,
     Converted(meshserve_predictor::convert::Format),
+}
+
+fn parse_true(value: &str) -> Result<bool, String> {
+    Ok(meshserve_predictor::convert::is_true(value))
 }
 
 fn parse_format(name: &str) -> Result<ModelFormat, String> {

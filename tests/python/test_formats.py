@@ -283,6 +283,19 @@ def test_lightgbm_answers_equal_booster_predict(case, serve, tmp_path):
     check_close(np.reshape(output["data"], complete.shape), complete)
 
 
+def test_a_model_of_leaves_only_answers_its_constant_whatever_the_input(serve, tmp_path):
+    X = np.random.default_rng(6).normal(size=(200, 3))
+    booster = lightgbm.train({"objective": "multiclass", "num_class": 3, "verbose": -1},
+                             lightgbm.Dataset(X, label=np.zeros(200)), num_boost_round=3)
+    booster.save_model(str(tmp_path / "model.txt"))
+    served = serve(tmp_path)
+    assert served.address, served.text()
+    # A missing first feature and a huge one: the constant either way.
+    status, answer = served.v1([[None, 1.0, 2.0], [1e308, 0.0, 0.0]])
+    assert status == 200, answer
+    check_close(answer["predictions"], booster.predict(np.array([[np.nan, 1.0, 2.0], [1e308, 0.0, 0.0]])))
+
+
 def test_lightgbm_zero_as_missing_sends_zeros_and_nans_the_default_way(serve, tmp_path):
     rng = np.random.default_rng(5)
     n = 3000
@@ -432,7 +445,8 @@ def test_bad_artifacts_are_named_and_nothing_is_served(serve, tmp_path):
         "corrupt_pickle": ({"model.joblib": b"\x80\x04 not really a pickle"}, ["model.joblib", "cannot load the pickle"]),
         "truncated_json": ({"model.json": bytes(booster.save_raw("json"))[:5000]}, ["model.json", "not XGBoost JSON"]),
         "truncated_ubj": ({"model.ubj": bytes(booster.save_raw("ubj"))[:5000]}, ["model.ubj", "truncated"]),
-        "not_lightgbm": ({"model.txt": b"hello\n"}, ["model.txt", "not a LightGBM text model"]),
+        "not_lightgbm": ({"model.txt": b"tree\nversion=v4\nnum_class=1\n\nTree=0\nnum_leaves=3\n"},
+                         ["model.txt", "truncated"]),
     }
     for name, (files, says) in cases.items():
         model_dir = tmp_path / name

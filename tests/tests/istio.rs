@@ -106,6 +106,7 @@ fn with_local_names(out: &Path) {
             ("digits", "digits-predictor-v2"),
             ("digits", SHADOW),
             ("mnist", "mnist-predictor-v1"),
+            ("digits-xgboost", "digits-xgboost-predictor"),
         ] {
             let host = format!("{revision}.default.svc.{DOMAIN}");
             text = text

@@ -319,6 +319,7 @@ fn docker_compose_accepts_the_compose_file() {
         vec![
             "digits-predictor-v1",
             "digits-predictor-v2",
+            "digits-xgboost-predictor",
             "envoy",
             "mnist-predictor-v1"
         ]

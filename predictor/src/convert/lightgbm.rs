@@ -20,8 +20,10 @@ pub(super) fn read(text: &str) -> Result<(Ensemble, Vec<String>), String> {
     let mut header: HashMap<&str, &str> = HashMap::new();
     let mut flags: Vec<&str> = Vec::new();
     let mut blocks: Vec<HashMap<&str, &str>> = Vec::new();
+    let mut ended = false;
     for line in lines {
         if line == "end of trees" {
+            ended = true;
             break;
         }
         if line.is_empty() {
@@ -49,8 +51,19 @@ pub(super) fn read(text: &str) -> Result<(Ensemble, Vec<String>), String> {
             .parse::<usize>()
             .map_err(|_| format!("{key} is not a count"))
     };
-    let features = int("max_feature_idx")? + 1;
+    if !ended {
+        return Err("the model ends before 'end of trees' (truncated?)".to_owned());
+    }
+    let features = int("max_feature_idx")?
+        .checked_add(1)
+        .ok_or("max_feature_idx is not a count")?;
     let classes = int("num_class")?;
+    if classes > super::trees::MAX_TARGETS {
+        return Err(format!(
+            "{classes} classes, over the limit of {}",
+            super::trees::MAX_TARGETS
+        ));
+    }
     let per_iteration = int("num_tree_per_iteration")?.max(1);
     let objective = header.get("objective").copied().unwrap_or("regression");
     let mut words = objective.split_whitespace();
@@ -64,7 +77,9 @@ pub(super) fn read(text: &str) -> Result<(Ensemble, Vec<String>), String> {
     let scale = match options.get("sigmoid") {
         Some(s) => s
             .parse::<f64>()
-            .map_err(|_| format!("objective {objective}: sigmoid is not a number"))?,
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .ok_or_else(|| format!("objective {objective}: sigmoid is not a positive number"))?,
         None => 1.0,
     };
     let transform = match name {
@@ -90,8 +105,9 @@ pub(super) fn read(text: &str) -> Result<(Ensemble, Vec<String>), String> {
     let average = flags.contains(&"average_output");
     let iterations = (blocks.len() / per_iteration).max(1) as f64;
     let mut trees = Vec::with_capacity(blocks.len());
+    let mut budget = MAX_EXPANDED_SPLITS;
     for (t, block) in blocks.iter().enumerate() {
-        let mut tree = read_tree(block, t, t % per_iteration)?;
+        let mut tree = read_tree(block, t, t % per_iteration, &mut budget)?;
         if average {
             tree.scale_leaves(1.0 / iterations);
         }
@@ -107,10 +123,11 @@ pub(super) fn read(text: &str) -> Result<(Ensemble, Vec<String>), String> {
         transform,
     };
     ensemble.check()?;
-    let names = header
+    let names: Vec<String> = header
         .get("feature_names")
         .map(|n| n.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default();
+    super::xgboost::check_names(&names, ensemble.features)?;
     Ok((ensemble, names))
 }
 
@@ -133,7 +150,12 @@ fn list<T: std::str::FromStr>(
 const CATEGORICAL: u8 = 1;
 const DEFAULT_LEFT: u8 = 2;
 
-fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tree, String> {
+fn read_tree(
+    block: &HashMap<&str, &str>,
+    t: usize,
+    target: usize,
+    budget: &mut usize,
+) -> Result<Tree, String> {
     if block.get("is_linear").is_some_and(|v| *v != "0") {
         return Err(format!(
             "tree {t} is a linear tree (linear_tree=true), which is not converted"
@@ -149,6 +171,9 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
             "tree {t}: {} leaf values for {leaves} leaves",
             leaf_value.len()
         ));
+    }
+    if leaves == 0 {
+        return Err(format!("tree {t} has no leaves"));
     }
     if leaves == 1 {
         return Ok(Tree {
@@ -267,16 +292,20 @@ fn read_tree(block: &HashMap<&str, &str>, t: usize, target: usize) -> Result<Tre
     if zeros.is_empty() {
         return Ok(tree);
     }
-    expand_zeros(&tree, &zeros).map_err(|e| format!("tree {t}: {e}"))
+    let mut marked = vec![false; tree.splits.len()];
+    for &i in &zeros {
+        marked[i] = true;
+    }
+    expand_zeros(&tree, &marked, budget).map_err(|e| format!("tree {t}: {e}"))
 }
 
-/// The most splits one tree may have once its zero-as-missing splits are expanded.
-const MAX_EXPANDED_SPLITS: usize = 1 << 20;
+/// The most splits a model's trees may add once its zero-as-missing splits are expanded.
+const MAX_EXPANDED_SPLITS: usize = 1 << 22;
 
 /// `tree` with a test `x == 0` before each split in `zeros`, sending zero where the split's
 /// missing values go (its `yes` branch when `missing_true`): the subtree that way is copied,
 /// so the result stays a tree. Built with an explicit stack, and bounded.
-fn expand_zeros(tree: &Tree, zeros: &[usize]) -> Result<Tree, String> {
+fn expand_zeros(tree: &Tree, zeros: &[bool], budget: &mut usize) -> Result<Tree, String> {
     #[derive(Clone, Copy)]
     enum Slot {
         Root,
@@ -297,7 +326,7 @@ fn expand_zeros(tree: &Tree, zeros: &[usize]) -> Result<Tree, String> {
                     .clone();
                 let at = out.len();
                 let copied = Child::Split(at);
-                if zeros.contains(&i) {
+                if zeros.get(i).copied().unwrap_or(false) {
                     let default = if split.missing_true {
                         split.yes
                     } else {
@@ -321,9 +350,9 @@ fn expand_zeros(tree: &Tree, zeros: &[usize]) -> Result<Tree, String> {
                     stack.push((split.yes, Slot::Yes(at)));
                     stack.push((split.no, Slot::No(at)));
                 }
-                if out.len() > MAX_EXPANDED_SPLITS {
+                if out.len() > tree.splits.len() + *budget {
                     return Err(format!(
-                        "over {MAX_EXPANDED_SPLITS} splits once its zero-as-missing splits are expanded"
+                        "the model's trees grow by over {MAX_EXPANDED_SPLITS} splits once their zero-as-missing splits are expanded"
                     ));
                 }
                 copied
@@ -335,6 +364,7 @@ fn expand_zeros(tree: &Tree, zeros: &[usize]) -> Result<Tree, String> {
             Slot::No(at) => out[at].no = new,
         }
     }
+    *budget -= out.len().saturating_sub(tree.splits.len());
     Ok(Tree {
         target: tree.target,
         root,

@@ -27,7 +27,13 @@ use sha2::{Digest, Sha256};
 pub use sklearn::{PYTHON, SKLEARN_TIMEOUT};
 
 /// Bumped whenever a converter's output changes, so cached conversions are redone.
-const CONVERTER_VERSION: &str = "1";
+const CONVERTER_VERSION: &str = "2";
+
+/// Whether a flag's value turns it on, as KServe's servers read `PREDICT_PROBA`: `true` in
+/// any case; any other value is off.
+pub fn is_true(value: &str) -> bool {
+    value.trim().eq_ignore_ascii_case("true")
+}
 
 /// A model format meshserve converts, as KServe's `modelFormat.name` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,27 +70,40 @@ impl Format {
         }
     }
 
-    /// The format of a file, from its extension; a `.bst` is LightGBM's when its text says
-    /// so, else XGBoost's. `None`: not a model file this converts.
+    /// The format of a file: from its extension and the start of its content (a `.bst` is
+    /// LightGBM's when it starts with LightGBM's `tree` header, else XGBoost's; a `.json` is
+    /// XGBoost's only when it is a booster, a `.txt` LightGBM's only when it is a model, so
+    /// that a `model-settings.json` or a `README.txt` beside a model is not one). `None`: not
+    /// a model file this converts.
     pub fn of_file(file: &Path) -> Option<Format> {
-        let ext = file.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "joblib" | "pkl" | "pickle" => Some(Format::Sklearn),
-            "json" | "ubj" => Some(Format::Xgboost),
-            "txt" => Some(Format::Lightgbm),
-            "bst" => {
-                let mut head = [0u8; 5];
-                let is_text = std::fs::File::open(file)
-                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                    .is_ok()
-                    && (&head == b"tree\n" || &head == b"tree\r");
-                Some(if is_text {
-                    Format::Lightgbm
-                } else {
-                    Format::Xgboost
-                })
-            }
-            _ => None,
+        [Format::Sklearn, Format::Xgboost, Format::Lightgbm]
+            .into_iter()
+            .find(|f| f.reads(file))
+    }
+
+    /// Whether `file` is a model file of this format (see [`Format::of_file`]).
+    pub fn reads(self, file: &Path) -> bool {
+        let Some(ext) = file
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+        else {
+            return false;
+        };
+        if !self.extensions().contains(&ext.as_str()) {
+            return false;
+        }
+        let mut head = [0u8; 512];
+        let read = std::fs::File::open(file)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .unwrap_or(0);
+        let head = &head[..read];
+        let lightgbm = head.starts_with(b"tree\n") || head.starts_with(b"tree\r");
+        match (self, ext.as_str()) {
+            (Format::Sklearn, _) => true,
+            (Format::Lightgbm, _) => lightgbm,
+            (Format::Xgboost, "json") => head.windows(9).any(|w| w == b"\"learner\""),
+            (Format::Xgboost, _) => !lightgbm,
         }
     }
 }
@@ -150,73 +169,53 @@ pub fn convert(file: &Path, format: Format, options: &Options) -> Result<Convert
     }
     std::fs::create_dir_all(&dir).map_err(|e| what(format!("{}: {e}", dir.display())))?;
     let started = std::time::Instant::now();
-    let partial = dir.join(format!("{key}.partial-{}", std::process::id()));
-    let (model, feature_names) = match format {
-        Format::Xgboost => {
-            let (ensemble, names) = xgboost::read(&bytes).map_err(what)?;
-            (ensemble.to_onnx().map_err(what)?, names)
-        }
-        Format::Lightgbm => {
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|_| what("not a LightGBM text model (not UTF-8)".into()))?;
-            let (ensemble, names) = lightgbm::read(text).map_err(what)?;
-            (ensemble.to_onnx().map_err(what)?, names)
-        }
-        Format::Sklearn => {
-            let names = sklearn::convert(
-                file,
-                &partial,
-                &options.python,
-                options.predict_proba,
-                options.timeout,
-            )
-            .map_err(what)?;
-            let written = finish(&partial, None, &onnx_file, &names_file, &names);
-            written.map_err(what)?;
-            tracing::info!(file = %file.display(), onnx = %onnx_file.display(), took_ms = started.elapsed().as_millis() as u64, "converted");
-            return Ok(Converted {
-                onnx: onnx_file,
-                format,
-                feature_names: names,
-            });
-        }
+    // Unique names in the cache directory (sidecars in pods sharing a volume all have pid 1),
+    // removed on drop unless persisted.
+    let temporary = |suffix: &str| {
+        tempfile::Builder::new()
+            .prefix(&format!("{key}.partial-"))
+            .suffix(suffix)
+            .tempfile_in(&dir)
+            .map_err(|e| what(format!("{}: {e}", dir.display())))
     };
-    let bytes = onnx::encode(&model);
-    finish(
-        &partial,
-        Some(&bytes),
-        &onnx_file,
-        &names_file,
-        &feature_names,
+    let partial = temporary(".onnx")?;
+    let feature_names = match format {
+        Format::Xgboost | Format::Lightgbm => {
+            let (ensemble, names) = match format {
+                Format::Xgboost => xgboost::read(&bytes),
+                _ => std::str::from_utf8(&bytes)
+                    .map_err(|_| "not a LightGBM text model (not UTF-8)".to_owned())
+                    .and_then(lightgbm::read),
+            }
+            .map_err(what)?;
+            let model = onnx::encode(&ensemble.to_onnx().map_err(what)?);
+            std::fs::write(partial.path(), model).map_err(|e| what(e.to_string()))?;
+            names
+        }
+        Format::Sklearn => sklearn::convert(
+            file,
+            partial.path(),
+            &options.python,
+            options.predict_proba,
+            options.timeout,
+        )
+        .map_err(what)?,
+    };
+    let names = temporary(".json")?;
+    std::fs::write(
+        names.path(),
+        serde_json::to_vec(&feature_names).unwrap_or_default(),
     )
-    .map_err(what)?;
+    .map_err(|e| what(e.to_string()))?;
+    // The names first: a converted model in place always has its names beside it.
+    names
+        .persist(&names_file)
+        .and_then(|_| partial.persist(&onnx_file))
+        .map_err(|e| what(format!("cannot keep the conversion: {e}")))?;
     tracing::info!(file = %file.display(), onnx = %onnx_file.display(), took_ms = started.elapsed().as_millis() as u64, "converted");
     Ok(Converted {
         onnx: onnx_file,
         format,
         feature_names,
     })
-}
-
-/// Writes the feature names, then renames the ONNX file (written to `partial`, or `bytes`
-/// written there now) into place.
-fn finish(
-    partial: &Path,
-    bytes: Option<&[u8]>,
-    onnx_file: &Path,
-    names_file: &Path,
-    names: &[String],
-) -> Result<(), String> {
-    let fail = |e: std::io::Error| {
-        let _ = std::fs::remove_file(partial);
-        format!("cannot write the conversion: {e}")
-    };
-    if let Some(bytes) = bytes {
-        std::fs::write(partial, bytes).map_err(fail)?;
-    }
-    let names_partial = names_file.with_extension(format!("partial-{}", std::process::id()));
-    let json = serde_json::to_vec(names).unwrap_or_default();
-    std::fs::write(&names_partial, json).map_err(fail)?;
-    std::fs::rename(&names_partial, names_file).map_err(fail)?;
-    std::fs::rename(partial, onnx_file).map_err(fail)
 }

@@ -280,16 +280,22 @@ impl Graph {
         name
     }
 
-    /// Renames the last node's output to `name` (the graph's output) and finishes the model.
+    /// Names the value `result` (a node's output) as the graph's `output` and finishes the
+    /// model.
     pub fn finish(
         mut self,
+        result: &str,
         input: ValueInfoProto,
         output: ValueInfoProto,
         producer: &str,
         doc: String,
     ) -> ModelProto {
-        if let Some(last) = self.nodes.last_mut() {
-            last.output = vec![output.name.clone()];
+        for node in &mut self.nodes {
+            for name in node.output.iter_mut().chain(node.input.iter_mut()) {
+                if name == result {
+                    *name = output.name.clone();
+                }
+            }
         }
         ModelProto {
             ir_version: 9,

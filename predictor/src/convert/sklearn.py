@@ -11,6 +11,8 @@ import sys
 import warnings
 
 pickle_path, out_path, mode = sys.argv[1:4]
+# Whatever the pickle's modules print goes to stderr: stdout carries only the answer.
+answer, sys.stdout = sys.stdout, sys.stderr
 try:
     import joblib
     import numpy as np
@@ -43,17 +45,19 @@ if not hasattr(model, "predict"):
     fail(f"the pickle holds a {type(model).__name__}, not an estimator with predict")
 classifier = is_classifier(model)
 if mode == "predict_proba" and not hasattr(model, "predict_proba"):
-    fail(f"PREDICT_PROBA is set but {type(model).__name__} has no predict_proba")
+    # KServe's sklearnserver falls back to predict.
+    print(f"warning: PREDICT_PROBA is set but {type(model).__name__} has no predict_proba: it answers predict", file=sys.stderr)
+    mode = "predict"
 features = getattr(model, "n_features_in_", None)
 if features is None:
     fail(f"{type(model).__name__} does not say how many features it takes (n_features_in_): is it fitted?")
 names = [str(n) for n in getattr(model, "feature_names_in_", [])]
 final = model.steps[-1][1] if hasattr(model, "steps") else model
 try:
-    probe = np.zeros((1, features))
-    flat = mode == "predict" and np.asarray(model.predict(probe)).ndim == 1
-except Exception as e:
-    fail(f"{type(model).__name__}.predict fails on a row of zeros: {type(e).__name__}: {e}")
+    # Whether predict gives one value per row (skl2onnx gives regressors a column).
+    flat = mode == "predict" and np.asarray(model.predict(np.zeros((1, features)))).ndim == 1
+except Exception:
+    flat = mode == "predict" and getattr(final, "n_outputs_", 1) == 1
 options = {id(final): {"zipmap": False}} if classifier else None
 
 
@@ -94,21 +98,28 @@ def converted(tensor_type):
     return onx
 
 
+try:
+    import onnxruntime
+except ImportError:
+    onnxruntime = None
+
+
 def runs(onx, dtype):
-    try:
-        import onnxruntime
-    except ImportError:
-        return True
     session = onnxruntime.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
     session.run(None, {"input-0": np.zeros((1, features), dtype=dtype)})
     return True
 
 
 errors = []
-for tensor_type, dtype in ((DoubleTensorType, np.float64), (FloatTensorType, np.float32)):
+# float64 only where ONNX Runtime is here to show it runs the graph; float32 always runs.
+kinds = [(FloatTensorType, np.float32)]
+if onnxruntime is not None:
+    kinds.insert(0, (DoubleTensorType, np.float64))
+for tensor_type, dtype in kinds:
     try:
         onx = converted(tensor_type)
-        runs(onx, dtype)
+        if onnxruntime is not None:
+            runs(onx, dtype)
         break
     except Exception as e:
         errors.append(f"{tensor_type.__name__}: {type(e).__name__}: {e}")
@@ -116,4 +127,4 @@ else:
     fail("skl2onnx cannot convert it: " + "; ".join(errors))
 
 onnx.save(onx, out_path)
-print(json.dumps({"feature_names": names}))
+answer.write(json.dumps({"feature_names": names}) + "\n")

@@ -42,26 +42,42 @@ pub(super) fn convert(
     } else {
         "predict"
     };
-    let dir = tempfile_dir(out)?;
-    let stdout_file = dir.join("stdout");
-    let stderr_file = dir.join("stderr");
+    // The child's own directory (its working directory and its output streams), removed
+    // when this returns, whatever happens.
+    let parent = out.parent().unwrap_or(Path::new("."));
+    let dir = tempfile::Builder::new()
+        .prefix(".sklearn-")
+        .tempdir_in(parent)
+        .map_err(|e| format!("{}: {e}", parent.display()))?;
+    let stdout_file = dir.path().join("stdout");
+    let stderr_file = dir.path().join("stderr");
     let open = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
-    let mut child = Command::new(&python)
+    // Isolated: no PYTHON* variables, no user site, not the working directory on sys.path,
+    // and none of the sidecar's environment (its credentials stay with it).
+    let mut command = Command::new(&python);
+    command
+        .arg("-I")
         .arg("-c")
         .arg(SCRIPT)
         .arg(pickle)
         .arg(out)
         .arg(mode)
+        .env_clear()
+        .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(open(&stdout_file)?)
-        .stderr(open(&stderr_file)?)
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot run {} for skl2onnx ({e}): install Python 3 with scikit-learn, skl2onnx and onnx, or name it with --python",
-                python.display()
-            )
-        })?;
+        .stderr(open(&stderr_file)?);
+    for kept in ["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR"] {
+        if let Some(value) = std::env::var_os(kept) {
+            command.env(kept, value);
+        }
+    }
+    let mut child = command.spawn().map_err(|e| {
+        format!(
+            "cannot run {} for skl2onnx ({e}): install Python 3 with scikit-learn, skl2onnx and onnx, or name it with --python",
+            python.display()
+        )
+    })?;
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -72,18 +88,23 @@ pub(super) fn convert(
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_file(out);
                 return Err(format!(
                     "the scikit-learn conversion took over {} s (the limit; --convert-timeout-secs)",
                     timeout.as_secs()
                 ));
             }
-            Err(e) => return Err(format!("waiting for {}: {e}", python.display())),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(out);
+                return Err(format!("waiting for {}: {e}", python.display()));
+            }
         }
     };
     let stdout = std::fs::read_to_string(&stdout_file).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_file).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     for line in stderr.lines().filter(|l| l.starts_with("warning: ")) {
         tracing::warn!(pickle = %pickle.display(), "{}", &line[9..]);
     }
@@ -110,11 +131,4 @@ pub(super) fn convert(
                 .collect()
         })
         .unwrap_or_default())
-}
-
-/// A directory beside `out` for the converter's output streams.
-fn tempfile_dir(out: &Path) -> Result<PathBuf, String> {
-    let dir = out.with_extension("streams");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(dir)
 }

@@ -130,6 +130,9 @@ pub struct Ensemble {
     pub transform: Transform,
 }
 
+/// The most outputs (classes, targets) a converted model may have.
+pub const MAX_TARGETS: usize = 1 << 16;
+
 /// The input and output names of every converted model: KServe's framework servers name
 /// their one output `output-0` and take their input under any name.
 pub const INPUT: &str = "input-0";
@@ -138,6 +141,17 @@ pub const OUTPUT: &str = "output-0";
 impl Ensemble {
     /// Checks that every reference stays inside the ensemble.
     pub fn check(&self) -> Result<(), String> {
+        if self.targets > MAX_TARGETS {
+            return Err(format!(
+                "{} targets, over the limit of {MAX_TARGETS}",
+                self.targets
+            ));
+        }
+        if let Some(b) = self.base.iter().find(|b| !b.is_finite()) {
+            return Err(format!(
+                "a base margin that is not a finite number ({b}): a base_score of 0 or 1 for a logistic objective, or not above 0 for a log link?"
+            ));
+        }
         if self.targets == 0 || self.base.len() != self.targets {
             return Err(format!(
                 "{} targets with {} base values",
@@ -245,12 +259,25 @@ impl Ensemble {
         }
         let mut graph = Graph::default();
         let mut margin = if roots.is_empty() {
-            // No splits at all: the prediction is the base for every row. Multiply the
-            // input's first column by zero to keep the batch dimension.
-            let zero = graph.constant(onnx::real_tensor("", real, &[0.0]));
-            let first = graph.constant(onnx::int64_tensor("", vec![0]));
-            let column = graph.node("", "Gather", &[INPUT, &first], vec![onnx::int("axis", 1)]);
-            graph.node("", "Mul", &[&column, &zero], vec![])
+            // No splits at all: the prediction is the base for every row, zeros of shape
+            // [batch, targets] to add it to (whatever the input holds, NaN included).
+            let shape = graph.node("", "Shape", &[INPUT], vec![]);
+            let (zero_index, one_index) = (
+                graph.constant(onnx::int64_tensor("", vec![0])),
+                graph.constant(onnx::int64_tensor("", vec![1])),
+            );
+            let batch = graph.node("", "Slice", &[&shape, &zero_index, &one_index], vec![]);
+            let width = graph.constant(onnx::int64_tensor("", vec![self.targets as i64]));
+            let dims = graph.node("", "Concat", &[&batch, &width], vec![onnx::int("axis", 0)]);
+            graph.node(
+                "",
+                "ConstantOfShape",
+                &[&dims],
+                vec![onnx::tensor_attribute(
+                    "value",
+                    onnx::real_tensor("", real, &[0.0]),
+                )],
+            )
         } else {
             let mut attributes = Vec::new();
             if !members.is_empty() {
@@ -335,13 +362,13 @@ impl Ensemble {
             let shape = graph.constant(onnx::int64_tensor("", vec![-1]));
             out = graph.node("", "Reshape", &[&out, &shape], vec![]);
         }
-        let _ = out;
         let dims: Vec<Option<i64>> = if flat {
             vec![None]
         } else {
             vec![None, Some(self.targets as i64)]
         };
         Ok(graph.finish(
+            &out,
             onnx::value_info(INPUT, real, &[None, Some(self.features as i64)]),
             onnx::value_info(OUTPUT, real, &dims),
             &self.source,

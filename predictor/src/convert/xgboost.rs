@@ -32,7 +32,7 @@ pub(super) fn read(bytes: &[u8]) -> Result<(Ensemble, Vec<String>), String> {
             );
         }
     };
-    let names = model
+    let names: Vec<String> = model
         .get("learner")
         .and_then(|l| l.get("feature_names"))
         .and_then(Value::as_array)
@@ -43,7 +43,9 @@ pub(super) fn read(bytes: &[u8]) -> Result<(Ensemble, Vec<String>), String> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok((from_json(&model)?, names))
+    let ensemble = from_json(&model)?;
+    check_names(&names, ensemble.features)?;
+    Ok((ensemble, names))
 }
 
 fn field<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value, String> {
@@ -164,6 +166,12 @@ pub(super) fn from_json(model: &Value) -> Result<Ensemble, String> {
     } else {
         num_target.max(1)
     };
+    if targets > super::trees::MAX_TARGETS {
+        return Err(format!(
+            "{targets} classes or targets, over the limit of {}",
+            super::trees::MAX_TARGETS
+        ));
+    }
     let mut base: Vec<f64> = base_scores(field(params, &["base_score"])?)?
         .into_iter()
         .map(link)
@@ -221,6 +229,18 @@ pub(super) fn from_json(model: &Value) -> Result<Ensemble, String> {
     };
     ensemble.check()?;
     Ok(ensemble)
+}
+
+/// Feature names, when a model file gives them, name every feature.
+pub(super) fn check_names(names: &[String], features: usize) -> Result<(), String> {
+    if names.is_empty() || names.len() == features {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} feature names for {features} features",
+            names.len()
+        ))
+    }
 }
 
 fn identity(v: f64) -> f64 {
