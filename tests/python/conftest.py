@@ -216,3 +216,31 @@ class MeshUp:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+class Process:
+    """A process the test owns, its output kept."""
+
+    def __init__(self, command, env=None):
+        self.process = subprocess.Popen(
+            owned_command(command),
+            env=dict(os.environ, NO_COLOR="1", **(env or {})),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        self.lines = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def text(self):
+        return "".join(self.lines)
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()

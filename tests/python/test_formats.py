@@ -37,40 +37,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from conftest import MeshUp, owned_command
+from conftest import MeshUp, Process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
 RTOL = 1e-5
 IRIS_SAMPLE = [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]
-
-
-class Process:
-    """A process the test owns, its output kept."""
-
-    def __init__(self, command, env=None):
-        self.process = subprocess.Popen(
-            owned_command(command),
-            env=dict(os.environ, NO_COLOR="1", **(env or {})),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        self.lines = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def text(self):
-        return "".join(self.lines)
-
-    def stop(self):
-        self.process.kill()
-        self.process.wait()
 
 
 class Served:
@@ -170,6 +142,14 @@ def check_close(answer, expected):
     assert np.allclose(got, expected, rtol=RTOL, atol=1e-7), np.max(np.abs(got - expected))
 
 
+def answers_as_the_framework(served, rows, expected):
+    """The served model's V1 answer to `rows` (NaN sent as null) is the framework's `expected`."""
+    assert served.address, served.text()
+    status, answer = served.v1(rows_with_nulls(rows))
+    assert status == 200, answer
+    check_close(answer["predictions"], expected)
+
+
 IRIS = datasets.load_iris(return_X_y=True)
 CANCER = datasets.load_breast_cancer(return_X_y=True)
 DIABETES = datasets.load_diabetes(return_X_y=True)
@@ -240,11 +220,7 @@ def test_xgboost_categorical_splits_keep_their_categories(onehot, serve, tmp_pat
     test = X[2000:]
     test[:6, 1] = [-1, 31, 45, 0, 29, 2]
     expected = booster.predict(xgboost.DMatrix(test, feature_types=["q", "c"], enable_categorical=True))
-    served = serve(tmp_path, ["--model-format", "xgboost"])
-    assert served.address, served.text()
-    status, answer = served.v1(rows_with_nulls(test))
-    assert status == 200, answer
-    check_close(answer["predictions"], expected)
+    answers_as_the_framework(serve(tmp_path, ["--model-format", "xgboost"]), test, expected)
 
 
 LIGHTGBM_CASES = {
@@ -309,11 +285,7 @@ def test_lightgbm_zero_as_missing_sends_zeros_and_nans_the_default_way(serve, tm
     booster.save_model(str(tmp_path / "model.txt"))
     test = X[2000:].copy()
     test[rng.random(test.shape) < 0.05] = np.nan
-    served = serve(tmp_path, ["--model-format", "lightgbm"])
-    assert served.address, served.text()
-    status, answer = served.v1(rows_with_nulls(test))
-    assert status == 200, answer
-    check_close(answer["predictions"], booster.predict(test))
+    answers_as_the_framework(serve(tmp_path, ["--model-format", "lightgbm"]), test, booster.predict(test))
 
 
 def test_lightgbm_categorical_splits_keep_their_categories(serve, tmp_path):
@@ -331,11 +303,7 @@ def test_lightgbm_categorical_splits_keep_their_categories(serve, tmp_path):
     test = X[2000:]
     # Categories never seen, and negative ones, go where LightGBM sends them too.
     test[:20, 1] = [-1, 45, 100, 39, 0, 2, 3, 4, 6, 8, 9, 10, 11, 12, 30, 31, 32, 34, 35, 36]
-    served = serve(tmp_path, ["--model-format", "lightgbm"])
-    assert served.address, served.text()
-    status, answer = served.v1(rows_with_nulls(test))
-    assert status == 200, answer
-    check_close(answer["predictions"], booster.predict(test))
+    answers_as_the_framework(serve(tmp_path, ["--model-format", "lightgbm"]), test, booster.predict(test))
 
 
 def test_lightgbm_objects_name_features_as_kserve_reads_them(serve, tmp_path):

@@ -32,7 +32,7 @@ import onnxruntime
 import pytest
 import yaml
 
-from conftest import MeshUp, owned_command
+from conftest import MeshUp, Process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -59,34 +59,6 @@ def wait_http(url, timeout=30):
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"{url} did not answer within {timeout} s")
-
-
-class Process:
-    """A process the test owns, its output kept."""
-
-    def __init__(self, command, env=None):
-        self.process = subprocess.Popen(
-            owned_command(command),
-            env=dict(os.environ, NO_COLOR="1", **(env or {})),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        self.lines = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def text(self):
-        return "".join(self.lines)
-
-    def stop(self):
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture(scope="module")
