@@ -158,7 +158,9 @@ impl ModelVersion {
     ) -> Option<(&TensorSpec, &[String], meshserve_proto::frame::Objects)> {
         let converted = self.config.converted_from.as_ref()?;
         // Only lgbserver reads objects with the model's feature names as columns.
-        let objects = if converted.format == "lightgbm" {
+        let lightgbm = crate::convert::Format::parse(&converted.format)
+            == Some(crate::convert::Format::Lightgbm);
+        let objects = if lightgbm {
             meshserve_proto::frame::Objects::Lenient
         } else {
             meshserve_proto::frame::Objects::Strict

@@ -9,6 +9,7 @@ import http.client
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -244,3 +245,10 @@ class Process:
     def stop(self):
         self.process.kill()
         self.process.wait()
+
+
+def free_port():
+    """A port the OS picks on loopback, for a server that takes a port number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -37,7 +37,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from conftest import MeshUp, Process
+from conftest import MeshUp, Process, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -495,12 +495,6 @@ SAMPLE_V2_INPUT = {"inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "
 LIGHTGBM_V1_INPUT = {"inputs": [{"sepal_length_(cm)": [5.1], "sepal_width_(cm)": [3.5], "petal_length_(cm)": [1.4],
                                  "petal_width_(cm)": [0.2]}]}
 USER = "models-reader"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, timeout=30):

@@ -13,7 +13,6 @@ Runs in its own interpreter (see scripts/test.sh).
 import io
 import json
 import os
-import socket
 import subprocess
 import tarfile
 import threading
@@ -32,7 +31,7 @@ import onnxruntime
 import pytest
 import yaml
 
-from conftest import MeshUp, Process
+from conftest import MeshUp, Process, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -40,12 +39,6 @@ DIGITS = REPO_ROOT / "models" / "repository" / "sklearn_digits"
 SAMPLE = json.loads((REPO_ROOT / "models" / "samples" / "sklearn_digits_v1_request.json").read_text())
 SECRET = "sEcReT-never-in-a-log-0123456789"
 
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url, timeout=30):
