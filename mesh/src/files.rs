@@ -5,10 +5,18 @@ use std::path::{Path, PathBuf};
 
 use meshserve_filter_core::transform::Transformer;
 
+use crate::graph::{InferenceGraph, is_graph};
 use crate::isvc::InferenceService;
 
-/// Reads every InferenceService in a (multi-document) YAML file.
+/// Reads every InferenceService in a (multi-document) YAML file (its InferenceGraphs are
+/// left out: [`read_documents`] reads both).
 pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, String> {
+    read_documents(file).map(|(services, _)| services)
+}
+
+/// Reads every InferenceService and InferenceGraph in a (multi-document) YAML file; each
+/// graph's steps must name InferenceServices of the file.
+pub fn read_documents(file: &Path) -> Result<(Vec<InferenceService>, Vec<InferenceGraph>), String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let base = file
@@ -19,7 +27,24 @@ pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, String> {
         .filter(|d| !d.trim().is_empty())
         .collect();
     let mut services = Vec::new();
+    let mut graphs: Vec<InferenceGraph> = Vec::new();
     for (i, doc) in documents.iter().enumerate() {
+        if is_graph(doc) {
+            let graph = InferenceGraph::parse(doc)
+                .map_err(|e| format!("{} (document {}): {e}", file.display(), i + 1))?;
+            if graphs
+                .iter()
+                .any(|g| g.name == graph.name && g.namespace == graph.namespace)
+            {
+                return Err(format!(
+                    "{}: InferenceGraph '{}' appears twice",
+                    file.display(),
+                    graph.name
+                ));
+            }
+            graphs.push(graph);
+            continue;
+        }
         let isvc = InferenceService::parse(doc, &base)
             .map_err(|e| format!("{} (document {}): {e}", file.display(), i + 1))?;
         if services
@@ -37,7 +62,33 @@ pub fn read_services(file: &Path) -> Result<Vec<InferenceService>, String> {
     if services.is_empty() {
         return Err(format!("{} holds no InferenceService", file.display()));
     }
-    Ok(services)
+    for graph in &graphs {
+        if services
+            .iter()
+            .any(|s| s.name == graph.name && s.namespace == graph.namespace)
+        {
+            return Err(format!(
+                "{}: InferenceGraph '{}' has the name of an InferenceService of its namespace (they would share a host)",
+                file.display(),
+                graph.name
+            ));
+        }
+        for name in graph.services() {
+            if !services
+                .iter()
+                .any(|s| s.name == name && s.namespace == graph.namespace)
+            {
+                let known: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+                return Err(format!(
+                    "{}: InferenceGraph '{}' calls InferenceService '{name}', which is not in the file (it has {})",
+                    file.display(),
+                    graph.name,
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+    Ok((services, graphs))
 }
 
 /// Reads a transformer: from an InferenceService YAML (the one named `isvc`, else the first

@@ -307,6 +307,9 @@ pub struct RevisionSpec {
     /// KServe's `PREDICT_PROBA=true` in the predictor's `env`: scikit-learn classifiers
     /// answer with probabilities.
     pub predict_proba: bool,
+    /// `protocolVersion: v2` (or `grpc-v2`): callers such as a graph's steps speak the Open
+    /// Inference Protocol to it.
+    pub v2: bool,
 }
 
 /// A revision's payload logging: the sink its sidecar delivers to, and the filter's part.
@@ -657,6 +660,7 @@ fn revision(
         logger,
         format: converted,
         predict_proba,
+        v2: model.protocol_version.as_deref().is_some_and(|p| p != "v1"),
         scaling,
         pod: PodSettings {
             resources: model.resources,
@@ -978,6 +982,7 @@ pub(crate) fn sample() -> InferenceService {
         logger: None,
         format: None,
         predict_proba: false,
+        v2: false,
     };
     InferenceService {
         name: "digits".into(),

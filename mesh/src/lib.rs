@@ -3,7 +3,9 @@
 //!
 //! - [`auth`]: JWT requirements from annotations, and the Envoy filters that enforce them.
 //! - [`isvc`]: one InferenceService, parsed and validated (the field at fault named);
-//!   [`files`]: the InferenceServices of a file, and a transformer read from one.
+//!   [`graph`]: one InferenceGraph, likewise, and its steps resolved to the services;
+//!   [`files`]: the InferenceServices and InferenceGraphs of a file, and a transformer read
+//!   from one.
 //! - [`render`]: the filter configuration, its extension-config files and an Envoy bootstrap.
 //! - [`canary`]: a running mesh's traffic split changed live.
 //! - [`workload`]: what a revision's container is (command line, ports, mounts).
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod canary;
 pub mod compose;
 pub mod files;
+pub mod graph;
 pub mod istio;
 pub mod isvc;
 pub mod kube;

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use meshserve_filter_core::config::Config;
+use meshserve_filter_core::graph::Graph;
 use serde_json::{Value, json};
 
 use crate::auth::{self, Jwks, Jwt};
+use crate::graph::{HOP_CLUSTER, InferenceGraph, URL_CLUSTER_PREFIX};
 use crate::isvc::{InferenceService, RevisionSpec};
 use crate::workload;
 
@@ -272,6 +274,26 @@ pub fn filter_config(
     Ok(config)
 }
 
+/// `config` with the InferenceGraphs of the file, their steps resolved against `services`.
+pub fn with_graphs(
+    mut config: Value,
+    graphs: &[InferenceGraph],
+    services: &[(&InferenceService, Vec<String>)],
+) -> Result<Value, String> {
+    if graphs.is_empty() {
+        return Ok(config);
+    }
+    let resolved = graphs
+        .iter()
+        .map(|g| g.resolve(services))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(map) = config.as_object_mut() {
+        map.insert("graphs".into(), Value::Array(resolved));
+    }
+    check(&config)?;
+    Ok(config)
+}
+
 /// Validates a filter configuration with the filters' own parser.
 pub fn check(config: &Value) -> Result<Config, String> {
     Config::parse(config.to_string().as_bytes()).map_err(|e| e.to_string())
@@ -334,7 +356,7 @@ pub fn write_mesh(
     }
     write(
         BOOTSTRAP_FILE,
-        &bootstrap(envoy, &filters, buffer_limit(&checked)),
+        &bootstrap(envoy, &filters, buffer_limit(&checked), checked.graphs()),
     )?;
     written.push(BOOTSTRAP_FILE);
     Ok(written)
@@ -371,8 +393,15 @@ fn cluster(name: &str, at: &Endpoint, http2: bool) -> Value {
 /// filters' stat names into Prometheus labels. `buffer_limit`: the most bytes a filter may
 /// hold of one request or response (Envoy answers 413 above it). With an OTLP collector,
 /// Envoy's OpenTelemetry tracer traces every request (a server span, and a client span per
-/// upstream request whose context goes on as `traceparent`).
-pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -> Value {
+/// upstream request whose context goes on as `traceparent`). With `graphs`, a second,
+/// internal listener (the hop listener, the same filters) takes the graphs' steps, and each
+/// step URL outside the mesh gets a cluster.
+pub fn bootstrap(
+    envoy: &EnvoySpec<'_>,
+    filters: &[Filter],
+    buffer_limit: u64,
+    graphs: &[Graph],
+) -> Value {
     let mut clusters = Vec::new();
     for (name, upstream) in envoy.upstreams {
         clusters.push(cluster(name, &upstream.http, false));
@@ -381,7 +410,7 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
     // `wasmcustom.meshserve.requests.isvc.digits.revision.v1.outcome.routed` becomes
     // `envoy_wasmcustom_meshserve_requests{isvc="digits",revision="v1",outcome="routed"}`.
     let tags: Vec<Value> = [
-        "isvc", "revision", "outcome", "choice", "result", "reason", "phase",
+        "isvc", "revision", "outcome", "choice", "result", "reason", "phase", "graph",
     ]
     .iter()
     .map(|name| json!({"tag_name": name, "regex": format!(r"(\.{name}\.([^.]+))")}))
@@ -461,7 +490,63 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         }
         runtime = json!({"tracing.opentelemetry.flush_interval_ms": TRACE_FLUSH_MS});
     }
-    json!({
+    let mut listeners = vec![json!({
+        "name": "meshserve",
+        "address": {"socket_address": {"address": envoy.listener.ip().to_string(), "port_value": envoy.listener.port()}},
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": manager.clone(),
+        }]}],
+    })];
+    let mut extensions = Vec::new();
+    if !graphs.is_empty() {
+        // The hop listener: an in-process (internal) listener whose filter chain's name tells
+        // the router that a request is a graph's step.
+        extensions.push(json!({"name": "envoy.bootstrap.internal_listener", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}));
+        let mut hop = manager;
+        hop["stat_prefix"] = json!(HOP_CLUSTER);
+        listeners.push(json!({
+            "name": HOP_CLUSTER,
+            "internal_listener": {},
+            "per_connection_buffer_limit_bytes": buffer_limit,
+            "filter_chains": [{"name": HOP_CLUSTER, "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hop,
+            }]}],
+        }));
+        clusters.push(json!({
+            "name": HOP_CLUSTER,
+            "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": HOP_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "envoy_internal_address": {"server_listener_name": HOP_CLUSTER}}}}]}]},
+        }));
+        let mut urls: Vec<&str> = graphs
+            .iter()
+            .flat_map(|g| &g.nodes)
+            .flat_map(|n| &n.steps)
+            .filter_map(|s| s.call.as_ref()?.cluster.strip_prefix(URL_CLUSTER_PREFIX))
+            .collect();
+        urls.sort_unstable();
+        urls.dedup();
+        for authority in urls {
+            if let Some((host, port)) = authority.rsplit_once(':')
+                && let Ok(port) = port.parse()
+            {
+                let at = Endpoint {
+                    host: host.to_owned(),
+                    port,
+                };
+                clusters.push(cluster(
+                    &format!("{URL_CLUSTER_PREFIX}{authority}"),
+                    &at,
+                    false,
+                ));
+            }
+        }
+    }
+    let mut bootstrap = json!({
         "node": {"id": "meshserve", "cluster": "meshserve"},
         // A named limit on client connections (Envoy warns when there is none).
         "overload_manager": {"resource_monitors": [{
@@ -478,18 +563,14 @@ pub fn bootstrap(envoy: &EnvoySpec<'_>, filters: &[Filter], buffer_limit: u64) -
         "admin": {"address": {"socket_address": {"address": envoy.admin.ip().to_string(), "port_value": envoy.admin.port()}}},
         "stats_config": {"stats_tags": tags},
         "static_resources": {
-            "listeners": [{
-                "name": "meshserve",
-                "address": {"socket_address": {"address": envoy.listener.ip().to_string(), "port_value": envoy.listener.port()}},
-                "per_connection_buffer_limit_bytes": buffer_limit,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": manager,
-                }]}],
-            }],
+            "listeners": listeners,
             "clusters": clusters,
         },
-    })
+    });
+    if let (false, Some(map)) = (extensions.is_empty(), bootstrap.as_object_mut()) {
+        map.insert("bootstrap_extensions".into(), Value::Array(extensions));
+    }
+    bootstrap
 }
 
 /// A local-reply mapper that puts Envoy's reason in `{"error": ...}` (the REST protocols'

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::files::read_services;
+use crate::files::read_documents;
 use crate::render::{self, EnvoySpec, Naming, Upstream};
 use crate::workload::{self, Settings};
 use crate::{compose, istio, kube};
@@ -51,7 +51,7 @@ pub struct RenderOptions {
 /// Renders every target; returns the files written, relative to `out`, and notes for the
 /// user (targets skipped, and why).
 pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), String> {
-    let services = read_services(&options.file)?;
+    let (services, graphs) = read_documents(&options.file)?;
     workload::check_names(&services)?;
     workload::check_domain(&options.settings.cluster_domain)?;
     let mut settings = options.settings.clone();
@@ -75,12 +75,22 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         }
         served.push((isvc, models));
     }
-    let config = render::filter_config(&served, &Naming::Local)?;
+    let config = render::with_graphs(
+        render::filter_config(&served, &Naming::Local)?,
+        &graphs,
+        &served,
+    )?;
     let checked = render::check(&config)?;
     let filters = render::filters(&checked);
     let istio_config = render::filter_config(&served, &istio::naming(&settings))?;
     let mut written = Vec::new();
     let mut notes = Vec::new();
+    if !graphs.is_empty() {
+        notes.push(format!(
+            "{ISTIO_DIR}/ and {KUBERNETES_DIR}/: the InferenceGraphs ({}) are served by the local Envoy and compose only: their steps need the hop listener, which the rendered Istio resources do not add",
+            graphs.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
     for isvc in &services {
         for revision in workload::revisions(isvc) {
             if let Some(logger) = &revision.logger

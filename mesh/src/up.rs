@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use meshserve_predictor::{remote, storage};
 
-use crate::files::read_services;
+use crate::files::read_documents;
 use crate::isvc::{RevisionSpec, Storage};
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
 use crate::tools::{find_envoy, find_wasm};
@@ -327,7 +327,7 @@ pub async fn up(
     options: UpOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), UpError> {
-    let services = read_services(&options.file).map_err(UpError::Input)?;
+    let (services, graphs) = read_documents(&options.file).map_err(UpError::Input)?;
     let envoy = find_envoy(options.envoy.as_deref()).map_err(UpError::Start)?;
     let wasm = std::fs::canonicalize(find_wasm(options.wasm.as_deref()).map_err(UpError::Start)?)
         .map_err(io("meshserve_filters.wasm"))?;
@@ -406,7 +406,9 @@ pub async fn up(
         }
         served.push((isvc, models));
     }
-    let config = render::filter_config(&served, &render::Naming::Local).map_err(UpError::Input)?;
+    let config = render::filter_config(&served, &render::Naming::Local)
+        .and_then(|c| render::with_graphs(c, &graphs, &served))
+        .map_err(UpError::Input)?;
     let listener = SocketAddr::new(options.host, options.port);
     let admin = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.admin_port);
     let otlp = match &options.otlp_endpoint {
@@ -518,6 +520,16 @@ pub async fn up(
         println!(
             "    pin a revision: -H 'x-meshserve-revision: default|canary|<name>'; shift traffic: meshserve canary {} --percent N",
             isvc.name
+        );
+    }
+    for graph in &graphs {
+        println!(
+            "  InferenceGraph {} ({} node(s)): POST http://{listener}/v1/graphs/{}    (or POST / with Host: {}.{})",
+            graph.name,
+            graph.nodes.len(),
+            graph.name,
+            graph.name,
+            graph.namespace
         );
     }
     println!("Ctrl-C stops everything.");

@@ -18,6 +18,7 @@
 
 use serde::Deserialize;
 
+use crate::graph::Graph;
 use crate::logger::LoggerConfig;
 use crate::transform::Transformer;
 
@@ -30,6 +31,7 @@ pub struct ConfigError(pub String);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     services: Vec<Service>,
+    graphs: Vec<Graph>,
     limits: Limits,
     hold_headers: bool,
 }
@@ -41,14 +43,23 @@ pub struct Limits {
     /// The most gRPC request bytes buffered to read the model name (default 4096).
     #[serde(default = "default_grpc_peek_bytes")]
     pub grpc_peek_bytes: usize,
+    /// The most bytes of one graph step's answer the router keeps (default 4 MiB); a larger
+    /// answer fails the step (502).
+    #[serde(default = "default_graph_answer_bytes")]
+    pub graph_answer_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             grpc_peek_bytes: default_grpc_peek_bytes(),
+            graph_answer_bytes: default_graph_answer_bytes(),
         }
     }
+}
+
+fn default_graph_answer_bytes() -> usize {
+    4 << 20
 }
 
 fn default_grpc_peek_bytes() -> usize {
@@ -158,6 +169,9 @@ pub enum Sticky {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     services: Vec<Service>,
+    /// InferenceGraphs over the services (see [`crate::graph`]).
+    #[serde(default)]
+    graphs: Vec<Graph>,
     #[serde(default)]
     limits: Limits,
     #[serde(default = "yes")]
@@ -173,8 +187,15 @@ impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| ConfigError(e.to_string()))?;
+        let mut graphs = raw.graphs;
+        for (i, graph) in graphs.iter_mut().enumerate() {
+            graph
+                .validate(&format!("graphs[{i}]"))
+                .map_err(ConfigError)?;
+        }
         let config = Config {
             services: raw.services,
+            graphs,
             limits: raw.limits,
             hold_headers: raw.hold_headers,
         };
@@ -184,6 +205,10 @@ impl Config {
 
     pub fn services(&self) -> &[Service] {
         &self.services
+    }
+
+    pub fn graphs(&self) -> &[Graph] {
+        &self.graphs
     }
 
     pub fn limits(&self) -> Limits {
@@ -215,6 +240,26 @@ impl Config {
                 "limits.grpc_peek_bytes".into(),
                 "must be at least 16".into(),
             );
+        }
+        for (i, graph) in self.graphs.iter().enumerate() {
+            let twice = self
+                .graphs
+                .iter()
+                .take(i)
+                .any(|g| g.name == graph.name && g.namespace == graph.namespace);
+            let service = self
+                .services
+                .iter()
+                .any(|s| s.name == graph.name && s.namespace == graph.namespace);
+            if twice || service {
+                return fail(
+                    format!("graphs[{i}]"),
+                    format!(
+                        "the name '{}' is taken by another graph or InferenceService of its namespace (they share a host)",
+                        graph.name
+                    ),
+                );
+            }
         }
         for (i, service) in self.services.iter().enumerate() {
             let at = format!("services[{i}]");

@@ -5,7 +5,8 @@
 //! - [`config`]: the filter configuration (rendered from InferenceServices), validated once.
 //! - [`protocol`]: what a request is: KServe V1, Open Inference Protocol REST or gRPC.
 //! - [`grpc`]: the model name read from the first bytes of a gRPC request.
-//! - [`route`]: which InferenceService, component and revision serve it.
+//! - [`route`]: which InferenceService, component and revision serve it, or which graph.
+//! - [`graph`]: InferenceGraphs (Sequence, Switch, Ensemble, Splitter) as a state machine.
 //! - [`transform`]: transformer pipelines (pre- and post-processing).
 //! - [`logger`]: payload logging: sampling and KServe's CloudEvents.
 //! - [`sink`]: where payload events finally go (a logger's `url`).
@@ -21,6 +22,7 @@
 )]
 
 pub mod config;
+pub mod graph;
 pub mod grpc;
 pub mod logger;
 pub mod protocol;

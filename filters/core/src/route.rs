@@ -154,10 +154,69 @@ pub enum Decision {
     NeedBody,
     /// Not an inference request: leave it alone.
     PassThrough,
+    /// A call to the graph at this index of the configuration's graphs: the shell buffers
+    /// the body and runs it ([`crate::graph::Run`]).
+    Graph(usize),
+}
+
+/// The path form of a graph's endpoint: `POST /v1/graphs/<name>`.
+pub const GRAPH_PATH_PREFIX: &str = "/v1/graphs/";
+
+/// The graph a request calls, if it calls one: `/v1/graphs/<name>` (meshserve's path form;
+/// the host's namespace when it names one, else the first graph of that name), or `/` on
+/// the graph's own host `<graph>.<namespace>.<domain>` (KServe's form). Only `POST` runs it.
+fn graph_call(config: &Config, request: &Request<'_>) -> Option<Decision> {
+    if config.graphs().is_empty() {
+        return None;
+    }
+    let path = request.path.split(['?', '#']).next().unwrap_or_default();
+    let host_labels = || {
+        let host = request.authority?.split(':').next()?;
+        let mut labels = host.split('.');
+        Some((labels.next()?.to_owned(), labels.next()?.to_owned()))
+    };
+    let index = if let Some(name) = path.strip_prefix(GRAPH_PATH_PREFIX) {
+        let name = name.trim_end_matches('/');
+        let namespace = host_labels().map(|(_, ns)| ns);
+        let found = config
+            .graphs()
+            .iter()
+            .position(|g| g.name == name && namespace.as_ref().is_some_and(|ns| *ns == g.namespace))
+            .or_else(|| config.graphs().iter().position(|g| g.name == name));
+        match found {
+            Some(index) => index,
+            None => {
+                return Some(Decision::Reply(Reply {
+                    status: 404,
+                    message: format!("unknown InferenceGraph '{name}'"),
+                    grpc: false,
+                }));
+            }
+        }
+    } else if path == "/" {
+        let (name, namespace) = host_labels()?;
+        config
+            .graphs()
+            .iter()
+            .position(|g| g.name == name && g.namespace == namespace)?
+    } else {
+        return None;
+    };
+    if (request.header)(":method").is_some_and(|m| m != "POST") {
+        return Some(Decision::Reply(Reply {
+            status: 405,
+            message: "an InferenceGraph is called with POST".into(),
+            grpc: false,
+        }));
+    }
+    Some(Decision::Graph(index))
 }
 
 /// Decides a request.
 pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
+    if let Some(decision) = graph_call(config, request) {
+        return decision;
+    }
     let protocol = parse(request.path);
     let grpc = matches!(protocol, Protocol::Grpc { .. });
     let reply = |status: u16, message: String| {

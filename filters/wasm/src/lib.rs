@@ -5,7 +5,8 @@
 //!   canary in one pass, see `meshserve-filter-core`), sets the `x-meshserve-*` headers, clears
 //!   the route cache so a `cluster_header` route picks the revision's cluster, answers unknown
 //!   models itself, copies shadowed requests to the shadow revision, and names the revision that
-//!   served each response in `x-meshserve-revision`.
+//!   served each response in `x-meshserve-revision`, and runs InferenceGraphs (each step a call
+//!   through Envoy's hop listener, see `graph`).
 //! - `transformer`: an InferenceService's declarative pre- and post-processing (image decoding,
 //!   resizing, normalisation, V1 <-> V2, softmax, top-k, labels) on the requests the router sent
 //!   to its predictor; placed after the router.
@@ -26,6 +27,7 @@
     )
 )]
 
+mod graph;
 mod host;
 mod logger;
 mod metrics;

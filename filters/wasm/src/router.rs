@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
+use meshserve_filter_core::graph::{GRAPH_HEADER, STEP_HEADER};
 use meshserve_filter_core::route::{
     CLUSTER_HEADER, COMPONENT_HEADER, Choice, Decision, ISVC_HEADER, NAMESPACE_HEADER,
     REVISION_HEADER, Reply, Request, Route, decide,
@@ -16,6 +17,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
+use crate::graph::{GraphStream, Outcome, on_hop_listener};
 use crate::host::{ROUTER_ROOT_ID, Rng, configure, request_header};
 use crate::metrics::Counters;
 
@@ -28,6 +30,8 @@ const INTERNAL_HEADERS: [&str; 5] = [
     COMPONENT_HEADER,
     TRANSFORMED_HEADER,
 ];
+/// Headers that name a graph's step: trusted from the hop listener only.
+const GRAPH_HEADERS: [&str; 2] = [GRAPH_HEADER, STEP_HEADER];
 /// The most response bytes kept to compare a primary answer with its shadow's.
 const SHADOW_COMPARE_LIMIT: usize = 1 << 20;
 /// How often queued shadow copies are sent.
@@ -240,6 +244,7 @@ impl RootContext for RouterRoot {
             shadow_body: None,
             shadow_id: None,
             response_copy: None,
+            graph: None,
         }))
     }
 
@@ -260,6 +265,8 @@ struct RouterStream {
     shadow_id: Option<u64>,
     /// The primary's answer copied for comparison with the shadow's.
     response_copy: Option<Vec<u8>>,
+    /// An InferenceGraph this request runs.
+    graph: Option<GraphStream>,
 }
 
 impl RouterStream {
@@ -302,6 +309,45 @@ impl RouterStream {
                 self.route_to(route, end_of_stream);
                 Action::Continue
             }
+            Decision::Graph(_) if on_hop_listener() => {
+                self.reply(&Reply {
+                    status: 508,
+                    message:
+                        "a graph's step may not call a graph: name the node instead (nodeName)"
+                            .into(),
+                    grpc: false,
+                });
+                Action::Pause
+            }
+            Decision::Graph(index) => {
+                self.graph = Some(GraphStream::new(Rc::clone(&self.config), index));
+                if end_of_stream {
+                    self.start_graph(Vec::new());
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    /// Runs the graph on the request's whole body.
+    fn start_graph(&mut self, body: Vec<u8>) {
+        let Some(graph) = self.graph.as_mut() else {
+            return;
+        };
+        let shared = Rc::clone(&self.shared);
+        let mut draw = || shared.borrow_mut().draw();
+        let outcome = graph.start(body, &mut draw);
+        self.graph_moved(outcome);
+    }
+
+    fn graph_moved(&mut self, outcome: Outcome) {
+        if let (Outcome::Answered(status), Some(graph)) = (outcome, &self.graph) {
+            let outcome = format!("status_{status}");
+            self.shared
+                .borrow_mut()
+                .counters
+                .increment("graphs", &[("graph", graph.name()), ("outcome", &outcome)]);
+            self.graph = None;
         }
     }
 
@@ -427,13 +473,31 @@ impl RouterStream {
     }
 }
 
-impl Context for RouterStream {}
+impl Context for RouterStream {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(graph) = self.graph.as_mut() else {
+            return;
+        };
+        let shared = Rc::clone(&self.shared);
+        let mut draw = || shared.borrow_mut().draw();
+        let outcome = graph.answered(token, body_size, &mut draw);
+        self.graph_moved(outcome);
+    }
+}
 
 impl HttpContext for RouterStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Headers only the filters may set: a client's copies would pick a cluster (the log
         // intake's, say) or skip a transformer.
-        for name in INTERNAL_HEADERS {
+        let hop = !self.config.graphs().is_empty() && on_hop_listener();
+        let graph_headers = if hop { &[][..] } else { &GRAPH_HEADERS[..] };
+        for name in INTERNAL_HEADERS.iter().chain(graph_headers) {
             if let Err(status) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
                 log::warn!("cannot remove {name}: {status:?}");
             }
@@ -445,6 +509,17 @@ impl HttpContext for RouterStream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.graph.is_some() {
+            // Envoy buffers the body (up to its buffer limit, 413 past it) until it is whole.
+            if end_of_stream {
+                let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                self.start_graph(body);
+            }
+            return Action::Pause;
+        }
         if self.waiting_for_body {
             let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
                 .ok()
