@@ -358,23 +358,21 @@ struct Ctx<'a> {
 impl Run {
     /// Starts `graph` on `input`; `draw` gives uniformly random numbers (the Splitter's).
     pub fn start(graph: &Graph, input: Vec<u8>, draw: &mut dyn FnMut() -> u64) -> (Run, Progress) {
-        let mut run = Run {
-            input,
-            root: Frame::Done(Answer::error(500, String::new())),
-            next_id: 0,
-        };
-        let input = std::mem::take(&mut run.input);
+        let mut next_id = 0;
         let mut ctx = Ctx {
             graph,
             input: &input,
             calls: Vec::new(),
-            next_id: &mut run.next_id,
+            next_id: &mut next_id,
             draw,
         };
         let root = start_node(&mut ctx, 0, &input);
         let calls = ctx.calls;
-        run.root = root;
-        run.input = input;
+        let run = Run {
+            input,
+            root,
+            next_id,
+        };
         let progress = run.progress(calls);
         (run, progress)
     }
