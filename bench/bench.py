@@ -918,7 +918,7 @@ def stop_servers() -> None:
         SERVERS.pop().stop()
 
 
-SUITES = ("sidecar", "batching", "mesh", "transformer", "logging", "tracing")
+SUITES = ("sidecar", "batching", "mesh", "transformer", "logging", "tracing", "graph")
 SUITE_TITLES = {
     "sidecar": "meshserve vs KServe vs MLServer vs raw ONNX Runtime",
     "batching": "dynamic batching: meshserve off / on vs MLServer adaptive batching",
@@ -926,6 +926,7 @@ SUITE_TITLES = {
     "transformer": "image classification through the wasm transformer vs KServe's Python transformer",
     "logging": "payload logging on vs off, and the spool's throughput",
     "tracing": "tracing every request over OTLP vs not tracing",
+    "graph": "an InferenceGraph's steps run by the router filter vs direct calls",
 }
 DOCS = ROOT / "docs/benchmarks.md"
 
@@ -947,7 +948,7 @@ def main() -> int:
     parser.add_argument("--suite", default="all", choices=[*SUITES, "all"],
                         help="sidecar: meshserve vs KServe vs MLServer vs raw ORT; batching: dynamic batching; "
                              "mesh: Envoy + wasm router overhead; transformer: pictures through the wasm "
-                             "transformer vs KServe's; logging: payload logging's cost; tracing: OTLP tracing's cost; all (default): the six, "
+                             "transformer vs KServe's; logging: payload logging's cost; tracing: OTLP tracing's cost; graph: an InferenceGraph step's cost; all (default): the seven, "
                              "in that order")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)),
                         help="times each measurement is taken, interleaved; a row pools its rounds")
@@ -965,6 +966,7 @@ def main() -> int:
     sidecar.add_argument("--batches", default=",".join(map(str, BATCHES)))
     sidecar.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     import suite_batching
+    import suite_graph
     import suite_mesh
     import suite_logging
     import suite_tracing
@@ -975,9 +977,10 @@ def main() -> int:
     suite_transformer.add_arguments(parser.add_argument_group("transformer suite"))
     suite_logging.add_arguments(parser.add_argument_group("logging suite"))
     suite_tracing.add_arguments(parser.add_argument_group("tracing suite"))
+    suite_graph.add_arguments(parser.add_argument_group("graph suite"))
     args = parser.parse_args()
     runners = {"sidecar": run_sidecar, "batching": suite_batching.run, "mesh": suite_mesh.run,
-               "transformer": suite_transformer.run, "logging": suite_logging.run, "tracing": suite_tracing.run}
+               "transformer": suite_transformer.run, "logging": suite_logging.run, "tracing": suite_tracing.run, "graph": suite_graph.run}
     suites = list(SUITES) if args.suite == "all" else [args.suite]
 
     for path, _ in MODELS.values():

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Load tests of meshserve, in three suites (docs/benchmarks.md has a section per suite):
+# Load tests of meshserve, in seven suites (docs/benchmarks.md has a section per suite):
 #   sidecar   meshserve vs the KServe Python server vs MLServer vs raw onnxruntime (~9.5 min)
 #   batching  dynamic batching off / on vs MLServer's adaptive batching, concurrency 1/16/64 (~5 min)
 #   mesh      Envoy + the wasm router in front of a sidecar: overhead and memory (~2 min)
 #   transformer  a 1024x768 JPEG through Envoy's wasm transformer vs KServe's Python transformer (~2 min)
 #   logging   payload logging on vs off through Envoy, and the spool's events/s (~1.5 min)
 #   tracing   every request traced over OTLP (Envoy + sidecar) vs not traced (~1.5 min)
+#   graph     an InferenceGraph's 1- and 2-step Sequences vs calling the services directly (~1.5 min)
 #
-#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|logging|tracing|all] [--update-docs] [--rounds N] [--duration S]
+#   bash bench/run.sh [--suite sidecar|batching|mesh|transformer|logging|tracing|graph|all] [--update-docs] [--rounds N] [--duration S]
 #                     [--warmup S] [--results-dir DIR] [--keep-workdir] [suite flags]    (--help: all)
 #
 # Default: --suite all (about 20 minutes on 2 cores). --update-docs also rewrites each suite's

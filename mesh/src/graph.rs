@@ -15,7 +15,7 @@ use crate::isvc::InferenceService;
 /// The Envoy cluster that reaches the hop listener (an internal listener running the same
 /// filters): a step that names an InferenceService goes there, and is routed like a direct
 /// call.
-pub const HOP_CLUSTER: &str = "meshserve_hop";
+pub use meshserve_filter_core::graph::HOP as HOP_CLUSTER;
 /// The prefix of the clusters a step's `serviceUrl` outside the file gets
 /// (`meshserve_graph_url.<host>:<port>`).
 pub const URL_CLUSTER_PREFIX: &str = "meshserve_graph_url.";

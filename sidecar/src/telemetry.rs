@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use http::HeaderMap;
+use meshserve_filter_core::graph::{GRAPH_HEADER, STEP_HEADER};
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -228,7 +229,16 @@ pub fn server_span(method: &http::Method, path: &str, headers: &HeaderMap) -> tr
         url.path = %path,
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
+        meshserve.graph = tracing::field::Empty,
+        meshserve.graph.step = tracing::field::Empty,
     );
+    // A step of an InferenceGraph run by the router filter: which graph, which step (the
+    // filter sets these on its own calls only and strips them from clients' requests).
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let (Some(graph), Some(step)) = (header(GRAPH_HEADER), header(STEP_HEADER)) {
+        span.record("meshserve.graph", graph);
+        span.record("meshserve.graph.step", step);
+    }
     let _ = span.set_parent(parent);
     span
 }

@@ -23,6 +23,11 @@ pub const MAX_STEPS: usize = 64;
 /// How long a graph may run when its `timeout` says nothing (KServe's route timeout).
 pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
 
+/// The name of the hop listener, of its filter chain and of the cluster that reaches it (an
+/// Envoy internal listener running the same filters): a step that names an InferenceService
+/// is called there, and is routed like a direct call.
+pub const HOP: &str = "meshserve_hop";
+
 /// The request header naming the graph a hop request belongs to (set by the router on the
 /// calls it makes, trusted only on the hop listener).
 pub const GRAPH_HEADER: &str = "x-meshserve-graph";

@@ -138,6 +138,9 @@ pub struct Exchange {
     pub request: Payload,
     /// The response's status and payload; `None` if the stream ended without one.
     pub response: Option<(u16, Payload)>,
+    /// The InferenceGraph and its step (`node/step`) that made this request, when a graph
+    /// did: the events' `ce-inferencegraph` and `ce-inferencegraphstep`.
+    pub graph: Option<(String, String)>,
 }
 
 /// A CloudEvent in binary mode: its headers (`ce-*` and `content-type`) and the payload.
@@ -199,6 +202,10 @@ fn event(exchange: &Exchange, kind: &str, payload: &Payload, status: Option<u16>
             "ce-metadata".into(),
             serde_json::Value::Object(metadata).to_string(),
         ));
+    }
+    if let Some((graph, step)) = &exchange.graph {
+        headers.push(("ce-inferencegraph".into(), graph.clone()));
+        headers.push(("ce-inferencegraphstep".into(), step.clone()));
     }
     if let Some(status) = status {
         headers.push(("ce-statuscode".into(), status.to_string()));
@@ -333,6 +340,11 @@ pub fn encode_exchange(exchange: &Exchange, mode: Mode, out: &mut Vec<u8>) -> us
         }
         None => out.push(0),
     }
+    // Trailing and optional, so that records spooled before graphs existed still read.
+    if let Some((graph, step)) = &exchange.graph {
+        put(out, graph.as_bytes());
+        put(out, step.as_bytes());
+    }
     let payload = out.get(start + 8..).unwrap_or_default();
     let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
     if let Some(head) = out.get_mut(start..start + 8) {
@@ -403,6 +415,11 @@ pub fn decode_exchanges(mut input: &[u8]) -> Option<Vec<(Exchange, Mode)>> {
             }
             _ => None,
         };
+        let graph = if record.is_empty() {
+            None
+        } else {
+            Some((text(&mut record)?, text(&mut record)?))
+        };
         let mut fields = fields.into_iter();
         let mut next = || fields.next().unwrap_or_default();
         out.push((
@@ -417,6 +434,7 @@ pub fn decode_exchanges(mut input: &[u8]) -> Option<Vec<(Exchange, Mode)>> {
                 metadata,
                 request,
                 response,
+                graph,
             },
             mode,
         ));
@@ -489,6 +507,7 @@ mod tests {
                     truncated: true,
                 },
             )),
+            graph: None,
         }
     }
 
@@ -570,6 +589,24 @@ mod tests {
             vec![(exchange(), Mode::All), (no_answer, Mode::Response)]
         );
         assert_eq!(decode_exchanges(&[]).unwrap(), vec![]);
+        // A graph's step: its two attributes, in the record and in the events.
+        let mut step = exchange();
+        step.graph = Some(("chain".into(), "root/0".into()));
+        let mut one = Vec::new();
+        encode_exchange(&step, Mode::All, &mut one);
+        assert_eq!(
+            decode_exchanges(&one).unwrap(),
+            vec![(step.clone(), Mode::All)]
+        );
+        for event in events(&step, Mode::All) {
+            assert_eq!(event.header("ce-inferencegraph"), Some("chain"));
+            assert_eq!(event.header("ce-inferencegraphstep"), Some("root/0"));
+        }
+        assert!(
+            events(&exchange(), Mode::All)
+                .iter()
+                .all(|e| e.header("ce-inferencegraph").is_none())
+        );
         let mut bad = batch.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

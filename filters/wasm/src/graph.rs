@@ -8,14 +8,14 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshserve_filter_core::config::Config;
-use meshserve_filter_core::graph::{Answer, Call, GRAPH_HEADER, Progress, Run, STEP_HEADER};
+use meshserve_filter_core::graph::{Answer, Call, GRAPH_HEADER, HOP, Progress, Run, STEP_HEADER};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
 use crate::host::request_header;
 
-/// The filter chain name of the hop listener: requests arriving there are a graph's steps.
-pub(crate) const HOP_FILTER_CHAIN: &str = "meshserve_hop";
+/// How far the filter's clock may be from Envoy's timers when a call times out.
+const CLOCK_SLACK: Duration = Duration::from_millis(5);
 /// Request headers a step inherits from the graph's request.
 const PROPAGATED: [&str; 5] = [
     "authorization",
@@ -30,7 +30,7 @@ pub(crate) fn on_hop_listener() -> bool {
     hostcalls::get_property(vec!["xds", "filter_chain_name"])
         .ok()
         .flatten()
-        .is_some_and(|name| name == HOP_FILTER_CHAIN.as_bytes())
+        .is_some_and(|name| name == HOP.as_bytes())
 }
 
 fn now() -> Duration {
@@ -119,7 +119,18 @@ impl GraphStream {
             .flatten()
             .and_then(|s| s.parse::<u16>().ok());
         let limit = self.config.limits().graph_answer_bytes;
+        // Envoy answers a call it timed out itself with a 504 of its own (or none): the
+        // wall clock the filter reads and Envoy's timer may differ by a little.
+        let timed_out = now().saturating_sub(sent.sent) + CLOCK_SLACK >= sent.timeout;
         let answer = match status {
+            None | Some(504) if timed_out => Answer::error(
+                504,
+                format!(
+                    "{}: no answer within {} ms",
+                    self.at(&sent.step),
+                    sent.timeout.as_millis()
+                ),
+            ),
             Some(_) if body_size > limit => Answer::error(
                 502,
                 format!("{}: the answer is over {limit} bytes", self.at(&sent.step)),
@@ -131,14 +142,6 @@ impl GraphStream {
                     .flatten()
                     .unwrap_or_default(),
             },
-            None if now().saturating_sub(sent.sent) >= sent.timeout => Answer::error(
-                504,
-                format!(
-                    "{}: no answer within {} ms",
-                    self.at(&sent.step),
-                    sent.timeout.as_millis()
-                ),
-            ),
             None => Answer::error(
                 502,
                 format!("{}: the step could not be reached", self.at(&sent.step)),
@@ -209,9 +212,15 @@ impl GraphStream {
             (":path", &call.target.path),
             (":authority", &call.target.authority),
             (":scheme", "http"),
-            (GRAPH_HEADER, &name),
-            (STEP_HEADER, &call.step),
         ];
+        // Which graph and step a call is: for the mesh's own filters (the hop listener), not
+        // for a URL outside it.
+        if call.target.cluster == HOP {
+            headers.extend([
+                (GRAPH_HEADER, name.as_str()),
+                (STEP_HEADER, call.step.as_str()),
+            ]);
+        }
         headers.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if !self.headers.iter().any(|(k, _)| k == "content-type") {
             headers.push(("content-type", "application/json"));

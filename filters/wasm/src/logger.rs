@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use meshserve_filter_core::config::Config;
+use meshserve_filter_core::graph::{GRAPH_HEADER, STEP_HEADER};
 use meshserve_filter_core::logger::{
     EXCHANGES_CONTENT_TYPE, Exchange, INTAKE_PATH, LoggerConfig, Payload, encode_exchange,
     event_id, is_inference, rfc3339,
@@ -302,6 +303,7 @@ impl HttpContext for LoggerStream {
                     ..Payload::default()
                 },
                 response: None,
+                graph: request_header(GRAPH_HEADER).zip(request_header(STEP_HEADER)),
             },
         });
         Action::Continue
