@@ -447,19 +447,20 @@ pub async fn up(
     }
     parts.push(spawn("envoy", &envoy, &args, None)?);
 
-    let admin_addr = {
-        let file = admin_file.clone();
-        wait_until(
-            "Envoy's admin address",
-            Duration::from_secs(30),
-            async || file.is_file(),
-        )
-        .await?;
-        std::fs::read_to_string(&admin_file)
+    // Envoy creates the file before it writes the address into it: wait for an address.
+    let read_admin = |file: &std::path::Path| {
+        std::fs::read_to_string(file)
             .ok()
             .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-            .ok_or_else(|| UpError::Start("Envoy wrote an unreadable admin address".into()))?
     };
+    wait_until(
+        "Envoy's admin address",
+        Duration::from_secs(30),
+        async || read_admin(&admin_file).is_some(),
+    )
+    .await?;
+    let admin_addr = read_admin(&admin_file)
+        .ok_or_else(|| UpError::Start("Envoy wrote an unreadable admin address".into()))?;
     wait_until("Envoy", Duration::from_secs(30), async || {
         http_get(admin_addr, "/ready", "admin").await == Some(200)
     })
