@@ -338,3 +338,89 @@ async fn meshserve_up_traces_envoy_and_its_sidecars() {
         egress.span.name
     );
 }
+
+/// An InferenceGraph's steps in the trace of the graph's request: the router filter passes the
+/// request's `traceparent` to every step, each step is an Envoy pass of its own on the hop
+/// listener (a server span, and a client span to the revision), and each step's sidecar span
+/// names the graph and the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graphs_steps_are_spans_of_its_trace() {
+    let receiver = OtlpReceiver::start();
+    let models = root().join("models/repository/sklearn_digits");
+    let mut spec = String::new();
+    for (name, version) in [("digits-a", "1"), ("digits-b", "2")] {
+        spec += &format!(
+            "---\napiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata: {{name: {name}}}\nspec:\n  predictor:\n    model: {{modelFormat: {{name: onnx}}, storageUri: \"file://{}/{version}/model.onnx\"}}\n",
+            models.display()
+        );
+    }
+    spec += "---\napiVersion: serving.kserve.io/v1alpha1\nkind: InferenceGraph\nmetadata: {name: chain}\nspec:\n  nodes:\n    root:\n      routerType: Sequence\n      steps:\n        - serviceName: digits-a\n        - serviceName: digits-b\n          data: $request\n";
+    let dir = std::env::temp_dir().join(format!("meshserve-graph-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("graph-trace.yaml");
+    std::fs::write(&file, spec).unwrap();
+    let up = Up::start(&file, &["--otlp-endpoint", &receiver.url()]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4737";
+    let (status, body) = post(
+        &format!("{}/v1/graphs/chain", up.url),
+        &json!({"instances": [vec![1.0; 64]]}),
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let ours = |spans: &[Received]| -> Vec<Received> {
+        spans
+            .iter()
+            .filter(|s| hex(&s.span.trace_id) == trace)
+            .cloned()
+            .collect()
+    };
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |spans| {
+            let ours = ours(spans);
+            ["digits-a-predictor", "digits-b-predictor"]
+                .iter()
+                .all(|service| {
+                    ours.iter()
+                        .any(|s| s.service == *service && s.span.kind == SERVER)
+                })
+                && ours
+                    .iter()
+                    .filter(|s| s.service == "meshserve-envoy")
+                    .count()
+                    >= 5
+        })
+        .unwrap_or_else(|s| panic!("the graph's trace did not arrive: {:#?}", summary(&s)));
+    let spans = ours(&spans);
+    // The graph's own request, and one Envoy pass per step.
+    let envoy_servers = spans
+        .iter()
+        .filter(|s| s.service == "meshserve-envoy" && s.span.kind == SERVER)
+        .count();
+    assert_eq!(envoy_servers, 3, "{:#?}", summary(&spans));
+    for (service, step) in [
+        ("digits-a-predictor", "root/0"),
+        ("digits-b-predictor", "root/1"),
+    ] {
+        let server = one(&spans, &format!("{service} server span"), |s| {
+            s.service == service && s.span.kind == SERVER
+        });
+        assert_eq!(
+            server.attribute("meshserve.graph").as_deref(),
+            Some("chain")
+        );
+        assert_eq!(
+            server.attribute("meshserve.graph.step").as_deref(),
+            Some(step)
+        );
+        let egress = one(&spans, &format!("Envoy's call to {service}"), |s| {
+            s.span.span_id == server.span.parent_span_id
+        });
+        assert_eq!(
+            (egress.service.as_str(), egress.span.kind),
+            ("meshserve-envoy", CLIENT)
+        );
+    }
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
