@@ -3,7 +3,8 @@
 # each: the router's decision on paths, hosts, headers and gRPC bodies; the gRPC model-name
 # peek; V1/V2 JSON and the binary tensor extension; protobuf ModelInfer; pictures through the
 # transformer under its pixel limit; payload-log exchanges and spool records; InferenceService
-# YAML; the filter configuration), each for SECONDS (default 60), with libFuzzer.
+# YAML; the filter configuration; an InferenceGraph run on fuzzed requests, answers and
+# conditions), each for SECONDS (default 60), with libFuzzer.
 #
 #   bash bench/fuzz.sh [SECONDS] [TARGET ...]
 #
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-all=(paths grpc_peek rest_json protobuf image records isvc filter_config)
+all=(paths grpc_peek rest_json protobuf image records isvc filter_config graph)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 
@@ -44,6 +45,9 @@ seed filter_config envoy-config/demo/rendered/filter.json
 mkdir -p fuzz/corpus/paths
 printf '/v2/models/digits/infer\nlatest-digits.default.example.com\ncanary\nalice\n' > fuzz/corpus/paths/seed-v2
 printf '/inference.GRPCInferenceService/ModelInfer\n\n\n\n\x00\x00\x00\x00\x08\x0a\x06digits' > fuzz/corpus/paths/seed-grpc
+
+mkdir -p fuzz/corpus/graph
+printf '\x00\xff{"source":"client1","instances":[{"name":"blue","intval":0,"strval":"kserve"},{"name":"green","intval":1,"strval":"1red-server1"}]}\xffinstances.#(intval>0)\xff\x64{"predictions":[1,1]}\xff\x90{"error":"x"}' > fuzz/corpus/graph/seed-switch
 
 out=bench/results/$(date -u +%F)-fuzz.md
 mkdir -p bench/results

@@ -22,6 +22,9 @@ pub const MAX_NODES: usize = 64;
 pub const MAX_STEPS: usize = 64;
 /// How long a graph may run when its `timeout` says nothing (KServe's route timeout).
 pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+/// The longest a graph or a step may be given: an hour (Envoy takes a call's timeout in
+/// 32-bit milliseconds, and a request held longer is a mistake).
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// The name of the hop listener, of its filter chain and of the cluster that reaches it (an
 /// Envoy internal listener running the same filters): a step that names an InferenceService
@@ -149,6 +152,12 @@ impl Graph {
         }
         if self.timeout_ms == 0 || self.step_timeout_ms == Some(0) {
             return Err(format!("{at}: timeouts must be above zero"));
+        }
+        if self.timeout_ms > MAX_TIMEOUT_MS || self.step_timeout_ms > Some(MAX_TIMEOUT_MS) {
+            return Err(format!(
+                "{at}: timeouts must be at most {} s",
+                MAX_TIMEOUT_MS / 1000
+            ));
         }
         if self.nodes.first().is_none_or(|n| n.name != "root") {
             return Err(format!(
@@ -890,6 +899,18 @@ mod tests {
                 Err(e) => assert!(e.contains(needle), "wanted {needle:?} in {e}"),
                 Ok(_) => panic!("accepted a graph that should fail with {needle:?}"),
             }
+        }
+        let nodes =
+            json!([{"name": "root", "router_type": "Sequence", "steps": [{"call": call("a")}]}]);
+        for (field, ms) in [
+            ("timeout_ms", MAX_TIMEOUT_MS + 1),
+            ("step_timeout_ms", u64::MAX),
+            ("timeout_ms", 0),
+        ] {
+            let mut g: Graph =
+                serde_json::from_value(json!({"name": "g", "nodes": nodes, field: ms})).unwrap();
+            let e = g.validate("graphs[0]").unwrap_err();
+            assert!(e.contains("timeouts must be"), "{e}");
         }
     }
 }
