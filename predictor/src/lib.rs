@@ -19,6 +19,7 @@ mod classification;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod kernel_shap;
 pub mod metrics;
 pub mod model;
 pub mod remote;
