@@ -16,6 +16,10 @@
 //! inputs:                      # override what the ONNX file declares
 //!   - {name: input, datatype: FP32, shape: [-1, 1, 28, 28]}
 //! outputs: []
+//! explainer:                   # POST /v1/models/<m>:explain (see kernel_shap)
+//!   kernel_shap:
+//!     background_file: background.json   # rows of features, [[...], ...], next to config.yaml
+//!     max_coalitions: 2048       # exact Shapley values up to 11 features at the default
 //! converted_from:              # written by meshserve for a model it converted (see convert)
 //!   format: xgboost            # the model takes one feature matrix as KServe's servers read it
 //!   feature_names: [a, b]      # V1 objects and V2 content_type "pd" name features by these
@@ -138,6 +142,90 @@ pub struct ModelConfig {
     /// Set for a model converted from another framework's file: requests are read as
     /// KServe's server for that framework reads them ([`meshserve_proto::frame`]).
     pub converted_from: Option<ConvertedFrom>,
+    /// A built-in explainer for `:explain`.
+    pub explainer: Option<ExplainerConfig>,
+}
+
+/// The built-in explainer (KernelSHAP, the one so far).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainerConfig {
+    pub kernel_shap: KernelShapConfig,
+}
+
+/// KernelSHAP's settings ([`crate::kernel_shap`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelShapConfig {
+    /// The background rows, a JSON array of rows of numbers, relative to the model's
+    /// directory; read when the model loads, into `background`.
+    pub background_file: String,
+    #[serde(default = "default_max_coalitions")]
+    pub max_coalitions: usize,
+    #[serde(skip)]
+    pub background: Background,
+}
+
+fn default_max_coalitions() -> usize {
+    crate::kernel_shap::DEFAULT_MAX_COALITIONS
+}
+
+/// The most background rows an explainer takes (each coalition runs the model on all).
+pub const MAX_BACKGROUND_ROWS: usize = 1000;
+/// The most coalitions an explainer may be given.
+pub const MAX_COALITIONS: usize = 1 << 16;
+
+/// Background rows, row-major.
+#[derive(Debug, Clone, Default)]
+pub struct Background {
+    pub features: usize,
+    pub values: std::sync::Arc<Vec<f64>>,
+}
+
+impl PartialEq for Background {
+    fn eq(&self, other: &Self) -> bool {
+        self.features == other.features
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(other.values.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl Eq for Background {}
+
+impl Background {
+    /// Reads a JSON array of rows of finite numbers, all of one length.
+    pub fn read(path: &Path) -> Result<Background, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let rows: Vec<Vec<f64>> = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "{}: not a JSON array of rows of numbers: {e}",
+                path.display()
+            )
+        })?;
+        let features = rows.first().map_or(0, Vec::len);
+        if rows.is_empty() || rows.len() > MAX_BACKGROUND_ROWS || features == 0 {
+            return Err(format!(
+                "{}: 1 to {MAX_BACKGROUND_ROWS} rows of at least one feature are needed, not {}",
+                path.display(),
+                rows.len()
+            ));
+        }
+        if let Some(i) = rows.iter().position(|r| r.len() != features) {
+            return Err(format!(
+                "{}: row {i} has {} features, row 0 has {features}",
+                path.display(),
+                rows[i].len()
+            ));
+        }
+        Ok(Background {
+            features,
+            values: std::sync::Arc::new(rows.into_iter().flatten().collect()),
+        })
+    }
 }
 
 /// Where a converted model came from.
@@ -171,6 +259,7 @@ impl Default for ModelConfig {
             intra_op_threads: 0,
             dynamic_batching: None,
             converted_from: None,
+            explainer: None,
         }
     }
 }
@@ -250,6 +339,19 @@ impl ModelConfig {
                 PredictorError::load(model, format!("{}: {e}", labels_path.display()))
             })?;
             config.labels = text.lines().map(str::to_owned).collect();
+        }
+        if let Some(ExplainerConfig { kernel_shap: shap }) = config.explainer.as_mut() {
+            if shap.max_coalitions == 0 || shap.max_coalitions > MAX_COALITIONS {
+                return Err(PredictorError::load(
+                    model,
+                    format!(
+                        "{}: explainer.kernel_shap.max_coalitions must be 1 to {MAX_COALITIONS}",
+                        path.display()
+                    ),
+                ));
+            }
+            shap.background = Background::read(&model_dir.join(&shap.background_file))
+                .map_err(|e| PredictorError::load(model, e))?;
         }
         config
             .check()
@@ -365,6 +467,18 @@ mod tests {
         assert_eq!(config.version_policy, VersionPolicy::Specific(vec![1, 3]));
         assert_eq!(config.inputs[0].shape, Some(vec![-1, 4]));
 
+        write("explainer: {kernel_shap: {background_file: bg.json}}\n");
+        std::fs::write(dir.path().join("bg.json"), "[[1, 2], [3, 4.5]]").unwrap();
+        std::fs::write(dir.path().join("ragged.json"), "[[1, 2], [3]]").unwrap();
+        let config = ModelConfig::load("m", dir.path()).unwrap();
+        let shap = config.explainer.unwrap().kernel_shap;
+        assert_eq!(
+            shap.max_coalitions,
+            crate::kernel_shap::DEFAULT_MAX_COALITIONS
+        );
+        assert_eq!(shap.background.features, 2);
+        assert_eq!(*shap.background.values, vec![1.0, 2.0, 3.0, 4.5]);
+
         for (text, needle) in [
             ("name: other\n", "directory is 'm'"),
             ("max_batch_sise: 3\n", "unknown field"),
@@ -374,6 +488,19 @@ mod tests {
                 "unknown version_policy 'newest'",
             ),
             ("labels_file: missing.txt\n", "missing.txt"),
+            (
+                "explainer: {kernel_shap: {background_file: nope.json}}\n",
+                "nope.json",
+            ),
+            (
+                "explainer: {kernel_shap: {background_file: bg.json, max_coalitions: 0}}\n",
+                "max_coalitions must be 1 to",
+            ),
+            (
+                "explainer: {kernel_shap: {background_file: ragged.json}}\n",
+                "row 1 has 1 features, row 0 has 2",
+            ),
+            ("explainer: {anchors: {}}\n", "unknown field"),
             ("instance_count: 0\n", "at least 1"),
             ("dynamic_batching: {}\n", "needs max_batch_size"),
             (

@@ -16,6 +16,7 @@
 //! crate; this crate does not depend on it.
 
 pub mod error;
+pub mod explain;
 pub mod grpc;
 pub mod payloads;
 pub mod rest;

@@ -12,6 +12,7 @@
 //! | POST | `/v2/repository/models/<m>/load`, `.../unload` | `{}` |
 //! | GET | `/v1/models`, `/v1/models/<m>` | `{"models": [...]}`, `{"name", "ready"}` |
 //! | POST | `/v1/models/<m>:predict` | `{"predictions": [...]}` |
+//! | POST | `/v1/models/<m>:explain` | the model's built-in explainer's document ([`crate::explain`]) |
 //! | GET | `/metrics` | Prometheus metrics (see `meshserve_predictor::metrics`) |
 //!
 //! Errors are `{"error": "<message>"}` with the status [`ApiError`] maps to.
@@ -69,6 +70,7 @@ enum Route {
     V1Models,
     V1Model(String),
     V1Predict(String),
+    V1Explain(String),
     /// `GET /metrics`: Prometheus text exposition.
     Metrics,
 }
@@ -115,6 +117,7 @@ impl Route {
             ["v1", "models"] => Route::V1Models,
             ["v1", "models", m] => match m.rsplit_once(':') {
                 Some((name, "predict")) if !name.is_empty() => Route::V1Predict(name.to_owned()),
+                Some((name, "explain")) if !name.is_empty() => Route::V1Explain(name.to_owned()),
                 Some(_) => return None,
                 None if !m.is_empty() => Route::V1Model((*m).to_owned()),
                 None => return None,
@@ -130,6 +133,7 @@ impl Route {
             | Route::Load(_)
             | Route::Unload(_)
             | Route::V1Predict(_)
+            | Route::V1Explain(_)
             | Route::Events => Method::POST,
             _ => Method::GET,
         }
@@ -334,6 +338,15 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                 ready_status(ready),
                 to_json(&json!({"name": model, "ready": ready})),
             ))
+        }
+        Route::V1Explain(model) => {
+            let found = service.model(&model, "")?;
+            // One permit for the whole explanation: its model runs are this request's.
+            let _permit = service.admit()?;
+            let (headers, body) = read_body(request, service.limits()).await?;
+            check_content_type(&headers)?;
+            let answer = crate::explain::explain(found, &body).await?;
+            Ok(json_response(StatusCode::OK, to_json(&answer)))
         }
         Route::V1Predict(model) => {
             let found = service.model(&model, "")?;
@@ -605,7 +618,7 @@ mod tests {
             ("/v1/models", Some(Route::V1Models)),
             ("/v1/models/a", Some(Route::V1Model("a".into()))),
             ("/v1/models/a:predict", Some(Route::V1Predict("a".into()))),
-            ("/v1/models/a:explain", None),
+            ("/v1/models/a:explain", Some(Route::V1Explain("a".into()))),
             ("/v1/models/:predict", None),
             ("/v2/models//infer", None),
             ("/v2/models/a/versions//infer", None),
