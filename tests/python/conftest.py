@@ -305,3 +305,14 @@ class FakeGcs:
 
     def stop(self):
         self.process.stop()
+
+
+def post_json(url, body, headers=None, timeout=30):
+    """POSTs `body` as JSON; (status, the answer's JSON), error answers included."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

@@ -14,8 +14,6 @@ import math
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from skl2onnx import to_onnx
 from sklearn import datasets
 from sklearn.linear_model import LogisticRegression
 
-from conftest import Process
+from conftest import Process, post_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -62,13 +60,7 @@ def served(tmp_path_factory):
         server.stop()
 
 
-def post(url, body):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+post = post_json
 
 
 def shapley(session, x, background):

@@ -16,8 +16,6 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +27,7 @@ import xgboost
 from sklearn import datasets
 from sklearn.svm import SVC
 
-from conftest import FakeGcs, MeshUp
+from conftest import FakeGcs, MeshUp, post_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -295,14 +293,7 @@ def mesh(gcs, tmp_path_factory, request):
             print("".join(up.lines))
 
 
-def post(url, body, headers=None):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+post = post_json
 
 
 def direct(url, service, body):
