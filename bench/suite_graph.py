@@ -45,29 +45,19 @@ spec:
   predictor:
     model: {{modelFormat: {{name: onnx}}, storageUri: "file://{models / version / 'model.onnx'}"}}
 """ for name, version in (("a", "1"), ("b", "2")))
-    return services + """---
+    # Every step takes the graph's request, so each does the work of a direct call.
+    graphs = "".join(f"""---
 apiVersion: serving.kserve.io/v1alpha1
 kind: InferenceGraph
-metadata: {name: one}
+metadata: {{name: {name}}}
 spec:
   nodes:
     root:
       routerType: Sequence
       steps:
-        - serviceName: digits-a
----
-apiVersion: serving.kserve.io/v1alpha1
-kind: InferenceGraph
-metadata: {name: two}
-spec:
-  nodes:
-    root:
-      routerType: Sequence
-      steps:
-        - serviceName: digits-a
-        - serviceName: digits-b
-          data: $request
-"""
+""" + "".join(f"        - {{serviceName: {step}, data: $request}}\n" for step in steps)
+        for name, steps in (("one", ["digits-a"]), ("two", ["digits-a", "digits-b"])))
+    return services + graphs
 
 
 def post(url: str, body: bytes) -> bytes:

@@ -174,6 +174,8 @@ fn default_max_coalitions() -> usize {
 pub const MAX_BACKGROUND_ROWS: usize = 1000;
 /// The most coalitions an explainer may be given.
 pub const MAX_COALITIONS: usize = 1 << 16;
+/// The most model rows one explanation may run: coalitions times background rows.
+pub const MAX_EXPLAIN_ROWS: usize = 1 << 22;
 
 /// Background rows, row-major.
 #[derive(Debug, Clone, Default)]
@@ -352,6 +354,17 @@ impl ModelConfig {
             }
             shap.background = Background::read(&model_dir.join(&shap.background_file))
                 .map_err(|e| PredictorError::load(model, e))?;
+            let rows = shap.background.values.len() / shap.background.features.max(1);
+            if shap.max_coalitions.saturating_mul(rows) > MAX_EXPLAIN_ROWS {
+                return Err(PredictorError::load(
+                    model,
+                    format!(
+                        "{}: explainer.kernel_shap: {} coalitions x {rows} background rows is over {MAX_EXPLAIN_ROWS} model rows per explanation: lower max_coalitions or use fewer background rows",
+                        path.display(),
+                        shap.max_coalitions
+                    ),
+                ));
+            }
         }
         config
             .check()
@@ -470,6 +483,8 @@ mod tests {
         write("explainer: {kernel_shap: {background_file: bg.json}}\n");
         std::fs::write(dir.path().join("bg.json"), "[[1, 2], [3, 4.5]]").unwrap();
         std::fs::write(dir.path().join("ragged.json"), "[[1, 2], [3]]").unwrap();
+        let big = format!("[{}]", vec!["[0, 0]"; 100].join(","));
+        std::fs::write(dir.path().join("big.json"), big).unwrap();
         let config = ModelConfig::load("m", dir.path()).unwrap();
         let shap = config.explainer.unwrap().kernel_shap;
         assert_eq!(
@@ -495,6 +510,10 @@ mod tests {
             (
                 "explainer: {kernel_shap: {background_file: bg.json, max_coalitions: 0}}\n",
                 "max_coalitions must be 1 to",
+            ),
+            (
+                "explainer: {kernel_shap: {background_file: big.json, max_coalitions: 65536}}\n",
+                "over 4194304 model rows",
             ),
             (
                 "explainer: {kernel_shap: {background_file: ragged.json}}\n",

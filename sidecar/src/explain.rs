@@ -17,7 +17,7 @@ use std::sync::Arc;
 use meshserve_predictor::config::{ExplainerConfig, KernelShapConfig};
 use meshserve_predictor::kernel_shap::{self, ExplainError, Options};
 use meshserve_predictor::model::ModelVersion;
-use meshserve_proto::{DataType, InferRequest, InputTensor, TensorData};
+use meshserve_proto::{DataType, InferRequest, InputTensor, TensorData, TensorSpec};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -36,20 +36,36 @@ pub async fn explain(model: Arc<ModelVersion>, body: &[u8]) -> Result<Value, Api
             model.name()
         )));
     };
+    let input = feature_input(&model).map_err(ApiError::BadRequest)?.clone();
     let instances = instances(body, config.background.features)?;
     let handle = tokio::runtime::Handle::current();
-    let worker = Arc::clone(&model);
-    let explanations = tokio::task::spawn_blocking(move || {
-        instances
+    tokio::task::spawn_blocking(move || {
+        let explanations = instances
             .iter()
-            .map(|x| explain_one(&handle, &worker, &config, x))
-            .collect::<Result<Vec<_>, ApiError>>()
-            .map(|e| (e, instances, config))
+            .map(|x| explain_one(&handle, &model, &input, &config, x))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(document(&model, &config, &instances, &explanations))
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("the explainer stopped: {e}")))?;
-    let (explanations, instances, config) = explanations?;
-    Ok(document(&model, &config, &instances, &explanations))
+    .map_err(|e| ApiError::Internal(format!("the explainer stopped: {e}")))?
+}
+
+/// The model's one input, a matrix of FP32 or FP64 features: what the explainer feeds.
+fn feature_input(model: &ModelVersion) -> Result<&TensorSpec, String> {
+    match model.inputs() {
+        [input] if matches!(input.datatype, DataType::Fp32 | DataType::Fp64) => Ok(input),
+        [input] => Err(format!(
+            "model '{}' cannot be explained: its input '{}' is {:?}, not FP32 or FP64 features",
+            model.name(),
+            input.name,
+            input.datatype
+        )),
+        _ => Err(format!(
+            "model '{}' cannot be explained: it takes {} inputs, not one matrix of features",
+            model.name(),
+            model.inputs().len()
+        )),
+    }
 }
 
 fn instances(body: &[u8], features: usize) -> Result<Vec<Vec<f64>>, ApiError> {
@@ -84,12 +100,13 @@ fn instances(body: &[u8], features: usize) -> Result<Vec<Vec<f64>>, ApiError> {
 
 fn explain_one(
     handle: &tokio::runtime::Handle,
-    model: &Arc<ModelVersion>,
+    model: &ModelVersion,
+    input: &TensorSpec,
     config: &KernelShapConfig,
     x: &[f64],
 ) -> Result<kernel_shap::Explanation, ApiError> {
     let mut run = |rows: &[f64], n: usize| -> Result<Vec<f64>, String> {
-        let request = rows_request(model, rows, n)?;
+        let request = rows_request(input, rows, n);
         let response = handle
             .block_on(model.infer(request))
             .map_err(|e| e.to_string())?;
@@ -105,21 +122,13 @@ fn explain_one(
     })
 }
 
-/// `n` rows as the model's one input, in its float type.
-fn rows_request(model: &ModelVersion, rows: &[f64], n: usize) -> Result<InferRequest, String> {
-    let [input] = model.inputs() else {
-        return Err("the explainer needs a model with one input (a matrix of features)".into());
-    };
+/// `n` rows as the model's one input, in its float type ([`feature_input`]).
+fn rows_request(input: &TensorSpec, rows: &[f64], n: usize) -> InferRequest {
     let data = match input.datatype {
         DataType::Fp32 => TensorData::Fp32(rows.iter().map(|v| *v as f32).collect()),
-        DataType::Fp64 => TensorData::Fp64(rows.to_vec()),
-        other => {
-            return Err(format!(
-                "the explainer feeds FP32 or FP64 features; the model's input is {other:?}"
-            ));
-        }
+        _ => TensorData::Fp64(rows.to_vec()),
     };
-    Ok(InferRequest {
+    InferRequest {
         id: None,
         parameters: Default::default(),
         inputs: vec![InputTensor {
@@ -129,7 +138,7 @@ fn rows_request(model: &ModelVersion, rows: &[f64], n: usize) -> Result<InferReq
             parameters: Default::default(),
         }],
         outputs: Vec::new(),
-    })
+    }
 }
 
 /// Every float output's values per row, side by side (a classifier's probabilities; a
@@ -149,15 +158,15 @@ fn numeric_outputs(
     if columns.is_empty() {
         return Err("the model answers no FP32 or FP64 output to explain".into());
     }
+    // Row by row, each output's values for that row side by side.
+    let mut rows: Vec<std::slice::ChunksExact<'_, f64>> = columns
+        .iter()
+        .map(|c| c.chunks_exact((c.len() / n.max(1)).max(1)))
+        .collect();
     let mut out = Vec::new();
-    for row in 0..n {
-        for column in &columns {
-            let width = column.len() / n.max(1);
-            out.extend(
-                column
-                    .get(row * width..(row + 1) * width)
-                    .unwrap_or_default(),
-            );
+    for _ in 0..n {
+        for column in &mut rows {
+            out.extend(column.next().unwrap_or_default());
         }
     }
     Ok(out)

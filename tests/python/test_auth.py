@@ -21,27 +21,13 @@ import tritonclient.grpc as grpcclient
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tritonclient.utils import InferenceServerException
 
-from conftest import MeshUp
+from conftest import EventSink, MeshUp, Recorder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
 MODEL = REPO_ROOT / "models" / "repository" / "sklearn_digits"
 SAMPLE = json.loads((REPO_ROOT / "models" / "samples" / "sklearn_digits_v1_request.json").read_text())
 ISSUER = "https://issuer.meshserve.test"
-
-
-class Sink(BaseHTTPRequestHandler):
-    events = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        Sink.events.append((dict((k.lower(), v) for k, v in self.headers.items()), body))
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +62,7 @@ def token(key, **claims):
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, keys):
     tmp = tmp_path_factory.mktemp("auth")
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink = Recorder(EventSink)
     annotations = {
         "serving.meshserve.io/jwt-issuer": ISSUER,
         "serving.meshserve.io/jwt-jwks": json.dumps(keys[2]),
@@ -85,13 +70,13 @@ def mesh(tmp_path_factory, keys):
         "serving.meshserve.io/jwt-subjects": "alice, bob",
         "serving.meshserve.io/jwt-claim-headers": "sub=x-user, email=x-email",
     }
-    logger = {"mode": "all", "url": f"http://127.0.0.1:{sink.server_port}", "metadataHeaders": ["x-user", "x-email", "x-case"]}
+    logger = {"mode": "all", "url": f"http://{sink.address}", "metadataHeaders": ["x-user", "x-email", "x-case"]}
     spec = isvc_file(tmp / "isvc.yaml", annotations, {"logger": logger})
     up = MeshUp(spec, tmp / "state", BINARY)
+    up.sink = sink
     yield up
     up.stop()
-    sink.shutdown()
-    sink.server_close()
+    sink.stop()
 
 
 def call(mesh, path, bearer=None, headers=None, body=SAMPLE):
@@ -154,17 +139,17 @@ def test_control_apis_stay_closed_with_a_token(mesh, keys):
     assert status == 403, answer
 
 
-def events_of(case, count=2):
+def events_of(mesh, case, count=2):
     """The metadata of the events sent for the requests marked `x-case: case` (events of
     earlier tests may still be arriving)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        found = [json.loads(h.get("ce-metadata", "{}")) for h, _ in list(Sink.events)]
+        found = [json.loads(h.get("ce-metadata", "{}")) for h, _ in list(mesh.sink.received)]
         found = [m for m in found if m.pop("x-case", None) == [case]]
         if len(found) >= count:
             return found
         time.sleep(0.05)
-    pytest.fail(f"no {count} events for {case}: {Sink.events}")
+    pytest.fail(f"no {count} events for {case}: {mesh.sink.received}")
 
 
 def test_the_claims_reach_the_payload_log_and_forged_headers_do_not(mesh, keys):
@@ -172,11 +157,11 @@ def test_the_claims_reach_the_payload_log_and_forged_headers_do_not(mesh, keys):
     claims = token(keys[0], sub="bob", email="bob@example.com")
     status, _, _ = call(mesh, "/v1/models/digits:predict", claims, headers={**forged, "x-case": "claims"})
     assert status == 200
-    assert events_of("claims") == [{"x-user": ["bob"], "x-email": ["bob@example.com"]}] * 2
+    assert events_of(mesh, "claims") == [{"x-user": ["bob"], "x-email": ["bob@example.com"]}] * 2
     # A token without the email claim: the client's own header is dropped, not logged as one.
     status, _, _ = call(mesh, "/v1/models/digits:predict", token(keys[0], sub="bob"), headers={**forged, "x-case": "no email"})
     assert status == 200
-    assert events_of("no email") == [{"x-user": ["bob"]}] * 2
+    assert events_of(mesh, "no email") == [{"x-user": ["bob"]}] * 2
 
 
 def test_keys_fetched_from_a_jwks_uri(tmp_path, keys):

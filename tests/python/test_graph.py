@@ -14,10 +14,9 @@ that a client cannot forge the headers that mark a graph's own calls.
 
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import joblib
@@ -27,7 +26,7 @@ import xgboost
 from sklearn import datasets
 from sklearn.svm import SVC
 
-from conftest import FakeGcs, MeshUp, post_json
+from conftest import EventSink, FakeGcs, MeshUp, Recorder, post_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -184,25 +183,6 @@ spec:
 """
 
 
-class Recorder(ThreadingHTTPServer):
-    """An HTTP server on loopback, in this process, that keeps what it was sent."""
-
-    daemon_threads = True
-
-    def __init__(self, handler):
-        super().__init__(("127.0.0.1", 0), handler)
-        self.received = []
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.server_address[1]}"
-
-    def stop(self):
-        self.shutdown()
-        self.server_close()
-
-
 class BgTest(BaseHTTPRequestHandler):
     """KServe's bgtest image (docs/samples/graph/bgtest): `POST /<target>/...` answers the
     request with `"from": <target>`; `/fail` answers 500, `/slow` answers after 3 s."""
@@ -233,20 +213,6 @@ class BgTest(BaseHTTPRequestHandler):
         pass
 
 
-class Sink(BaseHTTPRequestHandler):
-    """A payload-log sink: keeps each CloudEvent's headers and body."""
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        self.server.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """fake-gcs-server holding KServe's sample iris models (trained here) at its paths."""
@@ -269,7 +235,7 @@ def gcs(tmp_path_factory):
 def mesh(gcs, tmp_path_factory, request):
     """One `meshserve up` of the samples and the extra graphs; (url, stand-in, sink, models)."""
     base, models = gcs
-    bgtest, sink = Recorder(BgTest), Recorder(Sink)
+    bgtest, sink = Recorder(BgTest), Recorder(EventSink)
     root = tmp_path_factory.mktemp("graph")
     spec = root / "graphs.yaml"
     spec.write_text(SERVICES + SAMPLE_GRAPHS + SWITCH_GRAPH.replace("{bgtest}", bgtest.address)

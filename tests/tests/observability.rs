@@ -110,6 +110,15 @@ fn summary(spans: &[Received]) -> Vec<String> {
         .collect()
 }
 
+/// The spans of one trace (its id in hex).
+fn of_trace(spans: &[Received], trace: &str) -> Vec<Received> {
+    spans
+        .iter()
+        .filter(|s| hex(&s.span.trace_id) == trace)
+        .cloned()
+        .collect()
+}
+
 fn child_of<'a>(spans: &'a [Received], parent: &Received, name: &str) -> &'a Received {
     one(
         spans,
@@ -144,13 +153,7 @@ async fn one_request_is_traced_from_envoy_to_onnx_runtime() {
         assert_eq!(status, 200, "{body}");
 
         let expected = if model == "digits" { 8 } else { 9 };
-        let of_trace = |spans: &[Received]| -> Vec<Received> {
-            spans
-                .iter()
-                .filter(|s| hex(&s.span.trace_id) == trace)
-                .cloned()
-                .collect()
-        };
+        let of_trace = |spans: &[Received]| of_trace(spans, &trace);
         let spans = receiver
             .wait_for(Duration::from_secs(20), |spans| {
                 of_trace(spans).len() >= expected
@@ -368,13 +371,7 @@ async fn a_graphs_steps_are_spans_of_its_trace() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let ours = |spans: &[Received]| -> Vec<Received> {
-        spans
-            .iter()
-            .filter(|s| hex(&s.span.trace_id) == trace)
-            .cloned()
-            .collect()
-    };
+    let ours = |spans: &[Received]| of_trace(spans, trace);
     let spans = receiver
         .wait_for(Duration::from_secs(20), |spans| {
             let ours = ours(spans);
