@@ -153,7 +153,7 @@ async fn one_request_is_traced_from_envoy_to_onnx_runtime() {
         assert_eq!(status, 200, "{body}");
 
         let expected = if model == "digits" { 8 } else { 9 };
-        let of_trace = |spans: &[Received]| of_trace(spans, &trace);
+        let of_trace = |spans: &[Received]| of_trace(spans, trace);
         let spans = receiver
             .wait_for(Duration::from_secs(20), |spans| {
                 of_trace(spans).len() >= expected
