@@ -310,6 +310,9 @@ pub struct RevisionSpec {
     /// `protocolVersion: v2` (or `grpc-v2`): callers such as a graph's steps speak the Open
     /// Inference Protocol to it.
     pub v2: bool,
+    /// `spec.explainer`'s built-in explainer as the model's config.yaml `explainer` (JSON),
+    /// for the sidecar's `--explainer`: every serving revision explains its own model.
+    pub explainer: Option<String>,
 }
 
 /// A revision's payload logging: the sink its sidecar delivers to, and the filter's part.
@@ -410,12 +413,7 @@ impl InferenceService {
             .namespace
             .unwrap_or_else(|| "default".to_owned());
         let transformer = raw.spec.transformer.map(check_transformer).transpose()?;
-        if raw.spec.explainer.is_some() {
-            return Err(error(
-                "spec.explainer",
-                "meshserve up cannot run explainer containers; route :explain with a rendered configuration",
-            ));
-        }
+        let explainer = raw.spec.explainer.map(check_explainer).transpose()?;
         let predictor = raw
             .spec
             .predictor
@@ -460,6 +458,10 @@ impl InferenceService {
                 "spec.predictor.canaryTrafficPercent",
                 "needs the canary revision: list it under spec.canary[] (KServe's standard-mode form)",
             ));
+        }
+        let mut default = default;
+        for revision in std::iter::once(&mut default).chain(canaries.iter_mut()) {
+            revision.explainer.clone_from(&explainer);
         }
         let total: i64 = canaries.iter().map(|c| c.percent).sum();
         if total > 100 {
@@ -583,6 +585,120 @@ fn check_transformer(value: Value) -> Result<Value, IsvcError> {
     Ok(value)
 }
 
+/// meshserve's built-in explainers under `spec.explainer`, beside KServe's `alibi` and `art`
+/// keys: run by each predictor revision's sidecar on its own model.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawExplainer {
+    kernel_shap: Option<RawKernelShap>,
+    tree_shap: Option<RawTreeShap>,
+    /// KServe's component `timeout`: seconds an explain request may take.
+    timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKernelShap {
+    background_file: String,
+    max_coalitions: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTreeShap {
+    background_file: String,
+}
+
+/// `spec.explainer` as the sidecar's `--explainer` (config.yaml's `explainer`, JSON).
+fn check_explainer(value: Value) -> Result<String, IsvcError> {
+    let path = "spec.explainer";
+    let refusals = [
+        (
+            "alibi",
+            "KServe's Alibi explainer is gone (removed in KServe 0.13 after Alibi moved to the BSL licence) and ran pickled explainers: use meshserve's kernelShap (any tabular model) or treeShap (tree ensembles), whose fitted state is a JSON file of background rows next to the model (see docs/explainers.md)",
+        ),
+        (
+            "art",
+            "ART's SquareAttack finds adversarial examples, which is not an explanation: meshserve's explainers are kernelShap and treeShap",
+        ),
+        (
+            "containers",
+            "meshserve explains the model in its predictor's sidecar, not in a container of its own: give kernelShap or treeShap",
+        ),
+    ];
+    if let Some((key, why)) = refusals.iter().find(|(k, _)| value.get(k).is_some()) {
+        return Err(error(&format!("{path}.{key}"), *why));
+    }
+    let raw: RawExplainer = serde_json::from_value(value).map_err(|e| {
+        error(
+            path,
+            format!(
+                "{e} (the explainer runs in each predictor revision's sidecar and scales with it: no replicas or resources of its own)"
+            ),
+        )
+    })?;
+    let relative = |at: &str, file: &str| {
+        let plain = !file.is_empty()
+            && Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if plain {
+            Ok(file.to_owned())
+        } else {
+            Err(error(
+                at,
+                format!("'{file}' must be a relative path inside the model's storage"),
+            ))
+        }
+    };
+    let mut out = serde_json::Map::new();
+    match (raw.kernel_shap, raw.tree_shap) {
+        (Some(shap), None) => {
+            let at = format!("{path}.kernelShap");
+            let file = relative(&format!("{at}.backgroundFile"), &shap.background_file)?;
+            let mut method = serde_json::json!({"background_file": file});
+            if let Some(n) = shap.max_coalitions {
+                let limit = meshserve_predictor::config::MAX_COALITIONS as u64;
+                if n == 0 || n > limit {
+                    return Err(error(
+                        &format!("{at}.maxCoalitions"),
+                        format!("{n} is not 1 to {limit}"),
+                    ));
+                }
+                method["max_coalitions"] = n.into();
+            }
+            out.insert("kernel_shap".into(), method);
+        }
+        (None, Some(tree)) => {
+            let file = relative(
+                &format!("{path}.treeShap.backgroundFile"),
+                &tree.background_file,
+            )?;
+            out.insert(
+                "tree_shap".into(),
+                serde_json::json!({"background_file": file}),
+            );
+        }
+        _ => {
+            return Err(error(
+                path,
+                "needs exactly one built-in explainer: kernelShap (any tabular model) or treeShap (a tree ensemble)",
+            ));
+        }
+    }
+    if let Some(seconds) = raw.timeout {
+        let limit = meshserve_predictor::config::MAX_EXPLAIN_TIMEOUT_MS / 1000;
+        if seconds == 0 || seconds > limit {
+            return Err(error(
+                &format!("{path}.timeout"),
+                format!("{seconds} seconds is not 1 to {limit}"),
+            ));
+        }
+        out.insert("timeout_ms".into(), (seconds * 1000).into());
+    }
+    Ok(Value::Object(out).to_string())
+}
+
 fn revision(
     path: &str,
     mut predictor: RawPredictor,
@@ -661,6 +777,7 @@ fn revision(
         format: converted,
         predict_proba,
         v2: model.protocol_version.as_deref().is_some_and(|p| p != "v1"),
+        explainer: None,
         scaling,
         pod: PodSettings {
             resources: model.resources,
@@ -983,6 +1100,7 @@ pub(crate) fn sample() -> InferenceService {
         format: None,
         predict_proba: false,
         v2: false,
+        explainer: None,
     };
     InferenceService {
         name: "digits".into(),
@@ -1169,6 +1287,72 @@ spec:
             let err = InferenceService::parse(&yaml, &base()).unwrap_err();
             assert_eq!(err.path, path, "{err}");
             assert!(err.message.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn built_in_explainers_reach_every_serving_revision_and_others_are_refused() {
+        let with = |explainer: &str| {
+            GOOD.replace("  canary:", &format!("  explainer:\n{explainer}  canary:"))
+        };
+        let isvc = InferenceService::parse(
+            &with("    timeout: 20\n    kernelShap: {backgroundFile: bg/rows.json, maxCoalitions: 512}\n"),
+            &base(),
+        )
+        .unwrap();
+        let want = r#"{"kernel_shap":{"background_file":"bg/rows.json","max_coalitions":512},"timeout_ms":20000}"#;
+        assert_eq!(isvc.default.explainer.as_deref(), Some(want));
+        assert_eq!(isvc.canaries[0].explainer.as_deref(), Some(want));
+        let args = crate::workload::model_args(&isvc.canaries[0]);
+        assert_eq!(args, ["--explainer", want]);
+        let tree =
+            InferenceService::parse(&with("    treeShap: {backgroundFile: bg.json}\n"), &base())
+                .unwrap();
+        assert_eq!(
+            tree.default.explainer.as_deref(),
+            Some(r#"{"tree_shap":{"background_file":"bg.json"}}"#)
+        );
+        for (explainer, path, says) in [
+            (
+                "    alibi: {type: AnchorTabular, storageUri: gs://x}\n",
+                "spec.explainer.alibi",
+                "BSL",
+            ),
+            (
+                "    art: {type: SquareAttack}\n",
+                "spec.explainer.art",
+                "adversarial",
+            ),
+            (
+                "    containers: [{image: x}]\n",
+                "spec.explainer.containers",
+                "sidecar",
+            ),
+            (
+                "    minReplicas: 2\n    treeShap: {backgroundFile: b.json}\n",
+                "spec.explainer",
+                "scales with it",
+            ),
+            ("    timeout: 5\n", "spec.explainer", "exactly one"),
+            (
+                "    treeShap: {backgroundFile: ../b.json}\n",
+                "spec.explainer.treeShap.backgroundFile",
+                "relative path",
+            ),
+            (
+                "    kernelShap: {backgroundFile: b.json, maxCoalitions: 0}\n",
+                "spec.explainer.kernelShap.maxCoalitions",
+                "not 1 to 65536",
+            ),
+            (
+                "    timeout: 0\n    treeShap: {backgroundFile: b.json}\n",
+                "spec.explainer.timeout",
+                "not 1 to",
+            ),
+        ] {
+            let err = InferenceService::parse(&with(explainer), &base()).unwrap_err();
+            assert_eq!(err.path, path, "{explainer}: {err}");
+            assert!(err.message.contains(says), "{explainer}: {err}");
         }
     }
 

@@ -266,6 +266,9 @@ pub fn filter_config(
             if let (true, Some(map)) = (isvc.public_control_api, service.as_object_mut()) {
                 map.insert("public_control_api".into(), json!(true));
             }
+            if let (true, Some(map)) = (isvc.default.explainer.is_some(), service.as_object_mut()) {
+                map.insert("builtin_explainer".into(), json!(true));
+            }
             service
         })
         .collect();

@@ -226,12 +226,17 @@ pub fn logger_args(logger: &RevisionLogger, spool: &str) -> Vec<String> {
     args
 }
 
-/// The model's format as `meshserve serve` flags, for a format the sidecar converts.
+/// The model's format as `meshserve serve` flags, for a format the sidecar converts, and
+/// its built-in explainer.
 pub fn model_args(revision: &RevisionSpec) -> Vec<String> {
-    match revision.format {
+    let mut args = match revision.format {
         Some(format) => vec!["--model-format".to_owned(), format.name().to_owned()],
         None => Vec::new(),
+    };
+    if let Some(explainer) = &revision.explainer {
+        args.extend(["--explainer".to_owned(), explainer.clone()]);
     }
+    args
 }
 
 /// KServe's batcher as `meshserve serve` flags.

@@ -16,10 +16,12 @@
 //! inputs:                      # override what the ONNX file declares
 //!   - {name: input, datatype: FP32, shape: [-1, 1, 28, 28]}
 //! outputs: []
-//! explainer:                   # POST /v1/models/<m>:explain (see kernel_shap)
-//!   kernel_shap:
+//! explainer:                   # POST /v1/models/<m>:explain: one method, kernel_shap or tree_shap
+//!   kernel_shap:                 # any tabular model (see kernel_shap)
 //!     background_file: background.json   # rows of features, [[...], ...], next to config.yaml
 //!     max_coalitions: 2048       # exact Shapley values up to 11 features at the default
+//!   # tree_shap: {background_file: background.json}   # an ONNX tree ensemble (see tree_shap)
+//!   timeout_ms: 30000            # an explain request's time limit (504 past it)
 //! converted_from:              # written by meshserve for a model it converted (see convert)
 //!   format: xgboost            # the model takes one feature matrix as KServe's servers read it
 //!   feature_names: [a, b]      # V1 objects and V2 content_type "pd" name features by these
@@ -146,11 +148,35 @@ pub struct ModelConfig {
     pub explainer: Option<ExplainerConfig>,
 }
 
-/// The built-in explainer (KernelSHAP, the one so far).
+/// The built-in explainer: exactly one method, and the time an explanation may take.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplainerConfig {
-    pub kernel_shap: KernelShapConfig,
+    pub kernel_shap: Option<KernelShapConfig>,
+    pub tree_shap: Option<TreeShapConfig>,
+    /// The most milliseconds one explain request may take (504 past it).
+    #[serde(default = "default_explain_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The default time limit of an explain request (KServe's component `timeout` default is 60 s
+/// of which this leaves room for the rest of the request).
+pub const DEFAULT_EXPLAIN_TIMEOUT_MS: u64 = 30_000;
+/// The longest time limit an explainer may be given.
+pub const MAX_EXPLAIN_TIMEOUT_MS: u64 = 600_000;
+
+fn default_explain_timeout_ms() -> u64 {
+    DEFAULT_EXPLAIN_TIMEOUT_MS
+}
+
+/// TreeSHAP's settings ([`crate::tree_shap`]): the model must be one ONNX tree ensemble.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeShapConfig {
+    /// The background rows, as for KernelSHAP.
+    pub background_file: String,
+    #[serde(skip)]
+    pub background: Background,
 }
 
 /// KernelSHAP's settings ([`crate::kernel_shap`]).
@@ -197,6 +223,12 @@ impl PartialEq for Background {
 }
 
 impl Eq for Background {}
+
+impl Background {
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.features.max(1)
+    }
+}
 
 impl Background {
     /// Reads a JSON array of rows of finite numbers, all of one length.
@@ -302,6 +334,50 @@ impl ModelConfig {
     }
 }
 
+impl ExplainerConfig {
+    /// Checks the limits and reads the background rows.
+    fn load(&mut self, model_dir: &Path) -> Result<(), String> {
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_EXPLAIN_TIMEOUT_MS {
+            return Err(format!(
+                "explainer.timeout_ms must be 1 to {MAX_EXPLAIN_TIMEOUT_MS}"
+            ));
+        }
+        match (&mut self.kernel_shap, &mut self.tree_shap) {
+            (Some(shap), None) => {
+                if shap.max_coalitions == 0 || shap.max_coalitions > MAX_COALITIONS {
+                    return Err(format!(
+                        "explainer.kernel_shap.max_coalitions must be 1 to {MAX_COALITIONS}"
+                    ));
+                }
+                shap.background = Background::read(&model_dir.join(&shap.background_file))?;
+                let rows = shap.background.rows();
+                if shap.max_coalitions.saturating_mul(rows) > MAX_EXPLAIN_ROWS {
+                    return Err(format!(
+                        "explainer.kernel_shap: {} coalitions x {rows} background rows is over {MAX_EXPLAIN_ROWS} model rows per explanation: lower max_coalitions or use fewer background rows",
+                        shap.max_coalitions
+                    ));
+                }
+            }
+            (None, Some(tree)) => {
+                tree.background = Background::read(&model_dir.join(&tree.background_file))?;
+            }
+            _ => {
+                return Err("explainer needs exactly one method: kernel_shap or tree_shap".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The background rows of the method.
+    pub fn background(&self) -> Option<&Background> {
+        match (&self.kernel_shap, &self.tree_shap) {
+            (Some(shap), _) => Some(&shap.background),
+            (None, Some(tree)) => Some(&tree.background),
+            (None, None) => None,
+        }
+    }
+}
+
 impl ModelConfig {
     /// Reads `<model_dir>/config.yaml` if it exists (defaults otherwise), and the labels file
     /// it names. `model` is the directory's name.
@@ -342,29 +418,10 @@ impl ModelConfig {
             })?;
             config.labels = text.lines().map(str::to_owned).collect();
         }
-        if let Some(ExplainerConfig { kernel_shap: shap }) = config.explainer.as_mut() {
-            if shap.max_coalitions == 0 || shap.max_coalitions > MAX_COALITIONS {
-                return Err(PredictorError::load(
-                    model,
-                    format!(
-                        "{}: explainer.kernel_shap.max_coalitions must be 1 to {MAX_COALITIONS}",
-                        path.display()
-                    ),
-                ));
-            }
-            shap.background = Background::read(&model_dir.join(&shap.background_file))
-                .map_err(|e| PredictorError::load(model, e))?;
-            let rows = shap.background.values.len() / shap.background.features.max(1);
-            if shap.max_coalitions.saturating_mul(rows) > MAX_EXPLAIN_ROWS {
-                return Err(PredictorError::load(
-                    model,
-                    format!(
-                        "{}: explainer.kernel_shap: {} coalitions x {rows} background rows is over {MAX_EXPLAIN_ROWS} model rows per explanation: lower max_coalitions or use fewer background rows",
-                        path.display(),
-                        shap.max_coalitions
-                    ),
-                ));
-            }
+        if let Some(explainer) = config.explainer.as_mut() {
+            explainer
+                .load(model_dir)
+                .map_err(|e| PredictorError::load(model, format!("{}: {e}", path.display())))?;
         }
         config
             .check()
@@ -486,7 +543,9 @@ mod tests {
         let big = format!("[{}]", vec!["[0, 0]"; 100].join(","));
         std::fs::write(dir.path().join("big.json"), big).unwrap();
         let config = ModelConfig::load("m", dir.path()).unwrap();
-        let shap = config.explainer.unwrap().kernel_shap;
+        let explainer = config.explainer.unwrap();
+        assert_eq!(explainer.timeout_ms, DEFAULT_EXPLAIN_TIMEOUT_MS);
+        let shap = explainer.kernel_shap.unwrap();
         assert_eq!(
             shap.max_coalitions,
             crate::kernel_shap::DEFAULT_MAX_COALITIONS
@@ -520,6 +579,19 @@ mod tests {
                 "row 1 has 1 features, row 0 has 2",
             ),
             ("explainer: {anchors: {}}\n", "unknown field"),
+            ("explainer: {timeout_ms: 5}\n", "exactly one method"),
+            (
+                "explainer: {kernel_shap: {background_file: bg.json}, tree_shap: {background_file: bg.json}}\n",
+                "exactly one method",
+            ),
+            (
+                "explainer: {tree_shap: {background_file: bg.json}, timeout_ms: 0}\n",
+                "timeout_ms must be 1 to",
+            ),
+            (
+                "explainer: {tree_shap: {background_file: bg.json, max_coalitions: 3}}\n",
+                "unknown field",
+            ),
             ("instance_count: 0\n", "at least 1"),
             ("dynamic_batching: {}\n", "needs max_batch_size"),
             (

@@ -21,6 +21,9 @@ pub struct Options {
     pub max_batch_rows: usize,
     /// The seed of the coalition sampling (explanations are reproducible).
     pub seed: u64,
+    /// When the explanation must have ended ([`ExplainError::TimedOut`] past it, asked
+    /// before each model call).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// The default coalition budget: exact up to 11 features.
@@ -36,6 +39,7 @@ impl Default for Options {
             max_coalitions: DEFAULT_MAX_COALITIONS,
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             seed: 0x5eed,
+            deadline: None,
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum ExplainError {
         "the coalitions sampled do not determine the values (raise the budget above {0} coalitions)"
     )]
     Underdetermined(usize),
+    #[error("the explanation ran past its time limit")]
+    TimedOut,
 }
 
 /// The model: rows (`n` rows of `M` features, row-major) to outputs (`n` rows of `K`).
@@ -99,6 +105,7 @@ pub fn explain(
     let rows = background.len() / m;
     let mut calls = Calls {
         model,
+        deadline: options.deadline,
         max_batch_rows: options.max_batch_rows.max(rows),
         outputs: 0,
         rows: 0,
@@ -155,6 +162,7 @@ pub fn explain(
 /// The model calls, checked for their shape and counted.
 struct Calls<'m, 'a> {
     model: &'m mut ModelFn<'a>,
+    deadline: Option<std::time::Instant>,
     max_batch_rows: usize,
     /// Outputs per row, from the first call.
     outputs: usize,
@@ -163,6 +171,12 @@ struct Calls<'m, 'a> {
 
 impl Calls<'_, '_> {
     fn run(&mut self, rows: &[f64], n: usize) -> Result<Vec<f64>, ExplainError> {
+        if self
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Err(ExplainError::TimedOut);
+        }
         let out = (self.model)(rows, n).map_err(ExplainError::Model)?;
         self.rows += n;
         if self.outputs == 0 {

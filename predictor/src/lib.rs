@@ -27,6 +27,7 @@ pub mod repository;
 pub mod runtime;
 pub mod storage;
 mod tensors;
+pub mod tree_shap;
 
 /// The `tracing` target of the spans meant for trace export (`predict`, `queue`, `batch`,
 /// `onnxruntime.run`), kept apart from logs: a sidecar that exports no traces turns the

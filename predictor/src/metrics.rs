@@ -21,6 +21,7 @@
 //! | `request_preprocess_seconds` | histogram | request body to tensors: parsing, and the sidecar's transformer when it runs |
 //! | `request_predict_seconds` | histogram | the model's part: validation, queue, execution, splitting |
 //! | `request_postprocess_seconds` | histogram | outputs to the response body (and the transformer's response steps) |
+//! | `request_explain_seconds` | histogram | one explain request, all its explanations (the built-in explainer's model runs are in `request_predict_seconds` too) |
 //!
 //! And the repository's state, read at each scrape: `meshserve_models_loaded` (model
 //! versions ready) and `meshserve_model_ready{model,version}` (1 ready).
@@ -65,6 +66,7 @@ pub struct Metrics {
     preprocess: HistogramVec,
     predict: HistogramVec,
     postprocess: HistogramVec,
+    explain: HistogramVec,
     loaded: IntGauge,
     ready: IntGaugeVec,
 }
@@ -140,6 +142,15 @@ impl Metrics {
                 "request_postprocess_seconds",
                 "Post-processing latency: outputs to the response body (KServe's name)",
                 seconds.clone(),
+                &KSERVE_LABELS,
+            ),
+            explain: histogram_with(
+                "request_explain_seconds",
+                "Explain request latency (KServe's name)",
+                vec![
+                    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ],
                 &KSERVE_LABELS,
             ),
             loaded,
@@ -225,6 +236,7 @@ impl Metrics {
             preprocess: self.preprocess.with_label_values(&labels),
             predict: self.predict.with_label_values(&labels),
             postprocess: self.postprocess.with_label_values(&labels),
+            explain: self.explain.with_label_values(&labels),
         }
     }
 }
@@ -257,6 +269,7 @@ pub(crate) struct ModelMetrics {
     preprocess: Histogram,
     predict: Histogram,
     postprocess: Histogram,
+    explain: Histogram,
 }
 
 impl ModelMetrics {
@@ -281,6 +294,10 @@ impl ModelMetrics {
 
     pub(crate) fn postprocessed(&self, seconds: f64) {
         self.postprocess.observe(seconds);
+    }
+
+    pub(crate) fn explained(&self, seconds: f64) {
+        self.explain.observe(seconds);
     }
 
     pub(crate) fn queued_for(&self, seconds: f64) {
@@ -309,6 +326,7 @@ mod tests {
         m.queued_for(0.0002);
         m.predicted(0.003);
         m.preprocessed(0.0001);
+        m.explained(0.02);
         metrics.set_loaded([("digits", "2"), ("mnist", "1")]);
         let text = metrics.encode();
         for line in [
@@ -316,6 +334,7 @@ mod tests {
             r#"request_predict_seconds_bucket{model_name="digits",model_version="2",le="0.005"} 1"#,
             r#"request_preprocess_seconds_count{model_name="digits",model_version="2"} 1"#,
             r#"request_postprocess_seconds_count{model_name="digits",model_version="2"} 0"#,
+            r#"request_explain_seconds_count{model_name="digits",model_version="2"} 1"#,
             "meshserve_models_loaded 2",
             r#"meshserve_model_ready{model="mnist",version="1"} 1"#,
         ] {

@@ -35,6 +35,8 @@ pub struct ModelVersion {
     config: ModelConfig,
     executor: Executor,
     metrics: ModelMetrics,
+    /// The tree ensemble read from the graph, for `explainer.tree_shap`.
+    tree_model: Option<std::sync::Arc<crate::tree_shap::TreeModel>>,
 }
 
 /// How requests reach the sessions: merged into batches by the batcher's threads, or each
@@ -89,6 +91,7 @@ impl ModelVersion {
                 "v1_output '{v1}' is not an output of the model"
             )));
         }
+        let tree_model = explainer_model(config, file, &inputs).map_err(&fail)?;
         let version_string = version.to_string();
         let model_metrics = metrics.model(name, &version_string);
         let executor = match &config.dynamic_batching {
@@ -131,7 +134,18 @@ impl ModelVersion {
             config: config.clone(),
             executor,
             metrics: model_metrics,
+            tree_model,
         })
+    }
+
+    /// The tree ensemble TreeSHAP explains (when the config asks for it).
+    pub fn tree_model(&self) -> Option<&crate::tree_shap::TreeModel> {
+        self.tree_model.as_deref()
+    }
+
+    /// Counts one explanation (KServe's `request_explain_seconds`).
+    pub fn observe_explain(&self, took: Duration) {
+        self.metrics.explained(took.as_secs_f64());
     }
 
     pub fn name(&self) -> &str {
@@ -483,4 +497,40 @@ fn apply_overrides(
         }
     }
     Ok(specs)
+}
+
+/// Checks the explainer's background against the model's input and reads the tree ensemble
+/// TreeSHAP needs.
+fn explainer_model(
+    config: &ModelConfig,
+    file: &Path,
+    inputs: &[TensorSpec],
+) -> Result<Option<std::sync::Arc<crate::tree_shap::TreeModel>>, String> {
+    let Some(explainer) = &config.explainer else {
+        return Ok(None);
+    };
+    let features = explainer.background().map_or(0, |b| b.features);
+    if let [input] = inputs
+        && let Some(&width) = input.shape.get(1)
+        && width >= 0
+        && width as usize != features
+    {
+        return Err(format!(
+            "the explainer's background rows have {features} features; input '{}' takes {width}",
+            input.name
+        ));
+    }
+    let Some(_) = &explainer.tree_shap else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let model = crate::tree_shap::TreeModel::from_onnx(&bytes)
+        .map_err(|e| format!("explainer.tree_shap: {e}"))?;
+    if model.ensemble.features != features {
+        return Err(format!(
+            "explainer.tree_shap: the background rows have {features} features; the tree ensemble reads {}",
+            model.ensemble.features
+        ));
+    }
+    Ok(Some(std::sync::Arc::new(model)))
 }

@@ -167,6 +167,9 @@ pub struct Prepare {
     pub format: Option<Format>,
     /// How models in other formats are converted, and where conversions are kept.
     pub convert: convert::Options,
+    /// The model's built-in explainer, config.yaml's `explainer` as JSON or YAML (the
+    /// control plane's rendering of `spec.explainer`); it replaces the storage's own.
+    pub explainer: Option<String>,
 }
 
 /// A model repository for `storage`, made under `scratch` for one model (links to its
@@ -187,6 +190,12 @@ pub fn prepare_repository(
                 storage.display()
             ));
         }
+        if how.explainer.is_some() {
+            return Err(format!(
+                "spec.explainer applies to one model; {} is a repository of several: set explainer in each model's config.yaml",
+                storage.display()
+            ));
+        }
         return Ok((storage, models));
     }
     let _ = std::fs::remove_dir_all(scratch);
@@ -194,6 +203,8 @@ pub fn prepare_repository(
     std::fs::create_dir_all(&model_dir).map_err(io(&model_dir))?;
     let mut config = String::new();
     let mut converted = None;
+    // Where files the config names (labels, background rows) are found.
+    let mut source_dir = None;
     let file = if storage.is_file() {
         match file_format(&storage, how.format) {
             Some(format) => Some((storage.clone(), format)),
@@ -222,6 +233,7 @@ pub fn prepare_repository(
             None => file.clone(),
         };
         link(&onnx, &version.join("model.onnx"))?;
+        source_dir = file.parent().map(Path::to_path_buf);
         if let Some(dir) = file.parent().filter(|_| !storage.is_file()) {
             let own = dir.join(CONFIG_FILE);
             if own.is_file() {
@@ -243,6 +255,12 @@ pub fn prepare_repository(
     let mut config = model_config(&config, batcher)?;
     if let Some(done) = converted {
         config = with_converted_from(&config, &done)?;
+    }
+    if let Some(explainer) = &how.explainer {
+        config = with_explainer(&config, explainer)?;
+    }
+    if let Some(dir) = source_dir {
+        link_named_files(&config, &dir, &model_dir)?;
     }
     if !config.is_empty() {
         std::fs::write(model_dir.join(CONFIG_FILE), config).map_err(io(&model_dir))?;
@@ -303,6 +321,59 @@ fn with_converted_from(config: &str, done: &convert::Converted) -> Result<String
     serde_yaml::to_string(&value).map_err(|e| e.to_string())
 }
 
+/// A config.yaml with its `explainer` replaced by `explainer` (JSON or YAML).
+fn with_explainer(config: &str, explainer: &str) -> Result<String, String> {
+    let mut value: serde_yaml::Value = if config.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(config).map_err(|e| format!("config.yaml: {e}"))?
+    };
+    let explainer: serde_yaml::Value =
+        serde_yaml::from_str(explainer).map_err(|e| format!("the explainer: {e}"))?;
+    value
+        .as_mapping_mut()
+        .ok_or("config.yaml is not a mapping")?
+        .insert("explainer".into(), explainer);
+    serde_yaml::to_string(&value).map_err(|e| e.to_string())
+}
+
+/// Links the files a model's config.yaml names (`labels_file`, an explainer's
+/// `background_file`) from the model's own directory in its storage, beside the config.
+fn link_named_files(config: &str, from: &Path, model_dir: &Path) -> Result<(), String> {
+    if config.trim().is_empty() {
+        return Ok(());
+    }
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(config).map_err(|e| format!("config.yaml: {e}"))?;
+    let mut named = vec![value.get("labels_file")];
+    if let Some(explainer) = value.get("explainer").and_then(|e| e.as_mapping()) {
+        named.extend(
+            explainer
+                .values()
+                .map(|method| method.get("background_file")),
+        );
+    }
+    for name in named.into_iter().flatten().filter_map(|v| v.as_str()) {
+        let relative = Path::new(name);
+        if !relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(format!(
+                "config.yaml names '{name}': files next to the model are named by relative paths inside its directory"
+            ));
+        }
+        let (source, at) = (from.join(relative), model_dir.join(relative));
+        if source.is_file() && !at.exists() {
+            if let Some(parent) = at.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            link(&source, &at)?;
+        }
+    }
+    Ok(())
+}
+
 fn link(target: &Path, at: &Path) -> Result<(), String> {
     #[cfg(unix)]
     let linked = std::os::unix::fs::symlink(target, at);
@@ -320,6 +391,7 @@ mod tests {
             batcher,
             format: None,
             convert: convert::Options::new(cache),
+            explainer: None,
         }
     }
 
@@ -386,6 +458,25 @@ mod tests {
         .unwrap();
         assert_eq!(names, ["digits"]);
         assert!(repo.join("digits/1/model.onnx").is_file());
+        // The explainer the control plane passes lands in config.yaml, and the background
+        // rows it names are linked from beside the model file.
+        std::fs::write(dir.path().join("bg.json"), "[[0, 1]]").unwrap();
+        let mut explained = how(None, scratch.path());
+        explained.explainer =
+            Some(r#"{"tree_shap": {"background_file": "bg.json"}, "timeout_ms": 900}"#.into());
+        let (repo, _) =
+            prepare_repository(dir.path(), "digits", &explained, scratch.path()).unwrap();
+        let config = std::fs::read_to_string(repo.join("digits/config.yaml")).unwrap();
+        let config: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
+        assert_eq!(
+            config["explainer"]["timeout_ms"],
+            serde_yaml::Value::from(900)
+        );
+        assert!(repo.join("digits/bg.json").is_file());
+        explained.explainer = Some(r#"{"tree_shap": {"background_file": "../bg.json"}}"#.into());
+        let outside = prepare_repository(dir.path(), "digits", &explained, scratch.path());
+        assert!(outside.unwrap_err().contains("relative paths inside"));
+        std::fs::remove_file(dir.path().join("bg.json")).unwrap();
         std::fs::copy(dir.path().join("model.onnx"), dir.path().join("other.onnx")).unwrap();
         let two = layout(dir.path(), None).unwrap_err();
         assert!(

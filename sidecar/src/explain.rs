@@ -1,7 +1,8 @@
-//! `POST /v1/models/<m>:explain`: the model's built-in explainer, run next to the model with
-//! batched calls to it (no second server, no pickle). KernelSHAP
-//! ([`meshserve_predictor::kernel_shap`]) answers an Alibi-shaped document, as KServe's
-//! explainers did:
+//! `POST /v1/models/<m>:explain` and `POST /v2/models/<m>-explainer/infer`: the model's
+//! built-in explainer, run next to the model (no second server, no pickle). KernelSHAP
+//! ([`meshserve_predictor::kernel_shap`]) calls the model on batches of perturbed rows;
+//! TreeSHAP ([`meshserve_predictor::tree_shap`]) walks the ONNX graph's trees and calls
+//! nothing. V1 answers an Alibi-shaped document, as KServe's explainers did:
 //!
 //! ```json
 //! {"meta": {"name": "KernelShap", "type": ["blackbox"], "explanations": ["local"],
@@ -11,43 +12,134 @@
 //!           "raw": {"raw_prediction": [[...per output] per instance], "instances": [...],
 //!                   "exact": true, "coalitions": 14, "model_rows": 151}}}
 //! ```
+//!
+//! TreeSHAP's is the same with `"name": "TreeShap"`, `"type": ["whitebox"]` and params
+//! `{"model_output": "margin", "feature_perturbation": "interventional", "background_rows",
+//! "operator", "post_transform"}`: its values and `raw_prediction` are the ensemble's margin.
+//! V2 answers the way MLServer's explainer runtimes do: one BYTES output `explanation`
+//! holding that document as JSON (parameter `content_type: "str"`), to an inference request
+//! whose one input holds the rows (`[rows, features]`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use meshserve_predictor::config::{ExplainerConfig, KernelShapConfig};
-use meshserve_predictor::kernel_shap::{self, ExplainError, Options};
+use meshserve_predictor::kernel_shap::{self, ExplainError, Explanation, Options};
 use meshserve_predictor::model::ModelVersion;
-use meshserve_proto::{DataType, InferRequest, InputTensor, TensorData, TensorSpec};
+use meshserve_predictor::tree_shap::TreeModel;
+use meshserve_proto::{
+    DataType, InferRequest, InferResponse, InputTensor, OutputTensor, TensorData, TensorSpec,
+};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
 
-/// The most instances one `:explain` request may ask about (each is a whole explanation).
+/// The most instances one explain request may ask about (each is a whole explanation).
 pub const MAX_INSTANCES: usize = 16;
+/// What a model's name gets to name its explainer on the V2 protocol (MLServer's habit).
+pub const EXPLAINER_SUFFIX: &str = "-explainer";
 
 /// Explains the instances of a KServe V1 body (`{"instances": [[...], ...]}`).
 pub async fn explain(model: Arc<ModelVersion>, body: &[u8]) -> Result<Value, ApiError> {
-    let Some(ExplainerConfig {
-        kernel_shap: config,
-    }) = model.config().explainer.clone()
-    else {
-        return Err(ApiError::NotFound(format!(
-            "model '{}' has no explainer (config.yaml: explainer.kernel_shap)",
+    let config = explainer(&model)?;
+    let instances = instances(body, features(&config))?;
+    explain_instances(model, config, instances).await
+}
+
+/// Explains the rows of a V2 inference request sent to `<model>-explainer` (`name`).
+pub async fn explain_v2(
+    model: Arc<ModelVersion>,
+    name: &str,
+    request: InferRequest,
+) -> Result<InferResponse, ApiError> {
+    let config = explainer(&model)?;
+    let instances = v2_instances(&request, features(&config))?;
+    let version = model.version().to_string();
+    let document = explain_instances(model, config, instances).await?;
+    let mut parameters = meshserve_proto::Parameters::new();
+    parameters.insert("content_type".into(), "str".into());
+    Ok(InferResponse {
+        model_name: name.to_owned(),
+        model_version: version,
+        id: request.id,
+        parameters: Default::default(),
+        outputs: vec![OutputTensor {
+            name: "explanation".into(),
+            shape: vec![1],
+            data: TensorData::Bytes(vec![document.to_string().into_bytes()]),
+            parameters,
+        }],
+    })
+}
+
+fn explainer(model: &ModelVersion) -> Result<ExplainerConfig, ApiError> {
+    model.config().explainer.clone().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "model '{}' has no explainer (config.yaml: explainer)",
             model.name()
-        )));
+        ))
+    })
+}
+
+fn features(config: &ExplainerConfig) -> usize {
+    config.background().map_or(0, |b| b.features)
+}
+
+async fn explain_instances(
+    model: Arc<ModelVersion>,
+    config: ExplainerConfig,
+    instances: Vec<Vec<f64>>,
+) -> Result<Value, ApiError> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(config.timeout_ms);
+    let limit_ms = config.timeout_ms;
+    let timed_out = move |e: ExplainError| match e {
+        ExplainError::Input(m) => ApiError::BadRequest(m),
+        ExplainError::TimedOut => ApiError::Timeout(format!(
+            "the explanation ran past its time limit of {limit_ms} ms (explainer.timeout_ms)"
+        )),
+        other => ApiError::Internal(other.to_string()),
     };
-    let input = feature_input(&model).map_err(ApiError::BadRequest)?.clone();
-    let instances = instances(body, config.background.features)?;
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let explanations = instances
-            .iter()
-            .map(|x| explain_one(&handle, &model, &input, &config, x))
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        Ok(document(&model, &config, &instances, &explanations))
+    let worker = Arc::clone(&model);
+    let work_config = config.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let model = worker;
+        match (&work_config.kernel_shap, model.tree_model()) {
+            (Some(shap), _) => {
+                let input = feature_input(&model).map_err(ApiError::BadRequest)?.clone();
+                let explanations = instances
+                    .iter()
+                    .map(|x| explain_one(&handle, &model, &input, shap, deadline, x))
+                    .collect::<Result<Vec<_>, ExplainError>>()
+                    .map_err(timed_out)?;
+                Ok(kernel_document(&model, shap, &instances, &explanations))
+            }
+            (None, Some(tree)) => {
+                let background = work_config.background().map(|b| Arc::clone(&b.values));
+                let background = background.unwrap_or_default();
+                let explanations = instances
+                    .iter()
+                    .map(|x| tree.explain(x, &background, &mut || Instant::now() >= deadline))
+                    .collect::<Result<Vec<_>, ExplainError>>()
+                    .map_err(timed_out)?;
+                Ok(tree_document(
+                    &model,
+                    tree,
+                    &work_config,
+                    &instances,
+                    &explanations,
+                ))
+            }
+            (None, None) => Err(ApiError::Internal(
+                "the explainer's tree ensemble was not loaded".into(),
+            )),
+        }
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("the explainer stopped: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("the explainer stopped: {e}")))?;
+    model.observe_explain(started.elapsed());
+    answer
 }
 
 /// The model's one input, a matrix of FP32 or FP64 features: what the explainer feeds.
@@ -98,13 +190,55 @@ fn instances(body: &[u8], features: usize) -> Result<Vec<Vec<f64>>, ApiError> {
     Ok(body.instances)
 }
 
+/// The rows of a V2 request's one input (`[rows, features]`, or `[features]` for one row).
+fn v2_instances(request: &InferRequest, features: usize) -> Result<Vec<Vec<f64>>, ApiError> {
+    let [input] = request.inputs.as_slice() else {
+        return Err(ApiError::BadRequest(format!(
+            "an explain request has one input, the rows to explain ([rows, {features}]), not {}",
+            request.inputs.len()
+        )));
+    };
+    let values: Vec<f64> = match &input.data {
+        TensorData::Fp32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::Fp64(v) => v.clone(),
+        TensorData::Int32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::Int64(v) => v.iter().map(|x| *x as f64).collect(),
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{}' is {:?}: the rows to explain are numbers (FP32, FP64, INT32, INT64)",
+                input.name,
+                input.datatype()
+            )));
+        }
+    };
+    let width = match input.shape.as_slice() {
+        [_, w] | [w] => usize::try_from(*w).unwrap_or(0),
+        _ => 0,
+    };
+    if width != features || values.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "input '{}' has shape {:?}; the explainer takes [rows, {features}]",
+            input.name, input.shape
+        )));
+    }
+    let rows: Vec<Vec<f64>> = values.chunks_exact(features).map(<[f64]>::to_vec).collect();
+    if rows.len() > MAX_INSTANCES {
+        return Err(ApiError::BadRequest(format!(
+            "1 to {MAX_INSTANCES} instances can be explained at once, not {}",
+            rows.len()
+        )));
+    }
+    Ok(rows)
+}
+
 fn explain_one(
     handle: &tokio::runtime::Handle,
     model: &ModelVersion,
     input: &TensorSpec,
     config: &KernelShapConfig,
+    deadline: Instant,
     x: &[f64],
-) -> Result<kernel_shap::Explanation, ApiError> {
+) -> Result<Explanation, ExplainError> {
     let mut run = |rows: &[f64], n: usize| -> Result<Vec<f64>, String> {
         let request = rows_request(input, rows, n);
         let response = handle
@@ -114,12 +248,10 @@ fn explain_one(
     };
     let options = Options {
         max_coalitions: config.max_coalitions,
+        deadline: Some(deadline),
         ..Options::default()
     };
-    kernel_shap::explain(&mut run, x, &config.background.values, &options).map_err(|e| match e {
-        ExplainError::Input(m) => ApiError::BadRequest(m),
-        other => ApiError::Internal(other.to_string()),
-    })
+    kernel_shap::explain(&mut run, x, &config.background.values, &options)
 }
 
 /// `n` rows as the model's one input, in its float type ([`feature_input`]).
@@ -172,45 +304,84 @@ fn numeric_outputs(
     Ok(out)
 }
 
-fn document(
-    model: &ModelVersion,
-    config: &KernelShapConfig,
-    instances: &[Vec<f64>],
-    explanations: &[kernel_shap::Explanation],
-) -> Value {
-    let features = config.background.features;
+/// The model's feature names: a converted model's own, else `feature_<i>`.
+fn feature_names(model: &ModelVersion, features: usize) -> Vec<String> {
+    model
+        .feature_matrix()
+        .map(|(_, names, _)| names.to_vec())
+        .filter(|n| n.len() == features)
+        .unwrap_or_else(|| (0..features).map(|i| format!("feature_{i}")).collect())
+}
+
+/// `[output][instance][feature]`, as Alibi and shap lay out several outputs.
+fn by_output(explanations: &[Explanation]) -> Vec<Vec<&Vec<f64>>> {
     let outputs = explanations.first().map_or(0, |e| e.shap_values.len());
-    let shap_values: Vec<Vec<&Vec<f64>>> = (0..outputs)
+    (0..outputs)
         .map(|o| {
             explanations
                 .iter()
                 .filter_map(|e| e.shap_values.get(o))
                 .collect()
         })
-        .collect();
-    let names = model
-        .feature_matrix()
-        .map(|(_, names, _)| names.to_vec())
-        .filter(|n| n.len() == features)
-        .unwrap_or_else(|| (0..features).map(|i| format!("feature_{i}")).collect());
+        .collect()
+}
+
+fn kernel_document(
+    model: &ModelVersion,
+    config: &KernelShapConfig,
+    instances: &[Vec<f64>],
+    explanations: &[Explanation],
+) -> Value {
+    let features = config.background.features;
     json!({
         "meta": {
             "name": "KernelShap",
             "type": ["blackbox"],
             "explanations": ["local"],
             "params": {"link": "identity", "max_coalitions": config.max_coalitions,
-                       "background_rows": config.background.values.len() / features.max(1)},
+                       "background_rows": config.background.rows()},
         },
         "data": {
-            "shap_values": shap_values,
+            "shap_values": by_output(explanations),
             "expected_value": explanations.first().map(|e| e.expected_value.clone()),
-            "feature_names": names,
+            "feature_names": feature_names(model, features),
             "raw": {
                 "raw_prediction": explanations.iter().map(|e| &e.prediction).collect::<Vec<_>>(),
                 "instances": instances,
                 "exact": explanations.iter().all(|e| e.exact),
                 "coalitions": explanations.first().map_or(0, |e| e.coalitions),
                 "model_rows": explanations.iter().map(|e| e.model_rows).sum::<usize>(),
+            },
+        },
+    })
+}
+
+fn tree_document(
+    model: &ModelVersion,
+    tree: &TreeModel,
+    config: &ExplainerConfig,
+    instances: &[Vec<f64>],
+    explanations: &[Explanation],
+) -> Value {
+    let features = tree.ensemble.features;
+    json!({
+        "meta": {
+            "name": "TreeShap",
+            "type": ["whitebox"],
+            "explanations": ["local"],
+            "params": {"model_output": "margin", "feature_perturbation": "interventional",
+                       "background_rows": config.background().map_or(0, |b| b.rows()),
+                       "operator": tree.operator, "post_transform": tree.post_transform,
+                       "trees": tree.ensemble.trees.len()},
+        },
+        "data": {
+            "shap_values": by_output(explanations),
+            "expected_value": explanations.first().map(|e| e.expected_value.clone()),
+            "feature_names": feature_names(model, features),
+            "raw": {
+                "raw_prediction": explanations.iter().map(|e| &e.prediction).collect::<Vec<_>>(),
+                "instances": instances,
+                "exact": true,
             },
         },
     })

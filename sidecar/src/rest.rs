@@ -13,6 +13,7 @@
 //! | GET | `/v1/models`, `/v1/models/<m>` | `{"models": [...]}`, `{"name", "ready"}` |
 //! | POST | `/v1/models/<m>:predict` | `{"predictions": [...]}` |
 //! | POST | `/v1/models/<m>:explain` | the model's built-in explainer's document ([`crate::explain`]) |
+//! | POST | `/v2/models/<m>-explainer/infer` | the same document as one BYTES output `explanation` (MLServer's form) |
 //! | GET | `/metrics` | Prometheus metrics (see `meshserve_predictor::metrics`) |
 //!
 //! Errors are `{"error": "<message>"}` with the status [`ApiError`] maps to.
@@ -261,6 +262,17 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             ))
         }
         Route::Infer { model, version } => {
+            if let Some(explained) = explained_model(service, &model, &version) {
+                // One permit for the whole explanation, as for V1's `:explain`.
+                let _permit = service.admit()?;
+                let (headers, body) = read_body(request, service.limits()).await?;
+                check_content_type(&headers)?;
+                let header_length = inference_header_length(&headers)?;
+                let request = parse_infer_request(&body, header_length)?;
+                let (parameters, requested) = (request.parameters.clone(), request.outputs.clone());
+                let response = crate::explain::explain_v2(explained, &model, request).await?;
+                return Ok(infer_response(&response, &parameters, &requested));
+            }
             let found = service.model(&model, &version)?;
             let permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits()).await?;
@@ -385,6 +397,23 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
 
 /// A V2 response: JSON, or JSON and binary data (the binary tensor extension) for the outputs
 /// the request asked that way.
+/// The model `<m>-explainer` explains, when no model of that name is served and `<m>` has a
+/// built-in explainer (the V2 form of `:explain`).
+fn explained_model(
+    service: &Service,
+    name: &str,
+    version: &str,
+) -> Option<Arc<meshserve_predictor::model::ModelVersion>> {
+    let base = name.strip_suffix(crate::explain::EXPLAINER_SUFFIX)?;
+    if service.model(name, version).is_ok() {
+        return None;
+    }
+    service
+        .model(base, version)
+        .ok()
+        .filter(|m| m.config().explainer.is_some())
+}
+
 fn infer_response(
     response: &meshserve_proto::InferResponse,
     parameters: &meshserve_proto::Parameters,

@@ -71,7 +71,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "model", env = "MESHSERVE_MODEL_NAME")]
     pub model_name: String,
     /// Batch requests to the --storage model as KServe's `batcher` does.
-    #[arg(long, requires = "storage")]
+    #[arg(long, conflicts_with = "model_repository")]
     pub batcher: bool,
     /// The batcher's `maxBatchSize` (default 32).
     #[arg(long, requires = "batcher")]
@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// The batcher's `maxLatency` in milliseconds (default 500).
     #[arg(long, requires = "batcher")]
     pub batcher_max_latency_ms: Option<u64>,
+    /// The --storage model's built-in explainer: config.yaml's `explainer` as JSON, e.g.
+    /// `{"tree_shap": {"background_file": "background.json"}}`, the file beside the model in
+    /// its storage (the control plane writes it from spec.explainer).
+    #[arg(long, conflicts_with = "model_repository", env = "MESHSERVE_EXPLAINER")]
+    pub explainer: Option<String>,
     /// Where the repository for --storage is built (links and a config.yaml). Default: a
     /// directory under the system's temporary directory.
     #[arg(long, env = "MESHSERVE_SCRATCH_DIR")]
@@ -288,6 +293,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
                     _ => None,
                 },
                 convert,
+                explainer: args.explainer.clone(),
             };
             // Converting a model may take a while: off the async threads.
             let (storage_dir, name) = (storage.clone(), args.model_name.clone());

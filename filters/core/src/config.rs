@@ -76,7 +76,13 @@ pub struct Service {
     #[serde(default)]
     pub models: Vec<String>,
     pub predictor: Predictor,
+    /// An explainer of its own (a container someone else runs): `:explain` goes there.
     pub explainer: Option<Revision>,
+    /// The predictor's sidecars explain their own model (`spec.explainer`'s built-in
+    /// methods): `:explain` and `/v2/models/<model>-explainer/infer` go to the revision the
+    /// request is routed to, canaries included.
+    #[serde(default)]
+    pub builtin_explainer: bool,
     pub sticky: Option<Sticky>,
     /// Pre- and post-processing run by the `transformer` filter (see [`crate::transform`]).
     pub transformer: Option<Transformer>,
@@ -91,7 +97,19 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
+/// What a model's name gets to name its built-in explainer on the V2 protocol (MLServer's
+/// habit: the explainer is a model of its own).
+pub const EXPLAINER_SUFFIX: &str = "-explainer";
+
 impl Service {
+    /// Whether `model` names this service's built-in explainer (`<model>-explainer`).
+    pub fn explains(&self, model: &str) -> bool {
+        self.builtin_explainer
+            && model
+                .strip_suffix(EXPLAINER_SUFFIX)
+                .is_some_and(|m| self.serves(m))
+    }
+
     /// Whether this service serves `model`.
     pub fn serves(&self, model: &str) -> bool {
         if self.models.is_empty() {
@@ -328,6 +346,12 @@ impl Config {
             }
             if let Some(explainer) = &service.explainer {
                 check_revision(&format!("{at}.explainer"), explainer)?;
+                if service.builtin_explainer {
+                    return fail(
+                        format!("{at}.explainer"),
+                        "give an explainer revision or builtin_explainer, not both".into(),
+                    );
+                }
             }
             if let Some(Sticky::Header(key) | Sticky::Cookie(key)) = &service.sticky
                 && key.is_empty()

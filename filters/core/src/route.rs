@@ -282,7 +282,12 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
     let host = host_route(config, request.authority);
     let service = match (&host, &model) {
         (Some((service, _)), _) => *service,
-        (None, Some(model)) => match config.services().iter().find(|s| s.serves(model)) {
+        (None, Some(model)) => match config
+            .services()
+            .iter()
+            .find(|s| s.serves(model))
+            .or_else(|| config.services().iter().find(|s| s.explains(model)))
+        {
             Some(service) => service,
             None => return reply(404, format!("unknown model '{model}'")),
         },
@@ -306,6 +311,25 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
             ..
         }
     );
+    // MLServer's form: an inference request to the model `<model>-explainer`.
+    let v2_explain = matches!(
+        &protocol,
+        Protocol::V2 { model: Some(m), .. } if !service.serves(m) && service.explains(m)
+    );
+    let pin = (request.header)(REVISION_HEADER)
+        .or_else(|| host.and_then(|(_, pin)| pin.map(str::to_owned)));
+    if (explain || v2_explain) && service.builtin_explainer {
+        // The sidecar that holds the model explains it: the request goes where a prediction
+        // would, canaries and pins included, and is never shadowed.
+        return match choose_revision(service, pin.as_deref(), request, grpc) {
+            Ok(route) => Decision::Route(Route {
+                component: Component::Explainer,
+                shadow: None,
+                ..route
+            }),
+            Err(message) => reply(400, message),
+        };
+    }
     if explain {
         return match &service.explainer {
             Some(explainer) => Decision::Route(Route {
@@ -324,8 +348,6 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
             ),
         };
     }
-    let pin = (request.header)(REVISION_HEADER)
-        .or_else(|| host.and_then(|(_, pin)| pin.map(str::to_owned)));
     match choose_revision(service, pin.as_deref(), request, grpc) {
         Ok(route) => Decision::Route(route),
         Err(message) => reply(400, message),
@@ -800,6 +822,65 @@ mod tests {
                 request.path
             );
         }
+    }
+
+    #[test]
+    fn built_in_explainers_are_asked_where_predictions_go() {
+        let service = json!({"name": "iris", "builtin_explainer": true,
+            "predictor": {
+                "default": {"name": "iris-v1", "cluster": "iris_default"},
+                "canaries": [{"name": "iris-v2", "cluster": "iris_canary", "percent": 30}],
+                "shadow": {"name": "iris-v3", "cluster": "iris_shadow", "percent": 100}}});
+        let config = Config::parse(
+            json!({"services": [service.clone()]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let decide_at = |path: &str, draw: u64, pin: Option<&str>| {
+            let header = |name: &str| pin.filter(|_| name == REVISION_HEADER).map(str::to_owned);
+            decide(
+                &config,
+                &Request {
+                    path,
+                    authority: None,
+                    header: &header,
+                    body: b"",
+                    end_of_body: true,
+                    draw,
+                    shadow_draw: 0,
+                },
+            )
+        };
+        let route = |path: &str, draw: u64, pin: Option<&str>| match decide_at(path, draw, pin) {
+            Decision::Route(r) => (r.component, r.cluster, r.shadow),
+            other => panic!("{path}: {other:?}"),
+        };
+        let explainer = Component::Explainer;
+        for path in ["/v1/models/iris:explain", "/v2/models/iris-explainer/infer"] {
+            assert_eq!(
+                route(path, 99, None),
+                (explainer, "iris_default".into(), None)
+            );
+            assert_eq!(
+                route(path, 0, None),
+                (explainer, "iris_canary".into(), None)
+            );
+            assert_eq!(
+                route(path, 99, Some("canary")),
+                (explainer, "iris_canary".into(), None)
+            );
+        }
+        // Predictions keep their shadow; an unknown model is still unknown.
+        assert!(route("/v2/models/iris/infer", 99, None).2.is_some());
+        assert!(matches!(
+            decide_at("/v2/models/rose-explainer/infer", 0, None),
+            Decision::Reply(Reply { status: 404, .. })
+        ));
+        let mut both = service;
+        both["explainer"] = json!({"name": "e", "cluster": "e"});
+        let err = Config::parse(json!({"services": [both]}).to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
     }
 
     #[test]

@@ -30,10 +30,47 @@ pub enum Mode {
     Leq = 0,
     /// `x < threshold` (XGBoost).
     Lt = 1,
+    /// `x >= threshold` (ONNX graphs from other converters).
+    Gte = 2,
+    /// `x > threshold`.
+    Gt = 3,
     /// `x == threshold` (LightGBM's zero-as-missing splits, expanded).
     Eq = 4,
+    /// `x != threshold`.
+    Neq = 5,
     /// `x` is one of the split's `categories` (LightGBM's categorical splits).
     Member = 6,
+}
+
+impl Mode {
+    /// The mode an ONNX `TreeEnsemble` `nodes_modes` code names.
+    pub fn from_code(code: i64) -> Option<Mode> {
+        Some(match code {
+            0 => Mode::Leq,
+            1 => Mode::Lt,
+            2 => Mode::Gte,
+            3 => Mode::Gt,
+            4 => Mode::Eq,
+            5 => Mode::Neq,
+            6 => Mode::Member,
+            _ => return None,
+        })
+    }
+
+    /// The mode a legacy `TreeEnsembleRegressor`/`Classifier` `nodes_modes` string names
+    /// (`None` for `LEAF` and unknown words).
+    pub fn from_word(word: &str) -> Option<Mode> {
+        Some(match word {
+            "BRANCH_LEQ" => Mode::Leq,
+            "BRANCH_LT" => Mode::Lt,
+            "BRANCH_GTE" => Mode::Gte,
+            "BRANCH_GT" => Mode::Gt,
+            "BRANCH_EQ" => Mode::Eq,
+            "BRANCH_NEQ" => Mode::Neq,
+            "BRANCH_MEMBER" => Mode::Member,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,6 +90,25 @@ pub struct Split {
     pub missing_true: bool,
     pub yes: Child,
     pub no: Child,
+}
+
+impl Split {
+    /// Whether `value` (already in the ensemble's precision) takes the `true` branch, as ONNX
+    /// Runtime decides it: the comparison holds, or the value is missing (NaN) and missing
+    /// values track the `true` branch.
+    pub fn goes_true(&self, value: f64) -> bool {
+        let t = self.threshold;
+        let holds = match self.mode {
+            Mode::Leq => value <= t,
+            Mode::Lt => value < t,
+            Mode::Gte => value >= t,
+            Mode::Gt => value > t,
+            Mode::Eq => value == t,
+            Mode::Neq => value != t,
+            Mode::Member => self.categories.contains(&value),
+        };
+        holds || (self.missing_true && value.is_nan())
+    }
 }
 
 /// One tree, adding its leaf to one target (a class's margin, or the single output).
