@@ -31,7 +31,7 @@ from sklearn.ensemble import GradientBoostingClassifier, RandomForestRegressor
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
-from conftest import MeshUp, Process, post_json
+from conftest import EventSink, MeshUp, Process, Recorder, post_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("MESHSERVE_BIN", REPO_ROOT / "target" / "release" / "meshserve"))
@@ -202,6 +202,7 @@ def boosters(root):
 
 def test_tree_shap_through_the_mesh_explains_the_revision_a_request_reaches(tmp_path):
     dirs, margins, background, instances = boosters(tmp_path)
+    sink = Recorder(EventSink)
     spec = tmp_path / "isvc.yaml"
     spec.write_text(f"""
 apiVersion: serving.kserve.io/v1beta1
@@ -210,6 +211,7 @@ metadata:
   name: churn
 spec:
   predictor:
+    logger: {{mode: all, url: "http://{sink.address}/"}}
     model:
       modelFormat: {{name: xgboost}}
       storageUri: file://{dirs["xgb"]}
@@ -243,8 +245,20 @@ spec:
         assert_explains(json.loads(output["data"][0])["data"], margins["xgb"], rows, background, 1e-5)
         status, answer = post(f"{up.url}/v1/models/churn:explain", {"instances": [[1.0] * 5]})
         assert status == 400 and "has 5 features" in answer["error"], answer
+        # Explain calls to the logged default revision are logged like predictions (the
+        # canary has no logger): V1 twice (one answered 400), V2 once, request and response each.
+        deadline = time.monotonic() + 20
+        while len(sink.received) < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        events = sorted((h["ce-source"], h["ce-type"].rsplit(".", 1)[1], h["ce-component"])
+                        for h, _ in sink.received)
+        assert events == sorted([("/v1/models/churn:explain", kind, "explainer")
+                                 for kind in ("request", "response")] * 2
+                                + [("/v2/models/churn-explainer/infer", kind, "explainer")
+                                   for kind in ("request", "response")]), events
     finally:
         up.stop()
+        sink.stop()
 
 
 def test_bad_explain_requests_are_named(served):

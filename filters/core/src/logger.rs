@@ -17,13 +17,14 @@ pub const EXCHANGES_CONTENT_TYPE: &str = "application/x-meshserve-exchanges";
 pub const REQUEST_TYPE: &str = "org.kubeflow.serving.inference.request";
 pub const RESPONSE_TYPE: &str = "org.kubeflow.serving.inference.response";
 
-/// Whether a request is an inference call, the only ones logged: KServe V1 `:predict`, Open
-/// Inference Protocol `/infer`, gRPC `ModelInfer` (not health, metadata or repository calls).
+/// Whether a request is an inference call, the only ones logged: KServe V1 `:predict` and
+/// `:explain`, Open Inference Protocol `/infer` (a built-in explainer's `<m>-explainer` too),
+/// gRPC `ModelInfer` (not health, metadata or repository calls).
 pub fn is_inference(path: &str) -> bool {
     use crate::protocol::{GrpcMethod, Protocol, V1Verb, parse};
     match parse(path) {
         Protocol::V1 {
-            verb: V1Verb::Predict,
+            verb: V1Verb::Predict | V1Verb::Explain,
             ..
         } => true,
         Protocol::V2 { model: Some(_), .. } => path
@@ -618,6 +619,7 @@ mod tests {
     fn only_inference_calls_are_logged() {
         for path in [
             "/v1/models/m:predict",
+            "/v1/models/m:explain",
             "/v2/models/m/infer",
             "/v2/models/m/versions/2/infer?x=1",
             "/inference.GRPCInferenceService/ModelInfer",
