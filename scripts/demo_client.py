@@ -37,7 +37,8 @@ def payload_count():
                 count = sum(1 for _ in f)
         except OSError:
             count = 0
-        # The demo's 102 digits calls make 204 events; they arrive within moments.
+        # The demo's 101 digits predictions and one explanation make 204 events; they arrive
+        # within moments.
         if count >= 204 or time.monotonic() > deadline:
             return count
         time.sleep(0.1)
@@ -70,6 +71,21 @@ with open(sample, "rb") as f:
 with urllib.request.urlopen(request, timeout=10) as response:
     boosted = [max(range(len(p)), key=p.__getitem__) for p in json.load(response)["predictions"]]
 
+# Why the default revision (the logistic regression) read the first digit as it did: its
+# built-in explainer's Shapley values for that class, one per pixel of the 8x8 image.
+with open(sample) as f:
+    first = {"instances": json.load(f)["instances"][:1]}
+request = urllib.request.Request(f"{base}/v1/models/digits:explain", data=json.dumps(first).encode(),
+                                 headers={**headers, "x-meshserve-revision": "default"})
+with urllib.request.urlopen(request, timeout=60) as response:
+    explained = json.load(response)["data"]
+probabilities = explained["raw"]["raw_prediction"][0]
+seen = max(range(len(probabilities)), key=probabilities.__getitem__)
+values = explained["shap_values"][seen][0]
+scale = max(abs(v) for v in values) or 1.0
+heat = "\n".join("    " + " ".join("+" if v > scale / 4 else "-" if v < -scale / 4 else "."
+                                      for v in values[row * 8:row * 8 + 8]) for row in range(8))
+
 print(f"""
 Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
   curl -si -d @{sample} {base}/v1/models/digits:predict
@@ -83,6 +99,12 @@ through the transformer in Envoy (decode, grayscale, crop, area-resize to 28x28,
   the CNN says {digit["digits"][0]} (score {digit["scores"][0]:.4f}; runners-up {", ".join(digit["digits"][1:])})
   {base}/v1/models/mnist:predict   (or V2: an "image" BYTES input to {base}/v2/models/mnist/infer)
   ./target/release/meshserve transform envoy-config/demo/inferenceservice.yaml < body.json   what the model gets
+
+Why the default revision says {seen} for the first digit (KernelSHAP in its sidecar, through Envoy):
+p({seen}) = {probabilities[seen]:.3f} = {explained["expected_value"][seen]:.3f} (the mean over the background) + the sum of
+each pixel's Shapley value; + pushes towards {seen} and - away (more than a quarter of the largest, {scale:.3f}):
+{heat}
+  curl -s -d @{sample} {base}/v1/models/digits:explain
 
 The same digits to an XGBoost booster file served as it is (models/frameworks/xgboost_digits/model.bst,
 converted to ONNX when it loaded; answers as KServe's xgbserver): digits {boosted}
