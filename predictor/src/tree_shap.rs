@@ -46,6 +46,8 @@ pub struct TreeModel {
 
 /// The most nodes of an ensemble read (a guard against a malformed graph).
 pub const MAX_NODES: usize = 1 << 24;
+/// The deepest tree explained: the walk recurses once per level, on a blocking thread's stack.
+pub const MAX_DEPTH: usize = 1024;
 
 impl TreeModel {
     /// Reads the one tree ensemble of an ONNX model, which must read the model's input
@@ -114,6 +116,14 @@ impl TreeModel {
             transform: Transform::Identity,
         };
         ensemble.check()?;
+        for (t, tree) in ensemble.trees.iter().enumerate() {
+            let depth = depth(tree);
+            if depth > MAX_DEPTH {
+                return Err(format!(
+                    "tree {t} is {depth} levels deep; TreeSHAP explains trees of at most {MAX_DEPTH}"
+                ));
+            }
+        }
         Ok(TreeModel {
             ensemble,
             operator: node.op_type.clone(),
@@ -198,6 +208,24 @@ impl TreeModel {
             model_rows: 0,
         })
     }
+}
+
+/// How many splits the longest path of a (checked) tree passes.
+fn depth(tree: &Tree) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(tree.root, 0)];
+    while let Some((child, level)) = stack.pop() {
+        match child {
+            Child::Leaf(_) => deepest = deepest.max(level),
+            Child::Split(i) => {
+                if let Some(split) = tree.splits.get(i) {
+                    stack.push((split.yes, level + 1));
+                    stack.push((split.no, level + 1));
+                }
+            }
+        }
+    }
+    deepest
 }
 
 /// The leaf `x` reaches from `child`.
@@ -1000,5 +1028,30 @@ mod tests {
             .explain(&[1.0; 3], &[0.0; 3], &mut || true)
             .unwrap_err();
         assert_eq!(err, ExplainError::TimedOut);
+        // A chain of splits deeper than the walk may recurse.
+        let mut deep = ensemble(1, 3, 1);
+        let splits = (0..=MAX_DEPTH)
+            .map(|n| Split {
+                feature: 0,
+                threshold: n as f64,
+                mode: Mode::Leq,
+                categories: Vec::new(),
+                missing_true: false,
+                yes: Child::Leaf(1.0),
+                no: if n == MAX_DEPTH {
+                    Child::Leaf(2.0)
+                } else {
+                    Child::Split(n + 1)
+                },
+            })
+            .collect();
+        deep.trees[0] = Tree {
+            target: 0,
+            root: Child::Split(0),
+            splits,
+        };
+        let bytes = crate::convert::onnx::encode(&deep.to_onnx().unwrap());
+        let err = TreeModel::from_onnx(&bytes).unwrap_err();
+        assert!(err.contains("1025 levels deep"), "{err}");
     }
 }

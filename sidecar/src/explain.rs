@@ -332,28 +332,24 @@ fn kernel_document(
     instances: &[Vec<f64>],
     explanations: &[Explanation],
 ) -> Value {
-    let features = config.background.features;
-    json!({
-        "meta": {
-            "name": "KernelShap",
-            "type": ["blackbox"],
-            "explanations": ["local"],
-            "params": {"link": "identity", "max_coalitions": config.max_coalitions,
-                       "background_rows": config.background.rows()},
-        },
-        "data": {
-            "shap_values": by_output(explanations),
-            "expected_value": explanations.first().map(|e| e.expected_value.clone()),
-            "feature_names": feature_names(model, features),
-            "raw": {
-                "raw_prediction": explanations.iter().map(|e| &e.prediction).collect::<Vec<_>>(),
-                "instances": instances,
-                "exact": explanations.iter().all(|e| e.exact),
-                "coalitions": explanations.first().map_or(0, |e| e.coalitions),
-                "model_rows": explanations.iter().map(|e| e.model_rows).sum::<usize>(),
-            },
-        },
-    })
+    let params = json!({"link": "identity", "max_coalitions": config.max_coalitions,
+                        "background_rows": config.background.rows()});
+    let mut document = document(
+        ("KernelShap", "blackbox", params),
+        model,
+        config.background.features,
+        instances,
+        explanations,
+    );
+    let raw = &mut document["data"]["raw"];
+    raw["exact"] = explanations.iter().all(|e| e.exact).into();
+    raw["coalitions"] = explanations.first().map_or(0, |e| e.coalitions).into();
+    raw["model_rows"] = explanations
+        .iter()
+        .map(|e| e.model_rows)
+        .sum::<usize>()
+        .into();
+    document
 }
 
 fn tree_document(
@@ -363,17 +359,32 @@ fn tree_document(
     instances: &[Vec<f64>],
     explanations: &[Explanation],
 ) -> Value {
-    let features = tree.ensemble.features;
+    let params = json!({"model_output": "margin", "feature_perturbation": "interventional",
+                        "background_rows": config.background().map_or(0, |b| b.rows()),
+                        "operator": tree.operator, "post_transform": tree.post_transform,
+                        "trees": tree.ensemble.trees.len()});
+    let mut document = document(
+        ("TreeShap", "whitebox", params),
+        model,
+        tree.ensemble.features,
+        instances,
+        explanations,
+    );
+    document["data"]["raw"]["exact"] = true.into();
+    document
+}
+
+/// The Alibi-shaped document both explainers answer: `(name, type, params)` in `meta`, the
+/// values and what they add up to in `data` (each explainer adds its own `raw` fields).
+fn document(
+    (name, kind, params): (&str, &str, Value),
+    model: &ModelVersion,
+    features: usize,
+    instances: &[Vec<f64>],
+    explanations: &[Explanation],
+) -> Value {
     json!({
-        "meta": {
-            "name": "TreeShap",
-            "type": ["whitebox"],
-            "explanations": ["local"],
-            "params": {"model_output": "margin", "feature_perturbation": "interventional",
-                       "background_rows": config.background().map_or(0, |b| b.rows()),
-                       "operator": tree.operator, "post_transform": tree.post_transform,
-                       "trees": tree.ensemble.trees.len()},
-        },
+        "meta": {"name": name, "type": [kind], "explanations": ["local"], "params": params},
         "data": {
             "shap_values": by_output(explanations),
             "expected_value": explanations.first().map(|e| e.expected_value.clone()),
@@ -381,7 +392,6 @@ fn tree_document(
             "raw": {
                 "raw_prediction": explanations.iter().map(|e| &e.prediction).collect::<Vec<_>>(),
                 "instances": instances,
-                "exact": true,
             },
         },
     })
