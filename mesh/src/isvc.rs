@@ -592,6 +592,8 @@ fn check_transformer(value: Value) -> Result<Value, IsvcError> {
 struct RawExplainer {
     kernel_shap: Option<RawKernelShap>,
     tree_shap: Option<RawTreeShap>,
+    anchors: Option<RawAnchors>,
+    occlusion: Option<RawOcclusion>,
     /// KServe's component `timeout`: seconds an explain request may take.
     timeout: Option<u64>,
 }
@@ -609,21 +611,140 @@ struct RawTreeShap {
     background_file: String,
 }
 
+/// Alibi `AnchorTabular`'s parameters, camelCased.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAnchors {
+    background_file: String,
+    threshold: Option<f64>,
+    delta: Option<f64>,
+    tau: Option<f64>,
+    batch_size: Option<u64>,
+    beam_size: Option<u64>,
+    min_samples_start: Option<u64>,
+    max_anchor_size: Option<u64>,
+    disc_perc: Option<Vec<f64>>,
+    categorical_features: Option<Vec<u64>>,
+    max_model_rows: Option<u64>,
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOcclusion {
+    patch: Option<u64>,
+    stride: Option<u64>,
+    baseline: Option<f64>,
+    layout: Option<String>,
+    batch_size: Option<u64>,
+}
+
+/// `spec.explainer.anchors` as config.yaml's `anchors`, each bound checked where it is written.
+fn check_anchors(at: &str, raw: RawAnchors, file: String) -> Result<Value, IsvcError> {
+    let mut method = serde_json::json!({"background_file": file});
+    for (key, name, value) in [
+        ("threshold", "threshold", raw.threshold),
+        ("delta", "delta", raw.delta),
+        ("tau", "tau", raw.tau),
+    ] {
+        if let Some(v) = value {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(error(
+                    &format!("{at}.{name}"),
+                    format!("{v} is not between 0 and 1"),
+                ));
+            }
+            method[key] = v.into();
+        }
+    }
+    let limit = meshserve_predictor::config::MAX_ANCHOR_ROWS as u64;
+    for (key, name, value, most) in [
+        ("batch_size", "batchSize", raw.batch_size, 1 << 16),
+        ("beam_size", "beamSize", raw.beam_size, 64),
+        (
+            "min_samples_start",
+            "minSamplesStart",
+            raw.min_samples_start,
+            1 << 16,
+        ),
+        ("max_anchor_size", "maxAnchorSize", raw.max_anchor_size, 64),
+        ("max_model_rows", "maxModelRows", raw.max_model_rows, limit),
+    ] {
+        if let Some(n) = value {
+            if n == 0 || n > most {
+                return Err(error(
+                    &format!("{at}.{name}"),
+                    format!("{n} is not 1 to {most}"),
+                ));
+            }
+            method[key] = n.into();
+        }
+    }
+    if let Some(percentiles) = raw.disc_perc {
+        if percentiles.iter().any(|p| !(0.0..=100.0).contains(p)) {
+            return Err(error(&format!("{at}.discPerc"), "percentiles are 0 to 100"));
+        }
+        method["disc_perc"] = percentiles.into();
+    }
+    if let Some(columns) = raw.categorical_features {
+        method["categorical_features"] = columns.into();
+    }
+    if let Some(seed) = raw.seed {
+        method["seed"] = seed.into();
+    }
+    Ok(method)
+}
+
+fn check_occlusion(at: &str, raw: RawOcclusion) -> Result<Value, IsvcError> {
+    let mut method = serde_json::json!({});
+    for (key, name, value) in [
+        ("patch", "patch", raw.patch),
+        ("stride", "stride", raw.stride),
+        ("batch_size", "batchSize", raw.batch_size),
+    ] {
+        if let Some(n) = value {
+            if n == 0 || n > 4096 {
+                return Err(error(
+                    &format!("{at}.{name}"),
+                    format!("{n} is not 1 to 4096"),
+                ));
+            }
+            method[key] = n.into();
+        }
+    }
+    if let Some(baseline) = raw.baseline {
+        method["baseline"] = baseline.into();
+    }
+    if let Some(layout) = raw.layout {
+        let lower = layout.to_ascii_lowercase();
+        if !matches!(lower.as_str(), "nchw" | "nhwc") {
+            return Err(error(
+                &format!("{at}.layout"),
+                format!("'{layout}' is not NCHW or NHWC"),
+            ));
+        }
+        method["layout"] = lower.into();
+    }
+    Ok(method)
+}
+
+const ONE_EXPLAINER: &str = "needs exactly one built-in explainer: kernelShap (any tabular model), treeShap (a tree ensemble), anchors (a tabular classifier) or occlusion (an image model)";
+
 /// `spec.explainer` as the sidecar's `--explainer` (config.yaml's `explainer`, JSON).
 fn check_explainer(value: Value) -> Result<String, IsvcError> {
     let path = "spec.explainer";
     let refusals = [
         (
             "alibi",
-            "KServe's Alibi explainer is gone (removed in KServe 0.13 after Alibi moved to the BSL licence) and ran pickled explainers: use meshserve's kernelShap (any tabular model) or treeShap (tree ensembles), whose fitted state is a JSON file of background rows next to the model (see docs/explainers.md)",
+            "KServe's Alibi explainer is gone (removed in KServe 0.13 after Alibi moved to the BSL licence) and ran pickled explainers: use meshserve's anchors (the same AnchorTabular rules, Alibi's defaults), kernelShap (any tabular model) or treeShap (tree ensembles), whose fitted state is a JSON file of rows next to the model, not a pickle (see docs/explainers.md)",
         ),
         (
             "art",
-            "ART's SquareAttack finds adversarial examples, which is not an explanation: meshserve's explainers are kernelShap and treeShap",
+            "ART's SquareAttack finds adversarial examples, which is not an explanation: meshserve's explainers are kernelShap, treeShap, anchors and occlusion",
         ),
         (
             "containers",
-            "meshserve explains the model in its predictor's sidecar, not in a container of its own: give kernelShap or treeShap",
+            "meshserve explains the model in its predictor's sidecar, not in a container of its own: give kernelShap, treeShap, anchors or occlusion",
         ),
     ];
     if let Some((key, why)) = refusals.iter().find(|(k, _)| value.get(k).is_some()) {
@@ -652,7 +773,26 @@ fn check_explainer(value: Value) -> Result<String, IsvcError> {
         }
     };
     let mut out = serde_json::Map::new();
+    let methods = usize::from(raw.kernel_shap.is_some())
+        + usize::from(raw.tree_shap.is_some())
+        + usize::from(raw.anchors.is_some())
+        + usize::from(raw.occlusion.is_some());
+    if methods > 1 {
+        return Err(error(path, ONE_EXPLAINER));
+    }
+    if let Some(anchors) = raw.anchors {
+        let at = format!("{path}.anchors");
+        let file = relative(&format!("{at}.backgroundFile"), &anchors.background_file)?;
+        out.insert("anchors".into(), check_anchors(&at, anchors, file)?);
+    }
+    if let Some(occlusion) = raw.occlusion {
+        out.insert(
+            "occlusion".into(),
+            check_occlusion(&format!("{path}.occlusion"), occlusion)?,
+        );
+    }
     match (raw.kernel_shap, raw.tree_shap) {
+        _ if !out.is_empty() => {}
         (Some(shap), None) => {
             let at = format!("{path}.kernelShap");
             let file = relative(&format!("{at}.backgroundFile"), &shap.background_file)?;
@@ -679,12 +819,7 @@ fn check_explainer(value: Value) -> Result<String, IsvcError> {
                 serde_json::json!({"background_file": file}),
             );
         }
-        _ => {
-            return Err(error(
-                path,
-                "needs exactly one built-in explainer: kernelShap (any tabular model) or treeShap (a tree ensemble)",
-            ));
-        }
+        _ => return Err(error(path, ONE_EXPLAINER)),
     }
     if let Some(seconds) = raw.timeout {
         let limit = meshserve_predictor::config::MAX_EXPLAIN_TIMEOUT_MS / 1000;
@@ -1312,7 +1447,44 @@ spec:
             tree.default.explainer.as_deref(),
             Some(r#"{"tree_shap":{"background_file":"bg.json"}}"#)
         );
+        let parsed = |explainer: &str| {
+            InferenceService::parse(&with(explainer), &base())
+                .unwrap()
+                .default
+                .explainer
+                .unwrap()
+        };
+        assert_eq!(
+            parsed(
+                "    anchors: {backgroundFile: train.json, tau: 0.2, categoricalFeatures: [3], maxAnchorSize: 2}\n"
+            ),
+            r#"{"anchors":{"background_file":"train.json","categorical_features":[3],"max_anchor_size":2,"tau":0.2}}"#
+        );
+        assert_eq!(
+            parsed("    occlusion: {patch: 7, layout: NHWC}\n"),
+            r#"{"occlusion":{"layout":"nhwc","patch":7}}"#
+        );
         for (explainer, path, says) in [
+            (
+                "    anchors: {backgroundFile: t.json, threshold: 1.5}\n",
+                "spec.explainer.anchors.threshold",
+                "between 0 and 1",
+            ),
+            (
+                "    anchors: {backgroundFile: t.json}\n    occlusion: {}\n",
+                "spec.explainer",
+                "exactly one",
+            ),
+            (
+                "    occlusion: {stride: 0}\n",
+                "spec.explainer.occlusion.stride",
+                "not 1 to 4096",
+            ),
+            (
+                "    occlusion: {layout: chw}\n",
+                "spec.explainer.occlusion.layout",
+                "not NCHW or NHWC",
+            ),
             (
                 "    alibi: {type: AnchorTabular, storageUri: gs://x}\n",
                 "spec.explainer.alibi",

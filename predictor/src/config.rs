@@ -16,11 +16,13 @@
 //! inputs:                      # override what the ONNX file declares
 //!   - {name: input, datatype: FP32, shape: [-1, 1, 28, 28]}
 //! outputs: []
-//! explainer:                   # POST /v1/models/<m>:explain: one method, kernel_shap or tree_shap
+//! explainer:                   # POST /v1/models/<m>:explain: exactly one method
 //!   kernel_shap:                 # any tabular model (see kernel_shap)
 //!     background_file: background.json   # rows of features, [[...], ...], next to config.yaml
 //!     max_coalitions: 2048       # exact Shapley values up to 11 features at the default
 //!   # tree_shap: {background_file: background.json}   # an ONNX tree ensemble (see tree_shap)
+//!   # anchors: {background_file: train.json, threshold: 0.95, categorical_features: [3]}
+//!   # occlusion: {patch: 4, stride: 4, baseline: 0.0}  # an image model (see occlusion)
 //!   timeout_ms: 30000            # an explain request's time limit (504 past it)
 //! converted_from:              # written by meshserve for a model it converted (see convert)
 //!   format: xgboost            # the model takes one feature matrix as KServe's servers read it
@@ -117,7 +119,7 @@ pub struct TensorOverride {
     pub shape: Option<Vec<i64>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: Option<String>,
@@ -149,11 +151,13 @@ pub struct ModelConfig {
 }
 
 /// The built-in explainer: exactly one method, and the time an explanation may take.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplainerConfig {
     pub kernel_shap: Option<KernelShapConfig>,
     pub tree_shap: Option<TreeShapConfig>,
+    pub anchors: Option<AnchorsConfig>,
+    pub occlusion: Option<OcclusionConfig>,
     /// The most milliseconds one explain request may take (504 past it).
     #[serde(default = "default_explain_timeout_ms")]
     pub timeout_ms: u64,
@@ -192,6 +196,90 @@ pub struct KernelShapConfig {
     pub background: Background,
 }
 
+/// Anchors' settings ([`crate::anchors`]), with Alibi `AnchorTabular`'s names and defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorsConfig {
+    /// The rows rules are sampled from and coverage is measured on (the training data's
+    /// sample Alibi's explainer was fitted on), as for KernelSHAP.
+    pub background_file: String,
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub beam_size: usize,
+    #[serde(default = "default_batch_size")]
+    pub min_samples_start: usize,
+    pub max_anchor_size: Option<usize>,
+    /// Percentiles the numerical features are cut at.
+    #[serde(default = "default_disc_perc")]
+    pub disc_perc: Vec<f64>,
+    /// Features compared for equality rather than binned (column indices).
+    #[serde(default)]
+    pub categorical_features: Vec<usize>,
+    /// The most rows the model labels for one explanation.
+    #[serde(default = "default_anchor_rows")]
+    pub max_model_rows: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(skip)]
+    pub background: Background,
+    /// The bins cut from the background when the model loads.
+    #[serde(skip)]
+    pub discretizer: Option<crate::anchors::Discretizer>,
+}
+
+fn default_threshold() -> f64 {
+    0.95
+}
+fn default_delta() -> f64 {
+    0.1
+}
+fn default_tau() -> f64 {
+    0.15
+}
+fn default_batch_size() -> usize {
+    100
+}
+fn default_disc_perc() -> Vec<f64> {
+    vec![25.0, 50.0, 75.0]
+}
+fn default_anchor_rows() -> usize {
+    crate::anchors::DEFAULT_MAX_MODEL_ROWS
+}
+
+/// Occlusion saliency's settings ([`crate::occlusion`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcclusionConfig {
+    /// The square patch's side, in pixels.
+    #[serde(default = "default_patch")]
+    pub patch: usize,
+    /// Pixels between windows (default: the patch, windows side by side).
+    pub stride: Option<usize>,
+    /// What a patch is filled with, in the model's input units.
+    #[serde(default)]
+    pub baseline: f64,
+    /// `nchw` or `nhwc`; by default read from the input's shape (`[n, 1|3|4, h, w]` is NCHW,
+    /// `[n, h, w, 1|3|4]` NHWC, `[n, h, w]` one channel).
+    pub layout: Option<String>,
+    /// Occluded images per model call.
+    #[serde(default = "default_batch_images")]
+    pub batch_size: usize,
+}
+
+fn default_patch() -> usize {
+    crate::occlusion::DEFAULT_PATCH
+}
+fn default_batch_images() -> usize {
+    crate::occlusion::DEFAULT_MAX_BATCH_IMAGES
+}
+
 fn default_max_coalitions() -> usize {
     crate::kernel_shap::DEFAULT_MAX_COALITIONS
 }
@@ -202,6 +290,9 @@ pub const MAX_BACKGROUND_ROWS: usize = 1000;
 pub const MAX_COALITIONS: usize = 1 << 16;
 /// The most model rows one explanation may run: coalitions times background rows.
 pub const MAX_EXPLAIN_ROWS: usize = 1 << 22;
+
+/// The most model rows an anchors explanation may be given.
+pub const MAX_ANCHOR_ROWS: usize = 1 << 22;
 
 /// Background rows, row-major.
 #[derive(Debug, Clone, Default)]
@@ -342,6 +433,80 @@ impl ExplainerConfig {
                 "explainer.timeout_ms must be 1 to {MAX_EXPLAIN_TIMEOUT_MS}"
             ));
         }
+        let methods = usize::from(self.kernel_shap.is_some())
+            + usize::from(self.tree_shap.is_some())
+            + usize::from(self.anchors.is_some())
+            + usize::from(self.occlusion.is_some());
+        if methods != 1 {
+            return Err(
+                "explainer needs exactly one method: kernel_shap, tree_shap, anchors or occlusion"
+                    .into(),
+            );
+        }
+        if let Some(anchors) = &mut self.anchors {
+            let fraction = |v: f64| v > 0.0 && v < 1.0;
+            if !(fraction(anchors.threshold) && fraction(anchors.delta) && fraction(anchors.tau)) {
+                return Err(
+                    "explainer.anchors: threshold, delta and tau are each between 0 and 1".into(),
+                );
+            }
+            if anchors.batch_size == 0 || anchors.beam_size == 0 || anchors.min_samples_start == 0 {
+                return Err(
+                    "explainer.anchors: batch_size, beam_size and min_samples_start are at least 1"
+                        .into(),
+                );
+            }
+            if anchors.max_model_rows == 0 || anchors.max_model_rows > MAX_ANCHOR_ROWS {
+                return Err(format!(
+                    "explainer.anchors.max_model_rows must be 1 to {MAX_ANCHOR_ROWS}"
+                ));
+            }
+            if anchors.disc_perc.iter().any(|p| !(0.0..=100.0).contains(p)) {
+                return Err("explainer.anchors.disc_perc: percentiles are 0 to 100".into());
+            }
+            anchors.background = Background::read(&model_dir.join(&anchors.background_file))?;
+            let features = anchors.background.features;
+            if let Some(j) = anchors
+                .categorical_features
+                .iter()
+                .find(|j| **j >= features)
+            {
+                return Err(format!(
+                    "explainer.anchors.categorical_features: {j} is not a column of the {features}-feature background rows"
+                ));
+            }
+            if features > crate::kernel_shap::MAX_FEATURES {
+                return Err(format!(
+                    "explainer.anchors: {features} features, over the {} a rule is made of",
+                    crate::kernel_shap::MAX_FEATURES
+                ));
+            }
+            anchors.discretizer = Some(crate::anchors::Discretizer::fit(
+                &anchors.background.values,
+                features,
+                &anchors.categorical_features,
+                &anchors.disc_perc,
+            ));
+            return Ok(());
+        }
+        if let Some(occlusion) = &self.occlusion {
+            if occlusion.patch == 0 || occlusion.stride == Some(0) || occlusion.batch_size == 0 {
+                return Err(
+                    "explainer.occlusion: patch, stride and batch_size are at least 1".into(),
+                );
+            }
+            if !occlusion.baseline.is_finite() {
+                return Err("explainer.occlusion.baseline must be a finite number".into());
+            }
+            if let Some(layout) = &occlusion.layout
+                && !matches!(layout.as_str(), "nchw" | "nhwc")
+            {
+                return Err(format!(
+                    "explainer.occlusion.layout: '{layout}' is not nchw or nhwc"
+                ));
+            }
+            return Ok(());
+        }
         match (&mut self.kernel_shap, &mut self.tree_shap) {
             (Some(shap), None) => {
                 if shap.max_coalitions == 0 || shap.max_coalitions > MAX_COALITIONS {
@@ -368,13 +533,13 @@ impl ExplainerConfig {
         Ok(())
     }
 
-    /// The background rows of the method.
+    /// The background rows of the method (occlusion has none).
     pub fn background(&self) -> Option<&Background> {
-        match (&self.kernel_shap, &self.tree_shap) {
-            (Some(shap), _) => Some(&shap.background),
-            (None, Some(tree)) => Some(&tree.background),
-            (None, None) => None,
-        }
+        self.kernel_shap
+            .as_ref()
+            .map(|m| &m.background)
+            .or(self.tree_shap.as_ref().map(|m| &m.background))
+            .or(self.anchors.as_ref().map(|m| &m.background))
     }
 }
 
@@ -578,7 +743,24 @@ mod tests {
                 "explainer: {kernel_shap: {background_file: ragged.json}}\n",
                 "row 1 has 1 features, row 0 has 2",
             ),
-            ("explainer: {anchors: {}}\n", "unknown field"),
+            ("explainer: {lime: {}}\n", "unknown field"),
+            (
+                "explainer: {anchors: {}}\n",
+                "missing field `background_file`",
+            ),
+            (
+                "explainer: {anchors: {background_file: bg.json, tau: 1.5}}\n",
+                "between 0 and 1",
+            ),
+            (
+                "explainer: {anchors: {background_file: bg.json, categorical_features: [9]}}\n",
+                "9 is not a column",
+            ),
+            ("explainer: {occlusion: {patch: 0}}\n", "at least 1"),
+            (
+                "explainer: {occlusion: {layout: chw}}\n",
+                "not nchw or nhwc",
+            ),
             ("explainer: {timeout_ms: 5}\n", "exactly one method"),
             (
                 "explainer: {kernel_shap: {background_file: bg.json}, tree_shap: {background_file: bg.json}}\n",

@@ -73,6 +73,9 @@ pub enum ExplainError {
     Underdetermined(usize),
     #[error("the explanation ran past its time limit")]
     TimedOut,
+    /// The request asks for more work than the explainer's limits allow (413).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The model: rows (`n` rows of `M` features, row-major) to outputs (`n` rows of `K`).
@@ -103,13 +106,7 @@ pub fn explain(
         ));
     }
     let rows = background.len() / m;
-    let mut calls = Calls {
-        model,
-        deadline: options.deadline,
-        max_batch_rows: options.max_batch_rows.max(rows),
-        outputs: 0,
-        rows: 0,
-    };
+    let mut calls = Calls::new(model, options.deadline, options.max_batch_rows.max(rows));
     let base = calls.run(background, rows)?;
     let k = calls.outputs;
     let expected = mean_rows(&base, rows, k);
@@ -159,18 +156,33 @@ pub fn explain(
     })
 }
 
-/// The model calls, checked for their shape and counted.
-struct Calls<'m, 'a> {
+/// The model calls, checked for their shape and counted (every explainer's).
+pub(crate) struct Calls<'m, 'a> {
     model: &'m mut ModelFn<'a>,
     deadline: Option<std::time::Instant>,
-    max_batch_rows: usize,
+    pub(crate) max_batch_rows: usize,
     /// Outputs per row, from the first call.
-    outputs: usize,
-    rows: usize,
+    pub(crate) outputs: usize,
+    /// Rows run, in all.
+    pub(crate) rows: usize,
 }
 
-impl Calls<'_, '_> {
-    fn run(&mut self, rows: &[f64], n: usize) -> Result<Vec<f64>, ExplainError> {
+impl<'m, 'a> Calls<'m, 'a> {
+    pub(crate) fn new(
+        model: &'m mut ModelFn<'a>,
+        deadline: Option<std::time::Instant>,
+        max_batch_rows: usize,
+    ) -> Calls<'m, 'a> {
+        Calls {
+            model,
+            deadline,
+            max_batch_rows,
+            outputs: 0,
+            rows: 0,
+        }
+    }
+
+    pub(crate) fn run(&mut self, rows: &[f64], n: usize) -> Result<Vec<f64>, ExplainError> {
         if self
             .deadline
             .is_some_and(|d| std::time::Instant::now() >= d)
@@ -356,10 +368,10 @@ fn gauss(n: usize, k: usize, mut a: Vec<f64>, mut b: Vec<f64>) -> Option<Vec<f64
 }
 
 /// SplitMix64: a small, good, reproducible generator.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -367,8 +379,13 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
-    fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
     }
 }
 

@@ -14,6 +14,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod anchors;
 mod batcher;
 mod classification;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod kernel_shap;
 pub mod metrics;
 pub mod model;
+pub mod occlusion;
 pub mod remote;
 pub mod repository;
 pub mod runtime;

@@ -509,7 +509,10 @@ fn explainer_model(
     let Some(explainer) = &config.explainer else {
         return Ok(None);
     };
-    let features = explainer.background().map_or(0, |b| b.features);
+    let Some(features) = explainer.background().map(|b| b.features) else {
+        // Occlusion reads images, checked per request against the input's shape.
+        return Ok(None);
+    };
     if let [input] = inputs
         && let Some(&width) = input.shape.get(1)
         && width >= 0

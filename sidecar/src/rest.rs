@@ -268,7 +268,13 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                 let (headers, body) = read_body(request, service.limits()).await?;
                 check_content_type(&headers)?;
                 let header_length = inference_header_length(&headers)?;
-                let request = parse_infer_request(&body, header_length)?;
+                // A client that bypassed Envoy gets the transformer the filter would run.
+                let request = match service.transformer_for(&headers, Wire::V2) {
+                    Some(t) if t.transforms_request(Wire::V2) => {
+                        t.infer_request(Wire::V2, &body, header_length)?
+                    }
+                    _ => parse_infer_request(&body, header_length)?,
+                };
                 let (parameters, requested) = (request.parameters.clone(), request.outputs.clone());
                 let response = crate::explain::explain_v2(explained, &model, request).await?;
                 return Ok(infer_response(&response, &parameters, &requested));
@@ -357,7 +363,14 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let _permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits()).await?;
             check_content_type(&headers)?;
-            let answer = crate::explain::explain(found, &body).await?;
+            // A picture is explained as the model sees it: pre-processed first, as in Envoy.
+            let answer = match service.transformer_for(&headers, Wire::V1) {
+                Some(t) if t.transforms_request(Wire::V1) => {
+                    let request = t.infer_request(Wire::V1, &body, None)?;
+                    crate::explain::explain_tensor(found, &request).await?
+                }
+                _ => crate::explain::explain(found, &body).await?,
+            };
             Ok(json_response(StatusCode::OK, to_json(&answer)))
         }
         Route::V1Predict(model) => {

@@ -19,8 +19,12 @@ import re
 import time
 from pathlib import Path
 
+import base64
+import io
+
 import lightgbm
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import xgboost
@@ -30,6 +34,7 @@ from sklearn import datasets
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestRegressor
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.neural_network import MLPClassifier
+from sklearn.tree import DecisionTreeClassifier
 
 from conftest import EventSink, MeshUp, Process, Recorder, post_json
 
@@ -57,6 +62,17 @@ def served(tmp_path_factory):
     }
     repo = tmp_path_factory.mktemp("repository")
     sessions = {}
+    # Anchors: a rule model on uniform features, and the iris classifier on its own data.
+    rng = np.random.default_rng(3)
+    uniform = rng.uniform(size=(2000, 4))
+    rule = DecisionTreeClassifier(max_depth=2, random_state=0).fit(uniform, (uniform[:, 0] > 0.5).astype(int))
+    for name, model, rows in (("rule", rule, uniform[:500]), ("iris_anchors", models["iris"][0], X)):
+        write_model(repo / name, onnx_of(model, rows).SerializeToString(), rows,
+                    {"anchors": {"background_file": "background.json"}})
+        sessions[name] = session_of(repo / name)
+    (repo / "region" / "1").mkdir(parents=True)
+    (repo / "region" / "1" / "model.onnx").write_bytes(region_model().SerializeToString())
+    (repo / "region" / "config.yaml").write_text(yaml.safe_dump({"explainer": {"occlusion": {"patch": 4}}}))
     for name, (model, method) in models.items():
         width = 3 if name in ("linear", "forest") else 4
         onnx = onnx_of(model, X[:, :width]).SerializeToString()
@@ -84,6 +100,50 @@ def served(tmp_path_factory):
 
 
 post = post_json
+
+
+def write_model(directory, onnx_bytes, background, explainer):
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(onnx_bytes)
+    (directory / "background.json").write_text(json.dumps(np.asarray(background).tolist()))
+    (directory / "config.yaml").write_text(yaml.safe_dump({"explainer": explainer}))
+
+
+def session_of(directory):
+    return onnxruntime.InferenceSession(str(directory / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+REGION = (slice(4, 12), slice(16, 24))
+
+
+def region_model():
+    """An image model `[n, 1, 28, 28] -> [n, 2]` whose scores are `[s, -s]`, `s` the sum of
+    the pixels in rows 4..12, columns 16..24: it looks at that region only."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    mask = np.zeros((28, 28), dtype=np.float32)
+    mask[REGION] = 1.0
+    weights = np.stack([mask.ravel(), -mask.ravel()], axis=1)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "w"], ["scores"])],
+        "region",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def assert_all_the_mass_in_the_region(heat_map, inside):
+    heat = np.array(heat_map)
+    assert heat.shape == (28, 28)
+    expected = np.zeros((28, 28))
+    expected[REGION] = inside
+    np.testing.assert_allclose(heat, expected, atol=1e-4)
 
 
 def shapley(f, x, background):
@@ -271,3 +331,131 @@ def test_bad_explain_requests_are_named(served):
     assert status == 400 and "instances" in answer["error"], answer
     status, answer = post(f"{url}/v1/models/iris:explain", {"instances": [[1, 2, 3, 4]] * 17})
     assert status == 400 and "1 to 16" in answer["error"], answer
+
+
+def holds(anchor, rows):
+    """Which rows the anchor's rule holds for, read from its structured conditions."""
+    keep = np.ones(len(rows), dtype=bool)
+    for c in anchor["raw"]["conditions"]:
+        column = rows[:, c["feature"]]
+        if c.get("lower") is not None:
+            keep &= column > c["lower"]
+        if c.get("upper") is not None:
+            keep &= column <= c["upper"]
+        if "equals" in c:
+            keep &= column == c["equals"]
+    return keep
+
+
+def conditioned(anchor, data, n, rng):
+    """`n` fresh rows under the anchor's rule, drawn with the test's own generator: rows of
+    the data the rule holds for, each jittered by half the data's 0.1 cm resolution, kept
+    while the rule still holds for them."""
+    under = data[holds(anchor, data)]
+    rows = under[rng.integers(len(under), size=4 * n)] + rng.normal(scale=0.05, size=(4 * n, data.shape[1]))
+    return rows[holds(anchor, rows)][:n]
+
+
+def label(session, rows):
+    return session.run(None, {session.get_inputs()[0].name: rows.astype(np.float32)})[0].ravel()
+
+
+def test_anchors_name_the_rule_and_hold_their_precision_on_fresh_samples(served):
+    url, sessions, _, _ = served
+    rng = np.random.default_rng(11)
+    # f = 1[x0 > 0.5]: the rule is x0's bin and nothing else.
+    status, answer = post(f"{url}/v1/models/rule:explain", {"instances": [[0.8, 0.3, 0.6, 0.1]]})
+    assert status == 200, answer
+    assert answer["meta"]["name"] == "AnchorTabular"
+    assert answer["meta"]["params"]["threshold"] == 0.95
+    data = answer["data"]
+    assert data["raw"]["feature"] == [0], data
+    assert data["anchor"][0].startswith("feature_0 > 0.7"), data["anchor"]
+    assert data["precision"] >= 0.95 and data["raw"]["success"] is True
+    uniform = np.random.default_rng(3).uniform(size=(2000, 4))[:500]
+    np.testing.assert_allclose(data["coverage"], (uniform[:, 0] > data["raw"]["conditions"][0]["lower"]).mean())
+    fresh = rng.uniform(size=(4000, 4))
+    fresh = fresh[holds(data, fresh)]
+    assert len(fresh) > 500 and (label(sessions["rule"], fresh) == 1).mean() == 1.0
+    # The iris classifier: each class's anchor, re-estimated on 2,000 fresh samples.
+    X, _ = datasets.load_iris(return_X_y=True)
+    for x in (X[0], X[60], X[120]):
+        status, answer = post(f"{url}/v1/models/iris_anchors:explain", {"instances": [x.tolist()]})
+        assert status == 200, answer
+        data = answer["data"]
+        assert data["raw"]["success"], data
+        assert 1 <= len(data["anchor"]) <= 4 and 0 < data["coverage"] <= 1
+        predicted = label(sessions["iris_anchors"], x[None, :])[0]
+        assert data["raw"]["prediction"] == [predicted]
+        rows = conditioned(data, X, 2000, rng)
+        assert len(rows) >= 1000
+        precision = (label(sessions["iris_anchors"], rows) == predicted).mean()
+        assert precision >= 0.95, (precision, data["anchor"])
+    # Alibi explains one instance per call; so do anchors here.
+    status, answer = post(f"{url}/v1/models/rule:explain", {"instances": [[0.8, 0.3, 0.6, 0.1]] * 2})
+    assert status == 400 and "one instance per request" in answer["error"], answer
+
+
+def test_occlusion_puts_all_the_mass_where_the_model_looks(served):
+    url, _, _, _ = served
+    image = np.ones((1, 28, 28))
+    status, answer = post(f"{url}/v1/models/region:explain", {"instances": [image.tolist()]})
+    assert status == 200, answer
+    assert answer["meta"]["name"] == "Occlusion"
+    assert answer["meta"]["params"]["windows"] == 49 and answer["meta"]["params"]["layout"] == "nchw"
+    assert answer["data"]["target"] == [0]
+    # Each 4x4 window inside the region takes 16 ones off the score.
+    assert_all_the_mass_in_the_region(answer["data"]["attributions"][0], 16.0)
+    # V2, two images, the other score asked for.
+    body = {"inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                        "data": np.concatenate([image, 2 * image]).ravel().tolist()}],
+            "parameters": {"target": 1}}
+    status, answer = post(f"{url}/v2/models/region-explainer/infer", body)
+    assert status == 200, answer
+    document = json.loads(answer["outputs"][0]["data"][0])
+    assert document["data"]["target"] == [1, 1]
+    assert_all_the_mass_in_the_region(document["data"]["attributions"][0], -16.0)
+    assert_all_the_mass_in_the_region(document["data"]["attributions"][1], -32.0)
+    status, answer = post(f"{url}/v1/models/region:explain", {"instances": [np.ones((1, 27, 28)).tolist()]})
+    assert status == 400 and "[1, 28, 28]" in answer["error"], answer
+
+
+def test_a_photo_sent_to_explain_is_pre_processed_by_the_transformer_first(tmp_path):
+    from PIL import Image
+
+    storage = tmp_path / "region"
+    (storage / "1").mkdir(parents=True)
+    (storage / "1" / "model.onnx").write_bytes(region_model().SerializeToString())
+    pipeline = {"request": {"field": "image", "steps": [
+        "base64_decode", "image_decode", {"color": "grayscale"},
+        {"resize": {"width": 28, "height": 28, "method": "area"}},
+        {"scale": 1 / 255}, {"layout": "nchw"}, {"emit": {"input": "input"}}]},
+        "response": {"steps": [{"argmax": {}}]}}
+    spec = tmp_path / "isvc.yaml"
+    spec.write_text(
+        "apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata: {name: region}\n"
+        f"spec:\n  predictor: {{model: {{modelFormat: {{name: onnx}}, storageUri: 'file://{storage}'}}}}\n"
+        f"  transformer: {json.dumps(pipeline)}\n"
+        "  explainer: {occlusion: {patch: 4}}\n")
+    # A white 56x56 photo: after the pipeline, a 28x28 tensor of ones.
+    out = io.BytesIO()
+    Image.new("L", (56, 56), 255).save(out, "PNG")
+    photo = base64.b64encode(out.getvalue()).decode()
+    up = MeshUp(spec, tmp_path / "state", BINARY, timeout_s=120)
+    try:
+        status, answer = post(f"{up.url}/v1/models/region:predict", {"instances": [{"image": {"b64": photo}}]})
+        assert (status, answer) == (200, {"predictions": [0]}), answer
+        status, answer = post(f"{up.url}/v1/models/region:explain", {"instances": [{"image": {"b64": photo}}]})
+        assert status == 200, answer
+        assert answer["meta"]["name"] == "Occlusion", answer
+        assert_all_the_mass_in_the_region(answer["data"]["attributions"][0], 16.0)
+        # The V2 form takes the photo too, and answers the explainer's own V2 response.
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [photo]}]}
+        status, answer = post(f"{up.url}/v2/models/region-explainer/infer", body)
+        assert status == 200, answer
+        assert answer["outputs"][0]["name"] == "explanation"
+        assert_all_the_mass_in_the_region(json.loads(answer["outputs"][0]["data"][0])["data"]["attributions"][0], 16.0)
+        status, answer = post(f"{up.url}/v1/models/region:explain", {"instances": [{"image": "!!"}]})
+        assert status == 400 and answer["error"].startswith("transformer: "), answer
+    finally:
+        up.stop()

@@ -2,7 +2,7 @@
 //! the reply the filter gives by itself. Deterministic given its inputs: the shell passes a
 //! random draw per request, and the same inputs always give the same decision.
 
-use crate::config::{Config, Revision, Service, Sticky};
+use crate::config::{Config, EXPLAINER_SUFFIX, Revision, Service, Sticky};
 use crate::grpc::{Peek, peek_model};
 use crate::protocol::{GrpcMethod, Protocol, V1Verb, is_control, parse};
 use crate::transform::{Transformer, Wire};
@@ -498,6 +498,9 @@ pub struct SelectedTransformer<'a> {
     pub wire: Wire,
     /// The path to send the request on, when it changes (V1 `:predict` to V2 `/infer`).
     pub path: Option<String>,
+    /// A call to the built-in explainer: the request is pre-processed as a prediction would
+    /// be, and the answer is the explanation (V1: its document), not post-processed.
+    pub explain: bool,
 }
 
 /// Whether the transformer filter works on a request the router sent to `isvc`'s
@@ -510,38 +513,65 @@ pub fn select_transformer<'a>(
     method: &str,
     path: &str,
 ) -> Option<SelectedTransformer<'a>> {
-    if method != "POST" || component != "predictor" {
+    let explain = match component {
+        "predictor" => false,
+        "explainer" => true,
+        _ => return None,
+    };
+    if method != "POST" {
         return None;
     }
-    let (service, transformer) = config
+    let (service, found) = config
         .services()
         .iter()
         .enumerate()
-        .find(|(_, s)| s.name == isvc && s.namespace == namespace)
-        .and_then(|(i, s)| Some((i, s.transformer.as_ref()?)))?;
-    let wire = match parse(path) {
-        Protocol::V1 {
-            verb: V1Verb::Predict,
-            ..
-        } => Wire::V1,
-        Protocol::V2 { model: Some(_), .. }
-            if path.split(['?', '#']).next()?.ends_with("/infer") =>
+        .find(|(_, s)| s.name == isvc && s.namespace == namespace)?;
+    let transformer = found.transformer.as_ref()?;
+    let wire = match (parse(path), explain) {
+        (
+            Protocol::V1 {
+                verb: V1Verb::Predict,
+                ..
+            },
+            false,
+        )
+        | (
+            Protocol::V1 {
+                verb: V1Verb::Explain,
+                ..
+            },
+            true,
+        ) => Wire::V1,
+        (Protocol::V2 { model: Some(m), .. }, _)
+            if path.split(['?', '#']).next()?.ends_with("/infer")
+                && explain == (!found.serves(&m) && found.explains(&m)) =>
         {
             Wire::V2
         }
         _ => return None,
     };
-    if !transformer.transforms_response(wire) {
+    // The built-in explainer's input is what the model takes, so only a transformer that
+    // makes that input has anything to do for it.
+    let wanted = if explain {
+        found.builtin_explainer && transformer.transforms_request(wire)
+    } else {
+        transformer.transforms_response(wire)
+    };
+    if !wanted {
         return None;
     }
     let path = match wire {
         Wire::V1 if transformer.transforms_request(wire) => {
-            // `/v1/models/<m>:predict` -> `/v2/models/<m>/infer`, the segment kept as sent.
+            // `/v1/models/<m>:predict` -> `/v2/models/<m>/infer` (`:explain` ->
+            // `/v2/models/<m>-explainer/infer`), the segment kept as sent.
             let segment = path.split(['?', '#']).next()?.strip_prefix("/v1/models/")?;
-            Some(format!(
-                "/v2/models/{}/infer",
-                segment.strip_suffix(":predict")?
-            ))
+            Some(match explain {
+                false => format!("/v2/models/{}/infer", segment.strip_suffix(":predict")?),
+                true => format!(
+                    "/v2/models/{}{EXPLAINER_SUFFIX}/infer",
+                    segment.strip_suffix(":explain")?
+                ),
+            })
         }
         _ => None,
     };
@@ -550,6 +580,7 @@ pub fn select_transformer<'a>(
         transformer,
         wire,
         path,
+        explain,
     })
 }
 
@@ -586,17 +617,39 @@ mod tests {
         );
         assert_eq!(pick("plain", "POST", "/v1/models/plain:predict"), None);
         assert_eq!(pick("other", "POST", "/v1/models/mnist_cnn:predict"), None);
-        assert!(
-            select_transformer(
-                &config,
-                "mnist",
-                "default",
-                "explainer",
-                "POST",
-                "/v1/models/mnist_cnn:explain"
-            )
-            .is_none()
+        let explain = |config: &Config, path: &str| {
+            select_transformer(config, "mnist", "default", "explainer", "POST", path)
+                .map(|s| (s.wire, s.path, s.explain))
+        };
+        // An explainer of its own (a container) gets the request as the client sent it.
+        assert_eq!(explain(&config, "/v1/models/mnist_cnn:explain"), None);
+        // The built-in explainer gets the tensor the transformer makes, as the model does.
+        service["builtin_explainer"] = json!(true);
+        let builtin = Config::parse(json!({"services": [service]}).to_string().as_bytes()).unwrap();
+        assert_eq!(
+            explain(&builtin, "/v1/models/mnist_cnn:explain"),
+            Some((
+                Wire::V1,
+                Some("/v2/models/mnist_cnn-explainer/infer".into()),
+                true
+            ))
         );
+        assert_eq!(
+            explain(&builtin, "/v2/models/mnist_cnn-explainer/infer"),
+            Some((Wire::V2, None, true))
+        );
+        // Predictions are not explanations, and the other way round.
+        assert_eq!(explain(&builtin, "/v2/models/mnist_cnn/infer"), None);
+        assert_eq!(explain(&builtin, "/v1/models/mnist_cnn:predict"), None);
+        let predict = select_transformer(
+            &builtin,
+            "mnist",
+            "default",
+            "predictor",
+            "POST",
+            "/v2/models/mnist_cnn-explainer/infer",
+        );
+        assert!(predict.is_none());
     }
 
     fn config() -> Config {

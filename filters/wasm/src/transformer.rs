@@ -82,6 +82,9 @@ struct Active {
     wire: Wire,
     /// Whether the request body is rewritten (else only the response).
     request: bool,
+    /// A call to the built-in explainer: a V1 client gets the explanation's document, a V2
+    /// client the explainer's answer as it is.
+    explain: bool,
     /// The client's `Inference-Header-Content-Length`.
     header_length: Option<usize>,
     /// Whether the model answered 2xx (set on its response headers).
@@ -173,6 +176,7 @@ impl HttpContext for TransformStream {
             isvc,
             wire: selected.wire,
             request,
+            explain: selected.explain,
             header_length: header_length(MapType::HttpRequestHeaders),
             response: false,
             response_header_length: None,
@@ -286,8 +290,9 @@ impl HttpContext for TransformStream {
             .ok()
             .flatten()
             .is_some_and(|s| s.starts_with('2'));
-        // Errors keep the model's `{"error": ...}`, the same shape in V1 and V2.
-        if !ok || end_of_stream {
+        // Errors keep the model's `{"error": ...}`, the same shape in V1 and V2; a V2
+        // explainer's answer is already the client's.
+        if !ok || end_of_stream || (active.explain && active.wire == Wire::V2) {
             self.active = None;
             return Action::Continue;
         }
@@ -320,6 +325,7 @@ impl HttpContext for TransformStream {
             return Action::Pause;
         }
         let (wire, header_length) = (active.wire, active.response_header_length);
+        let explain = active.explain;
         let Some(transformer) = self.transformer() else {
             return Action::Continue;
         };
@@ -327,7 +333,11 @@ impl HttpContext for TransformStream {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let (answer, outcome) = match transformer.response(wire, &body, header_length) {
+        let answer = match explain {
+            true => transformer.explanation(&body, header_length),
+            false => transformer.response(wire, &body, header_length),
+        };
+        let (answer, outcome) = match answer {
             Ok(answer) => (answer, "ok"),
             Err(error) if !self.config.hold_headers() => {
                 // The client has its 200 already: end the stream rather than send an error

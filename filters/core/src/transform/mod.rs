@@ -490,6 +490,30 @@ impl Transformer {
         })
     }
 
+    /// The client's answer to a V1 `:explain` the transformer pre-processed: the built-in
+    /// explainer's document, which its V2 answer carries as the BYTES output `explanation`.
+    pub fn explanation(
+        &self,
+        body: &[u8],
+        header_length: Option<usize>,
+    ) -> Result<Vec<u8>, TransformError> {
+        let response = rest::parse_infer_response(body, header_length)
+            .map_err(|e| TransformError::internal(format!("the explainer's answer: {}", e.0)))?;
+        response
+            .outputs
+            .into_iter()
+            .find(|o| o.name == "explanation")
+            .and_then(|o| match o.data {
+                TensorData::Bytes(mut v) if v.len() == 1 => v.pop(),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                TransformError::internal(
+                    "the explainer's answer has no BYTES output 'explanation' holding one document",
+                )
+            })
+    }
+
     /// The error for a body over `limits.max_body_bytes`.
     pub fn body_too_large(&self, size: usize) -> TransformError {
         TransformError::too_large(format!(

@@ -390,3 +390,22 @@ fn a_request_is_bounded_as_a_whole() {
             .is_ok()
     );
 }
+
+#[test]
+fn an_explanation_reaches_a_v1_client_as_its_document() {
+    let document = br#"{"meta": {"name": "Occlusion"}, "data": {"attributions": [[[0.5]]]}}"#;
+    let answer = json!({"model_name": "m-explainer", "outputs": [{"name": "explanation",
+        "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "str"},
+        "data": [String::from_utf8_lossy(document)]}]});
+    let body = digits()
+        .explanation(answer.to_string().as_bytes(), None)
+        .unwrap();
+    assert_eq!(body, document);
+    let predictions = json!({"model_name": "m", "outputs": [{"name": "p", "datatype": "FP32",
+        "shape": [1], "data": [0.5]}]});
+    let err = digits()
+        .explanation(predictions.to_string().as_bytes(), None)
+        .unwrap_err();
+    assert_eq!(err.status, 500);
+    assert!(err.message.contains("'explanation'"), "{}", err.message);
+}
