@@ -762,7 +762,7 @@ fn anchors_document(
                 "conditions": conditions,
                 "success": anchor.success,
                 "num_preds": anchor.model_rows,
-                "prediction": [anchor.prediction],
+                "prediction": [class_number(anchor.prediction)],
                 "instance": x,
                 "instances": [x],
                 "feature_names": names,
@@ -796,4 +796,13 @@ fn occlusion_document(
             },
         },
     })
+}
+
+/// A class as Alibi writes it: an integer when it is one.
+fn class_number(class: f64) -> Value {
+    if class.fract() == 0.0 && class.abs() < 9.0e15 {
+        json!(class as i64)
+    } else {
+        json!(class)
+    }
 }
