@@ -65,6 +65,17 @@ with open(photo, "rb") as f:
 request = urllib.request.Request(f"{base}/v1/models/mnist:predict", data=json.dumps(picture).encode(), headers=headers)
 with urllib.request.urlopen(request, timeout=10) as response:
     digit = json.load(response)["predictions"][0]
+# Where the CNN looks: the same photo to `:explain`, pre-processed by the same transformer, then
+# occluded patch by patch in the sidecar; the 28x28 heat map shown at half size.
+request = urllib.request.Request(f"{base}/v1/models/mnist:explain", data=json.dumps(picture).encode(), headers=headers)
+with urllib.request.urlopen(request, timeout=60) as response:
+    occluded = json.load(response)
+heat_map = occluded["data"]["attributions"][0]
+cells = [[sum(heat_map[2 * y + dy][2 * x + dx] for dy in (0, 1) for dx in (0, 1)) / 4 for x in range(14)]
+         for y in range(14)]
+top = max(abs(v) for row in cells for v in row) or 1.0
+occlusion_map = "\n".join("    " + "".join("#" if v > top / 2 else "+" if v > top / 8 else "-" if v < -top / 8 else "."
+                                          for v in row) for row in cells)
 # The same two digits to the XGBoost booster file, served as it is (converted when it loaded).
 with open(sample, "rb") as f:
     request = urllib.request.Request(f"{base}/v1/models/digits-xgboost:predict", data=f.read(), headers=headers)
@@ -99,6 +110,11 @@ through the transformer in Envoy (decode, grayscale, crop, area-resize to 28x28,
   the CNN says {digit["digits"][0]} (score {digit["scores"][0]:.4f}; runners-up {", ".join(digit["digits"][1:])})
   {base}/v1/models/mnist:predict   (or V2: an "image" BYTES input to {base}/v2/models/mnist/infer)
   ./target/release/meshserve transform envoy-config/demo/inferenceservice.yaml < body.json   what the model gets
+
+Where the CNN looks in that photo (the same body to {base}/v1/models/mnist:explain: the transformer's
+28x28 picture, occluded 4x4 pixels at a time in the sidecar, {occluded["meta"]["params"]["windows"]} windows; the drop in the score of {occluded["data"]["target"][0]},
+# over half the largest, + over an eighth, - where hiding pixels raises it):
+{occlusion_map}
 
 Why the default revision says {seen} for the first digit (KernelSHAP in its sidecar, through Envoy):
 p({seen}) = {probabilities[seen]:.3f} = {explained["expected_value"][seen]:.3f} (the mean over the background) + the sum of
