@@ -211,6 +211,17 @@ struct Arm {
 }
 
 impl Arm {
+    /// The rule of no conditions: every row.
+    fn empty() -> Arm {
+        Arm {
+            features: Vec::new(),
+            samples: 0,
+            positives: 0,
+            coverage: 1.0,
+            covered: Vec::new(),
+        }
+    }
+
     fn mean(&self) -> f64 {
         self.positives as f64 / self.samples.max(1) as f64
     }
@@ -380,13 +391,7 @@ pub fn explain(
             .map(|(k, _)| k.clone())
     });
     let model_rows = search.calls.rows;
-    let empty = Arm {
-        features: Vec::new(),
-        samples: 0,
-        positives: 0,
-        coverage: 1.0,
-        covered: Vec::new(),
-    };
+    let empty = Arm::empty();
     let arm = key
         .as_ref()
         .and_then(|k| arms.get(k))
@@ -464,13 +469,7 @@ fn beam(
     accepted: &mut Option<Vec<usize>>,
     options: &Options,
 ) -> Result<(), Stop> {
-    let mut empty = Arm {
-        features: Vec::new(),
-        samples: 0,
-        positives: 0,
-        coverage: 1.0,
-        covered: Vec::new(),
-    };
+    let mut empty = Arm::empty();
     search.sample(&mut [&mut empty], options.min_samples_start.max(1))?;
     let (mean, n) = (empty.mean(), empty.samples as f64);
     let empty_holds = mean > options.threshold
