@@ -65,10 +65,21 @@ impl GrpcService {
         let permit = self.service.admit().map_err(failed)?;
         let (prepared, took) = timed(preprocess_span(), || {
             let (model, version, request) = request_from_grpc(message)?;
+            if let Some(explained) = self.service.explained_model(&model, &version) {
+                return Ok::<_, ApiError>((explained, request, Some(model)));
+            }
             let found = self.service.model(&model, &version)?;
-            Ok::<_, ApiError>((found, request))
+            Ok((found, request, None))
         });
-        let (found, request) = prepared.map_err(failed)?;
+        let (found, request, explainer) = prepared.map_err(failed)?;
+        if let Some(name) = explainer {
+            // MLServer's form of `:explain`: one permit for the whole explanation.
+            let _permit = permit;
+            let response = crate::explain::explain_v2(found, &name, request)
+                .await
+                .map_err(failed)?;
+            return Ok(response_to_grpc(response));
+        }
         found.observe_preprocess(took);
         let response = self
             .service

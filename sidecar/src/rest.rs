@@ -262,7 +262,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             ))
         }
         Route::Infer { model, version } => {
-            if let Some(explained) = explained_model(service, &model, &version) {
+            if let Some(explained) = service.explained_model(&model, &version) {
                 // One permit for the whole explanation, as for V1's `:explain`.
                 let _permit = service.admit()?;
                 let (headers, body) = read_body(request, service.limits()).await?;
@@ -410,23 +410,6 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
 
 /// A V2 response: JSON, or JSON and binary data (the binary tensor extension) for the outputs
 /// the request asked that way.
-/// The model `<m>-explainer` explains, when no model of that name is served and `<m>` has a
-/// built-in explainer (the V2 form of `:explain`).
-fn explained_model(
-    service: &Service,
-    name: &str,
-    version: &str,
-) -> Option<Arc<meshserve_predictor::model::ModelVersion>> {
-    let base = name.strip_suffix(crate::explain::EXPLAINER_SUFFIX)?;
-    if service.model(name, version).is_ok() {
-        return None;
-    }
-    service
-        .model(base, version)
-        .ok()
-        .filter(|m| m.config().explainer.is_some())
-}
-
 fn infer_response(
     response: &meshserve_proto::InferResponse,
     parameters: &meshserve_proto::Parameters,

@@ -165,6 +165,18 @@ impl Service {
         Ok(self.repository.get(name, version)?)
     }
 
+    /// The model `<m>-explainer` explains, when no model of that name is served and `<m>` has
+    /// a built-in explainer (MLServer's form of `:explain`, on REST and gRPC).
+    pub fn explained_model(&self, name: &str, version: &str) -> Option<Arc<ModelVersion>> {
+        let base = name.strip_suffix(crate::explain::EXPLAINER_SUFFIX)?;
+        if self.model(name, version).is_ok() {
+            return None;
+        }
+        self.model(base, version)
+            .ok()
+            .filter(|m| m.config().explainer.is_some())
+    }
+
     /// Runs an admitted request on a model version.
     pub async fn infer(
         &self,

@@ -457,5 +457,18 @@ def test_a_photo_sent_to_explain_is_pre_processed_by_the_transformer_first(tmp_p
         assert_all_the_mass_in_the_region(json.loads(answer["outputs"][0]["data"][0])["data"]["attributions"][0], 16.0)
         status, answer = post(f"{up.url}/v1/models/region:explain", {"instances": [{"image": "!!"}]})
         assert status == 400 and answer["error"].startswith("transformer: "), answer
+        # gRPC ModelInfer to `region-explainer` (MLServer's form; gRPC passes the transformer
+        # untouched, so it carries the model's tensor).
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(up.url.removeprefix("http://"))
+        try:
+            tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 1, 28, 28), 2.0, dtype=np.float32))
+            result = client.infer("region-explainer", [tensor])
+            [document] = result.as_numpy("explanation")
+            assert_all_the_mass_in_the_region(json.loads(document)["data"]["attributions"][0], 32.0)
+        finally:
+            client.close()
     finally:
         up.stop()

@@ -312,10 +312,16 @@ pub fn decide(config: &Config, request: &Request<'_>) -> Decision {
         }
     );
     // MLServer's form: an inference request to the model `<model>-explainer`.
-    let v2_explain = matches!(
-        &protocol,
-        Protocol::V2 { model: Some(m), .. } if !service.serves(m) && service.explains(m)
-    );
+    let v2_explain = match (&protocol, &model) {
+        (Protocol::V2 { model: Some(m), .. }, _) => !service.serves(m) && service.explains(m),
+        (
+            Protocol::Grpc {
+                method: GrpcMethod::ModelScoped(method),
+            },
+            Some(m),
+        ) if method == "ModelInfer" => !service.serves(m) && service.explains(m),
+        _ => false,
+    };
     let pin = (request.header)(REVISION_HEADER)
         .or_else(|| host.and_then(|(_, pin)| pin.map(str::to_owned)));
     if (explain || v2_explain) && service.builtin_explainer {
@@ -924,6 +930,24 @@ mod tests {
                 (explainer, "iris_canary".into(), None)
             );
         }
+        // gRPC ModelInfer to `iris-explainer`, found by the model name in the message.
+        let frame = grpc_frame("iris-explainer");
+        let grpc = decide(
+            &config,
+            &Request {
+                path: "/inference.GRPCInferenceService/ModelInfer",
+                authority: None,
+                header: &|_| None,
+                body: &frame,
+                end_of_body: true,
+                draw: 99,
+                shadow_draw: 0,
+            },
+        );
+        assert!(
+            matches!(&grpc, Decision::Route(r) if r.component == explainer && r.shadow.is_none()),
+            "{grpc:?}"
+        );
         // Predictions keep their shadow; an unknown model is still unknown.
         assert!(route("/v2/models/iris/infer", 99, None).2.is_some());
         assert!(matches!(
