@@ -658,14 +658,15 @@ fn check_anchors(at: &str, raw: RawAnchors, file: String) -> Result<Value, IsvcE
         }
     }
     let limit = meshserve_predictor::config::MAX_ANCHOR_ROWS as u64;
+    let batch = meshserve_predictor::config::MAX_EXPLAIN_BATCH as u64;
     for (key, name, value, most) in [
-        ("batch_size", "batchSize", raw.batch_size, 1 << 16),
+        ("batch_size", "batchSize", raw.batch_size, batch),
         ("beam_size", "beamSize", raw.beam_size, 64),
         (
             "min_samples_start",
             "minSamplesStart",
             raw.min_samples_start,
-            1 << 16,
+            batch,
         ),
         ("max_anchor_size", "maxAnchorSize", raw.max_anchor_size, 64),
         ("max_model_rows", "maxModelRows", raw.max_model_rows, limit),
@@ -703,10 +704,11 @@ fn check_occlusion(at: &str, raw: RawOcclusion) -> Result<Value, IsvcError> {
         ("batch_size", "batchSize", raw.batch_size),
     ] {
         if let Some(n) = value {
-            if n == 0 || n > 4096 {
+            let most = meshserve_predictor::occlusion::MAX_WINDOWS as u64;
+            if n == 0 || n > most {
                 return Err(error(
                     &format!("{at}.{name}"),
-                    format!("{n} is not 1 to 4096"),
+                    format!("{n} is not 1 to {most}"),
                 ));
             }
             method[key] = n.into();

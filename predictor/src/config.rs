@@ -291,6 +291,8 @@ pub const MAX_COALITIONS: usize = 1 << 16;
 /// The most model rows one explanation may run: coalitions times background rows.
 pub const MAX_EXPLAIN_ROWS: usize = 1 << 22;
 
+/// The most rows an anchors explanation samples at a time (`batch_size`, `min_samples_start`).
+pub const MAX_EXPLAIN_BATCH: usize = 1 << 16;
 /// The most model rows an anchors explanation may be given.
 pub const MAX_ANCHOR_ROWS: usize = 1 << 22;
 
@@ -450,11 +452,15 @@ impl ExplainerConfig {
                     "explainer.anchors: threshold, delta and tau are each between 0 and 1".into(),
                 );
             }
-            if anchors.batch_size == 0 || anchors.beam_size == 0 || anchors.min_samples_start == 0 {
-                return Err(
-                    "explainer.anchors: batch_size, beam_size and min_samples_start are at least 1"
-                        .into(),
-                );
+            let sizes = [anchors.batch_size, anchors.min_samples_start];
+            if sizes.iter().any(|n| *n == 0 || *n > MAX_EXPLAIN_BATCH)
+                || anchors.beam_size == 0
+                || anchors.beam_size > crate::kernel_shap::MAX_FEATURES
+            {
+                return Err(format!(
+                    "explainer.anchors: batch_size and min_samples_start are 1 to {MAX_EXPLAIN_BATCH}, beam_size 1 to {}",
+                    crate::kernel_shap::MAX_FEATURES
+                ));
             }
             if anchors.max_model_rows == 0 || anchors.max_model_rows > MAX_ANCHOR_ROWS {
                 return Err(format!(
@@ -490,10 +496,19 @@ impl ExplainerConfig {
             return Ok(());
         }
         if let Some(occlusion) = &self.occlusion {
-            if occlusion.patch == 0 || occlusion.stride == Some(0) || occlusion.batch_size == 0 {
-                return Err(
-                    "explainer.occlusion: patch, stride and batch_size are at least 1".into(),
-                );
+            let sizes = [
+                occlusion.patch,
+                occlusion.stride.unwrap_or(1),
+                occlusion.batch_size,
+            ];
+            if sizes
+                .iter()
+                .any(|n| *n == 0 || *n > crate::occlusion::MAX_WINDOWS)
+            {
+                return Err(format!(
+                    "explainer.occlusion: patch, stride and batch_size are 1 to {}",
+                    crate::occlusion::MAX_WINDOWS
+                ));
             }
             if !occlusion.baseline.is_finite() {
                 return Err("explainer.occlusion.baseline must be a finite number".into());
@@ -756,7 +771,15 @@ mod tests {
                 "explainer: {anchors: {background_file: bg.json, categorical_features: [9]}}\n",
                 "9 is not a column",
             ),
-            ("explainer: {occlusion: {patch: 0}}\n", "at least 1"),
+            ("explainer: {occlusion: {patch: 0}}\n", "1 to 4096"),
+            (
+                "explainer: {occlusion: {batch_size: 100000}}\n",
+                "1 to 4096",
+            ),
+            (
+                "explainer: {anchors: {background_file: bg.json, batch_size: 100000000}}\n",
+                "1 to 65536",
+            ),
             (
                 "explainer: {occlusion: {layout: chw}}\n",
                 "not nchw or nhwc",

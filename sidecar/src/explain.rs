@@ -291,12 +291,7 @@ impl ModelCalls<'_> {
 
     /// The first float output's scores per row (an image model's classes).
     fn scores(&self, rows: &[f64], n: usize) -> Result<Vec<f64>, String> {
-        let response = self.run(rows, n)?;
-        let first = response
-            .outputs
-            .into_iter()
-            .find(|o| matches!(o.data, TensorData::Fp32(_) | TensorData::Fp64(_)));
-        numeric_outputs(first.as_slice(), n)
+        first_scores(self.run(rows, n)?, n)
     }
 
     /// The class of each row: the model's label output, else the highest of its first float
@@ -311,7 +306,8 @@ impl ModelCalls<'_> {
         if let Some(classes) = label {
             return Ok(classes);
         }
-        let scores = self.scores(rows, n)?;
+        // The same answer's scores: the rows are not run twice.
+        let scores = first_scores(response, n)?;
         let k = scores.len() / n.max(1);
         if k < 2 {
             return Err(
@@ -328,6 +324,15 @@ impl ModelCalls<'_> {
             })
             .collect())
     }
+}
+
+/// The first float output of `n` rows' answer, row by row.
+fn first_scores(response: InferResponse, n: usize) -> Result<Vec<f64>, String> {
+    let first = response
+        .outputs
+        .into_iter()
+        .find(|o| matches!(o.data, TensorData::Fp32(_) | TensorData::Fp64(_)));
+    numeric_outputs(first.as_slice(), n)
 }
 
 /// The model's one input, a matrix of FP32 or FP64 features: what the explainer feeds.
