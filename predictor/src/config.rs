@@ -24,6 +24,9 @@
 //!   # anchors: {background_file: train.json, threshold: 0.95, categorical_features: [3]}
 //!   # occlusion: {patch: 4, stride: 4, baseline: 0.0}  # an image model (see occlusion)
 //!   timeout_ms: 30000            # an explain request's time limit (504 past it)
+//! loading:                     # the model cache (see crate::cache); defaults from the flags
+//!   on_demand: true            # not loaded at start: the first request loads it and waits
+//!   idle_unload_secs: 600      # unloaded after this long without a request (0: never)
 //! converted_from:              # written by meshserve for a model it converted (see convert)
 //!   format: xgboost            # the model takes one feature matrix as KServe's servers read it
 //!   feature_names: [a, b]      # V1 objects and V2 content_type "pd" name features by these
@@ -148,6 +151,21 @@ pub struct ModelConfig {
     pub converted_from: Option<ConvertedFrom>,
     /// A built-in explainer for `:explain`.
     pub explainer: Option<ExplainerConfig>,
+    /// When the model is in memory (see [`crate::cache`]); unset fields take the server's
+    /// defaults.
+    #[serde(default)]
+    pub loading: LoadingConfig,
+}
+
+/// A model's own cache settings in `config.yaml`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadingConfig {
+    /// Not loaded at start; its first request loads it (and waits for the load).
+    pub on_demand: Option<bool>,
+    /// Unloaded after this many seconds without a request (0: never); it loads again on its
+    /// next request.
+    pub idle_unload_secs: Option<u64>,
 }
 
 /// The built-in explainer: exactly one method, and the time an explanation may take.
@@ -387,6 +405,7 @@ impl Default for ModelConfig {
             dynamic_batching: None,
             converted_from: None,
             explainer: None,
+            loading: LoadingConfig::default(),
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod anchors;
 mod batcher;
+pub mod cache;
 mod classification;
 pub mod config;
 pub mod convert;
@@ -56,9 +57,10 @@ macro_rules! trace_span {
     }};
 }
 
+pub use cache::CachePolicy;
 pub use config::{DynamicBatching, ModelConfig, VersionPolicy};
 pub use error::PredictorError;
 pub use metrics::Metrics;
 pub use model::{ModelVersion, PLATFORM};
-pub use repository::{IndexEntry, ModelState, Repository};
+pub use repository::{Cold, IndexEntry, ModelState, Repository};
 pub use runtime::{Device, Runtime, RuntimeError, RuntimeOptions};

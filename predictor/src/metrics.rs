@@ -241,7 +241,11 @@ impl Metrics {
     }
 }
 
-fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>, name: &str) {
+pub(crate) fn register(
+    registry: &Registry,
+    collector: Box<dyn prometheus::core::Collector>,
+    name: &str,
+) {
     if let Err(e) = registry.register(collector) {
         tracing::error!(metric = name, error = %e, "failed to register a metric");
     }
@@ -249,7 +253,7 @@ fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>
 
 /// Metric definitions are constants; a bad one is a programming error caught by the tests.
 #[cold]
-fn unreachable_metric<T>(name: &str, error: prometheus::Error) -> T {
+pub(crate) fn unreachable_metric<T>(name: &str, error: prometheus::Error) -> T {
     panic!("metric {name} is malformed: {error}")
 }
 

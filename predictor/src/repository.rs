@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
+use crate::cache::{CacheMetrics, CachePolicy, Eviction, ModelPolicy};
 use crate::config::ModelConfig;
 use crate::error::{PredictorError, Result};
 use crate::metrics::Metrics;
@@ -22,8 +25,19 @@ pub enum ModelState {
     Ready,
     /// Loading failed; the reason says why.
     Unavailable(String),
-    /// Unloaded through the API.
+    /// Unloaded through the API: it stays out until loaded through the API.
     Unloaded,
+    /// Not in memory, and its next request loads it (see [`crate::cache`]).
+    Cold(Cold),
+}
+
+/// Why a model that loads on demand is not in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cold {
+    /// Not loaded yet (`on_demand`).
+    NotLoaded,
+    /// Taken out of memory.
+    Evicted(Eviction),
 }
 
 impl ModelState {
@@ -31,16 +45,33 @@ impl ModelState {
         match self {
             ModelState::Loading => "LOADING",
             ModelState::Ready => "READY",
-            ModelState::Unavailable(_) | ModelState::Unloaded => "UNAVAILABLE",
+            ModelState::Unavailable(_) | ModelState::Unloaded | ModelState::Cold(_) => {
+                "UNAVAILABLE"
+            }
         }
     }
 
-    pub fn reason(&self) -> &str {
+    pub fn reason(&self) -> String {
         match self {
-            ModelState::Unavailable(reason) => reason,
-            ModelState::Unloaded => "unloaded",
-            ModelState::Loading | ModelState::Ready => "",
+            ModelState::Unavailable(reason) => reason.clone(),
+            ModelState::Unloaded => "unloaded".to_owned(),
+            ModelState::Cold(Cold::NotLoaded) => {
+                "not loaded yet: loads on its first request".to_owned()
+            }
+            ModelState::Cold(Cold::Evicted(Eviction::Budget)) => {
+                "evicted for the memory budget: loads on its next request".to_owned()
+            }
+            ModelState::Cold(Cold::Evicted(Eviction::Idle(idle))) => format!(
+                "unloaded after {} s without a request: loads on its next request",
+                idle.as_secs()
+            ),
+            ModelState::Loading | ModelState::Ready => String::new(),
         }
+    }
+
+    /// Whether a request for the model waits for a load rather than failing.
+    fn loads_on_request(&self) -> bool {
+        matches!(self, ModelState::Cold(_) | ModelState::Loading)
     }
 }
 
@@ -48,6 +79,25 @@ impl ModelState {
 struct ModelEntry {
     state: ModelState,
     versions: BTreeMap<u64, Arc<ModelVersion>>,
+    policy: ModelPolicy,
+    /// The estimated bytes of the loaded versions.
+    bytes: u64,
+    loaded_at: Instant,
+    /// Milliseconds from the repository's epoch to the last request that used it.
+    last_used: AtomicU64,
+}
+
+impl ModelEntry {
+    fn new(state: ModelState, policy: ModelPolicy) -> ModelEntry {
+        ModelEntry {
+            state,
+            versions: BTreeMap::new(),
+            policy,
+            bytes: 0,
+            loaded_at: Instant::now(),
+            last_used: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One line of the repository index.
@@ -66,6 +116,11 @@ pub struct Repository {
     runtime: Arc<Runtime>,
     metrics: Metrics,
     models: RwLock<BTreeMap<String, ModelEntry>>,
+    policy: CachePolicy,
+    cache: CacheMetrics,
+    epoch: Instant,
+    /// Held by the load running now: loads go one at a time.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Repository {
@@ -78,12 +133,27 @@ impl Repository {
                 format!("model repository {} is not a directory", root.display()),
             ));
         }
+        let metrics = Metrics::new();
+        let cache = CacheMetrics::register(metrics.registry());
         Ok(Repository {
             root,
             runtime,
-            metrics: Metrics::new(),
+            cache,
+            metrics,
             models: RwLock::new(BTreeMap::new()),
+            policy: CachePolicy::default(),
+            epoch: Instant::now(),
+            loading: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Keeps models in memory as `policy` says (the default: all loaded at start, for good).
+    pub fn with_cache(self, policy: CachePolicy) -> Repository {
+        Repository { policy, ..self }
+    }
+
+    pub fn cache_policy(&self) -> &CachePolicy {
+        &self.policy
     }
 
     pub fn root(&self) -> &Path {
@@ -99,11 +169,20 @@ impl Repository {
         &self.metrics
     }
 
-    /// The Prometheus text of every metric, with the loaded-model gauges read now.
+    /// The Prometheus text of every metric, with the loaded-model and cache gauges read now.
     pub fn encode_metrics(&self) -> String {
         let ready = self.index(true);
         self.metrics
             .set_loaded(ready.iter().map(|e| (e.name.as_str(), e.version.as_str())));
+        {
+            let models = self.read();
+            let loaded = models.values().filter(|e| e.state == ModelState::Ready);
+            let used = loaded.clone().map(|e| e.bytes).sum();
+            let oldest = loaded.map(|e| e.last_used.load(Ordering::Relaxed)).min();
+            let now = self.now_ms();
+            let lru = oldest.map(|t| Duration::from_millis(now.saturating_sub(t)));
+            self.cache.set_usage(self.policy.memory_budget, used, lru);
+        }
         self.metrics.encode()
     }
 
@@ -121,31 +200,50 @@ impl Repository {
         names
     }
 
-    /// Loads every model on disk. Failures are recorded (the model is UNAVAILABLE with the
-    /// reason, and the server is not ready) and returned, not fatal.
+    /// Loads every model on disk, but those that load on demand: they are listed and load on
+    /// their first request. Failures are recorded (the model is UNAVAILABLE with the reason,
+    /// and the server is not ready) and returned, not fatal.
     pub fn load_all(&self) -> Vec<PredictorError> {
-        self.models_on_disk()
-            .iter()
-            .filter_map(|name| self.load(name).err())
-            .collect()
+        let mut failures = Vec::new();
+        for name in self.models_on_disk() {
+            let policy = self.model_dir(&name).ok().and_then(|dir| {
+                let config = ModelConfig::load(&name, &dir).ok()?;
+                Some(self.policy.for_model(&config.loading))
+            });
+            match policy {
+                Some(policy) if policy.on_demand => {
+                    self.write().insert(
+                        name,
+                        ModelEntry::new(ModelState::Cold(Cold::NotLoaded), policy),
+                    );
+                }
+                // A configuration that does not read fails in the load, with its reason.
+                _ => failures.extend(self.load(&name).err()),
+            }
+        }
+        failures
     }
 
-    /// Loads, or reloads, one model from disk. Until the new versions are ready the old ones
-    /// keep serving; on failure the old ones are dropped and the model is UNAVAILABLE.
+    /// Loads, or reloads, one model from disk, making room under the memory budget first.
+    /// Until the new versions are ready the old ones keep serving; on failure the old ones
+    /// are dropped and the model is UNAVAILABLE. Blocks: async callers use
+    /// [`Repository::load_now`].
     pub fn load(&self, name: &str) -> Result<()> {
         let dir = self.model_dir(name)?;
         self.set_state(name, ModelState::Loading, false);
+        let started = Instant::now();
         match self.load_versions(name, &dir) {
-            Ok(versions) => {
+            Ok((versions, policy, bytes)) => {
                 let loaded: Vec<u64> = versions.keys().copied().collect();
-                self.write().insert(
-                    name.to_owned(),
-                    ModelEntry {
-                        state: ModelState::Ready,
-                        versions,
-                    },
-                );
-                tracing::info!(model = name, versions = ?loaded, "model loaded");
+                let entry = ModelEntry {
+                    versions,
+                    bytes,
+                    last_used: AtomicU64::new(self.now_ms()),
+                    ..ModelEntry::new(ModelState::Ready, policy)
+                };
+                self.write().insert(name.to_owned(), entry);
+                self.cache.loaded(name, started.elapsed());
+                tracing::info!(model = name, versions = ?loaded, bytes, ms = started.elapsed().as_millis() as u64, "model loaded");
                 Ok(())
             }
             Err(e) => {
@@ -154,6 +252,15 @@ impl Repository {
                 Err(e)
             }
         }
+    }
+
+    /// Loads, or reloads, a model on the blocking pool, after the load running now.
+    pub async fn load_now(self: &Arc<Self>, name: &str) -> Result<()> {
+        let _turn = Arc::clone(&self.loading).lock_owned().await;
+        let (repository, name) = (Arc::clone(self), name.to_owned());
+        tokio::task::spawn_blocking(move || repository.load(&name))
+            .await
+            .map_err(|e| PredictorError::load("*", format!("the load task failed: {e}")))?
     }
 
     /// Unloads a model; its directory stays, so it can be loaded again.
@@ -167,7 +274,125 @@ impl Repository {
         Ok(())
     }
 
-    /// The version to serve: `""` picks the highest loaded version.
+    /// The version to serve (`""`: the highest loaded), loading the model first when it loads
+    /// on demand and is not in memory: the request waits for the load, up to the policy's
+    /// `load_timeout`.
+    pub async fn acquire(self: &Arc<Self>, name: &str, version: &str) -> Result<Arc<ModelVersion>> {
+        let cold = self
+            .read()
+            .get(name)
+            .is_some_and(|e| e.state.loads_on_request());
+        if !cold {
+            return self.get(name, version);
+        }
+        let started = Instant::now();
+        let load = tokio::spawn(Arc::clone(self).load_cold(name.to_owned()));
+        match tokio::time::timeout(self.policy.load_timeout, load).await {
+            Err(_) => {
+                return Err(PredictorError::ModelNotReady {
+                    model: name.to_owned(),
+                    reason: format!(
+                        "it is loading and was not ready within {} s; retry",
+                        self.policy.load_timeout.as_secs()
+                    ),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(PredictorError::load(
+                    name,
+                    format!("the load task failed: {e}"),
+                ));
+            }
+            Ok(Ok(result)) => result?,
+        }
+        let found = self.get(name, version)?;
+        self.cache.missed(name, started.elapsed());
+        Ok(found)
+    }
+
+    /// Loads a model that is not in memory, in its turn; a request that queued behind the
+    /// load of the same model finds it loaded.
+    async fn load_cold(self: Arc<Self>, name: String) -> Result<()> {
+        let _turn = Arc::clone(&self.loading).lock_owned().await;
+        let cold = self
+            .read()
+            .get(&name)
+            .is_some_and(|e| e.state.loads_on_request());
+        if !cold {
+            return Ok(());
+        }
+        let repository = Arc::clone(&self);
+        tokio::task::spawn_blocking(move || repository.load(&name))
+            .await
+            .map_err(|e| PredictorError::load("*", format!("the load task failed: {e}")))?
+    }
+
+    /// Takes out of memory every model idle past its `idle_unload` time; they load again on
+    /// their next request. Returns how many. Called on a timer by the server.
+    pub fn unload_idle(&self) -> usize {
+        let now = self.now_ms();
+        let mut models = self.write();
+        let mut count = 0;
+        for (name, entry) in models.iter_mut() {
+            let Some(idle) = entry.policy.idle_unload else {
+                continue;
+            };
+            let since = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
+            if entry.state == ModelState::Ready && u128::from(since) >= idle.as_millis() {
+                self.evict(name, entry, Eviction::Idle(idle));
+                count += 1;
+            }
+        }
+        count
+    }
+
+    fn evict(&self, name: &str, entry: &mut ModelEntry, why: Eviction) {
+        entry.versions.clear();
+        entry.state = ModelState::Cold(Cold::Evicted(why));
+        let age = entry.loaded_at.elapsed();
+        self.cache.evicted(name, why, age);
+        tracing::info!(model = name, reason = ?why, bytes = entry.bytes, age_s = age.as_secs(), "model taken out of memory");
+        entry.bytes = 0;
+    }
+
+    /// Evicts the least recently used models until `bytes` more fit under the budget.
+    fn make_room(&self, name: &str, bytes: u64) -> Result<()> {
+        let Some(budget) = self.policy.memory_budget else {
+            return Ok(());
+        };
+        if bytes > budget {
+            return Err(PredictorError::load(
+                name,
+                format!(
+                    "it needs about {bytes} bytes (its ONNX files times instance_count), over the memory budget of {budget} bytes"
+                ),
+            ));
+        }
+        let mut models = self.write();
+        loop {
+            let others = models
+                .iter_mut()
+                .filter(|(n, e)| n.as_str() != name && e.state == ModelState::Ready);
+            let used: u64 = others.map(|(_, e)| e.bytes).sum();
+            if used.saturating_add(bytes) <= budget {
+                return Ok(());
+            }
+            let victim = models
+                .iter_mut()
+                .filter(|(n, e)| n.as_str() != name && e.state == ModelState::Ready)
+                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed));
+            match victim {
+                Some((victim, entry)) => {
+                    let victim = victim.clone();
+                    self.evict(&victim, entry, Eviction::Budget);
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The version to serve: `""` picks the highest loaded version. A model that loads on
+    /// demand and is not in memory is not ready here: see [`Repository::acquire`].
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>> {
         let models = self.read();
         let Some(entry) = models.get(name) else {
@@ -179,8 +404,7 @@ impl Repository {
                 reason: match &entry.state {
                     ModelState::Loading => "it is loading".to_owned(),
                     ModelState::Unloaded => "it was unloaded".to_owned(),
-                    ModelState::Unavailable(reason) => reason.clone(),
-                    ModelState::Ready => String::new(),
+                    state => state.reason(),
                 },
             });
         }
@@ -192,12 +416,14 @@ impl Repository {
                 .ok()
                 .and_then(|v| entry.versions.get(&v))
         };
-        found
+        let found = found
             .cloned()
             .ok_or_else(|| PredictorError::VersionNotFound {
                 model: name.to_owned(),
                 version: version.to_owned(),
-            })
+            })?;
+        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        Ok(found)
     }
 
     /// The loaded version numbers of a model, ascending.
@@ -207,8 +433,22 @@ impl Repository {
         Ok(entry.versions.keys().copied().collect())
     }
 
-    /// Whether a model (and version, if not empty) can serve.
+    /// Whether a model (and version, if not empty) can serve: one that loads on its next
+    /// request can, when the version is on disk.
     pub fn is_model_ready(&self, name: &str, version: &str) -> Result<bool> {
+        if self
+            .read()
+            .get(name)
+            .is_some_and(|e| e.state.loads_on_request())
+        {
+            return Ok(version.is_empty()
+                || self
+                    .root
+                    .join(name)
+                    .join(version)
+                    .join(MODEL_FILE)
+                    .is_file());
+        }
         match self.get(name, version) {
             Ok(_) => Ok(true),
             Err(PredictorError::ModelNotReady { .. } | PredictorError::VersionNotFound { .. }) => {
@@ -218,11 +458,24 @@ impl Repository {
         }
     }
 
-    /// Ready when every model that should be loaded is: none loading or failed.
+    /// Ready when every model that should be loaded is, or loads on its next request: none
+    /// failed, none loading at start.
     pub fn is_ready(&self) -> bool {
+        self.read().values().all(|e| {
+            matches!(
+                e.state,
+                ModelState::Ready | ModelState::Unloaded | ModelState::Cold(_)
+            )
+        })
+    }
+
+    /// The models a client may call now: loaded, or loading on their next request.
+    pub fn servable(&self) -> Vec<String> {
         self.read()
-            .values()
-            .all(|e| matches!(e.state, ModelState::Ready | ModelState::Unloaded))
+            .iter()
+            .filter(|(_, e)| matches!(e.state, ModelState::Ready | ModelState::Cold(_)))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Every model on disk or known, one line per loaded version, or one for the model.
@@ -253,7 +506,7 @@ impl Repository {
                     name,
                     version: String::new(),
                     state: entry.state.as_str().to_owned(),
-                    reason: entry.state.reason().to_owned(),
+                    reason: entry.state.reason(),
                 }),
                 None => out.push(IndexEntry {
                     name,
@@ -264,6 +517,10 @@ impl Repository {
             }
         }
         out
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn missing(&self, name: &str) -> PredictorError {
@@ -289,7 +546,13 @@ impl Repository {
         }
     }
 
-    fn load_versions(&self, name: &str, dir: &Path) -> Result<BTreeMap<u64, Arc<ModelVersion>>> {
+    /// Loads the versions the policy picks, after making room for them; with the model's
+    /// cache settings and its estimated bytes.
+    fn load_versions(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<(BTreeMap<u64, Arc<ModelVersion>>, ModelPolicy, u64)> {
         let config = ModelConfig::load(name, dir)?;
         let present: Vec<u64> = std::fs::read_dir(dir)
             .map_err(|e| PredictorError::load(name, format!("{}: {e}", dir.display())))?
@@ -309,28 +572,36 @@ impl Repository {
                 ),
             ));
         }
-        chosen
+        let file = |v: u64| dir.join(v.to_string()).join(MODEL_FILE);
+        let on_disk: u64 = chosen
+            .iter()
+            .map(|&v| std::fs::metadata(file(v)).map_or(0, |m| m.len()))
+            .sum();
+        let bytes = on_disk.saturating_mul(config.instance_count.max(1) as u64);
+        self.make_room(name, bytes)?;
+        let versions = chosen
             .into_iter()
             .map(|v| {
-                let file = dir.join(v.to_string()).join(MODEL_FILE);
-                ModelVersion::load(&self.runtime, name, v, &file, &config, &self.metrics)
+                ModelVersion::load(&self.runtime, name, v, &file(v), &config, &self.metrics)
                     .map(|m| (v, Arc::new(m)))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((versions, self.policy.for_model(&config.loading), bytes))
     }
 
     fn set_state(&self, name: &str, state: ModelState, drop_versions: bool) {
         let mut models = self.write();
-        let entry = models.entry(name.to_owned()).or_insert_with(|| ModelEntry {
-            state: ModelState::Loading,
-            versions: BTreeMap::new(),
-        });
+        let policy = self.policy.for_model(&Default::default());
+        let entry = models
+            .entry(name.to_owned())
+            .or_insert_with(|| ModelEntry::new(ModelState::Loading, policy));
         // A reload keeps serving the old versions while it loads.
         if entry.state != ModelState::Ready || drop_versions {
             entry.state = state;
         }
         if drop_versions {
             entry.versions.clear();
+            entry.bytes = 0;
         }
     }
 

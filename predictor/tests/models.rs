@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use meshserve_predictor::{PredictorError, Repository, Runtime, RuntimeOptions};
+use meshserve_predictor::{CachePolicy, PredictorError, Repository, Runtime, RuntimeOptions};
 use meshserve_proto::{
     DataType, InferRequest, InputTensor, Parameters, RequestedOutput, TensorData,
 };
@@ -14,13 +14,20 @@ fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
 }
 
+/// ONNX Runtime allows one environment per process: the tests share it.
+fn runtime() -> Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+    Arc::clone(RUNTIME.get_or_init(|| {
+        Arc::new(
+            Runtime::init(RuntimeOptions::default()).expect("ONNX Runtime (run scripts/setup.sh)"),
+        )
+    }))
+}
+
 fn repository() -> &'static Repository {
     static REPO: OnceLock<Repository> = OnceLock::new();
     REPO.get_or_init(|| {
-        let runtime = Arc::new(
-            Runtime::init(RuntimeOptions::default()).expect("ONNX Runtime (run scripts/setup.sh)"),
-        );
-        let repo = Repository::open(models_dir().join("repository"), runtime).unwrap();
+        let repo = Repository::open(models_dir().join("repository"), runtime()).unwrap();
         assert!(repo.load_all().is_empty());
         repo
     })
@@ -65,43 +72,48 @@ async fn every_reference_fixture_matches() {
                 fixture["version"].as_str().unwrap(),
             )
             .unwrap();
-        let inputs = fixture["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                let (name, shape, data) = tensor(v);
-                InputTensor {
-                    name,
-                    shape,
-                    data,
-                    parameters: Parameters::new(),
-                }
-            })
-            .collect();
-        let response = model
-            .infer(InferRequest {
-                inputs,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let tolerance = fixture["tolerance"].as_f64().unwrap();
-        for expected in fixture["outputs"].as_array().unwrap() {
-            let (name, shape, data) = tensor(expected);
-            let got = response.outputs.iter().find(|o| o.name == name).unwrap();
-            assert_eq!(got.shape, shape, "{}: {name}", fixture["model"]);
-            assert!(
-                close(&got.data, &data, tolerance),
-                "{}: {name}: {:?} vs {:?}",
-                fixture["model"],
-                got.data,
-                data
-            );
-        }
+        answers_as_the_fixture(&model, &fixture).await;
         checked += 1;
     }
     assert!(checked >= 6, "only {checked} fixtures");
+}
+
+/// Runs the fixture's inputs on `model` and checks its outputs against the fixture's.
+async fn answers_as_the_fixture(model: &meshserve_predictor::ModelVersion, fixture: &Value) {
+    let inputs = fixture["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let (name, shape, data) = tensor(v);
+            InputTensor {
+                name,
+                shape,
+                data,
+                parameters: Parameters::new(),
+            }
+        })
+        .collect();
+    let response = model
+        .infer(InferRequest {
+            inputs,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let tolerance = fixture["tolerance"].as_f64().unwrap();
+    for expected in fixture["outputs"].as_array().unwrap() {
+        let (name, shape, data) = tensor(expected);
+        let got = response.outputs.iter().find(|o| o.name == name).unwrap();
+        assert_eq!(got.shape, shape, "{}: {name}", fixture["model"]);
+        assert!(
+            close(&got.data, &data, tolerance),
+            "{}: {name}: {:?} vs {:?}",
+            fixture["model"],
+            got.data,
+            data
+        );
+    }
 }
 
 fn digits_request(rows: i64) -> InferRequest {
@@ -268,4 +280,144 @@ fn a_missing_library_is_a_clear_error() {
         ..Default::default()
     });
     assert!(missing.unwrap_err().to_string().contains("no such file"));
+}
+
+/// A repository of three copies of the CNN, named a, b and c, under `policy`.
+fn three_models(policy: CachePolicy) -> (tempfile::TempDir, Arc<Repository>) {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b", "c"] {
+        let version = dir.path().join(name).join("1");
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::copy(
+            models_dir().join("repository/mnist_cnn/1/model.onnx"),
+            version.join("model.onnx"),
+        )
+        .unwrap();
+    }
+    let repo = Repository::open(dir.path(), runtime())
+        .unwrap()
+        .with_cache(policy);
+    assert!(repo.load_all().is_empty());
+    (dir, Arc::new(repo))
+}
+
+fn metric(repo: &Repository, line_start: &str) -> f64 {
+    let text = repo.encode_metrics();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_budget_for_two_of_three_models_serves_all_three_evicting_the_least_recently_used() {
+    let size = std::fs::metadata(models_dir().join("repository/mnist_cnn/1/model.onnx"))
+        .unwrap()
+        .len();
+    let (_dir, repo) = three_models(CachePolicy {
+        on_demand: true,
+        memory_budget: Some(size * 5 / 2),
+        ..CachePolicy::default()
+    });
+    // Nothing is loaded at start; every model is listed, ready to load.
+    assert!(repo.is_ready());
+    assert_eq!(repo.servable(), ["a", "b", "c"]);
+    assert!(repo.index(true).is_empty());
+    assert!(repo.is_model_ready("a", "").unwrap());
+    let fixture: Value = serde_json::from_slice(
+        &std::fs::read(models_dir().join("reference/mnist_cnn_v1.json")).unwrap(),
+    )
+    .unwrap();
+    for (i, name) in ["a", "b", "c", "a", "b", "c", "a", "b", "c"]
+        .iter()
+        .enumerate()
+    {
+        let model = repo.acquire(name, "").await.unwrap();
+        answers_as_the_fixture(&model, &fixture).await;
+        let loaded: Vec<String> = repo.index(true).into_iter().map(|e| e.name).collect();
+        assert_eq!(loaded.len(), (i + 1).min(2), "{name}: {loaded:?}");
+        assert!(loaded.contains(&(*name).to_owned()));
+    }
+    // Round-robin over three with room for two: every request but the first two evicted the
+    // least recently used, the model wanted next.
+    let index = repo.index(false);
+    let evicted = index.iter().find(|e| e.state != "READY").unwrap();
+    assert_eq!(evicted.name, "a");
+    assert!(evicted.reason.contains("memory budget"), "{evicted:?}");
+    let evictions: f64 = ["a", "b", "c"]
+        .iter()
+        .map(|m| {
+            metric(
+                &repo,
+                &format!("meshserve_evictions_total{{model=\"{m}\",reason=\"budget\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(evictions, 7.0);
+    assert_eq!(
+        metric(&repo, "meshserve_instance_used_bytes"),
+        (2 * size) as f64
+    );
+    assert_eq!(
+        metric(&repo, "meshserve_instance_capacity_bytes"),
+        (size * 5 / 2) as f64
+    );
+    for m in ["a", "b", "c"] {
+        assert_eq!(
+            metric(
+                &repo,
+                &format!("meshserve_cache_miss_milliseconds_count{{model=\"{m}\"}}")
+            ),
+            3.0
+        );
+    }
+    // A model over the whole budget says so.
+    let (_small, tight) = three_models(CachePolicy {
+        on_demand: true,
+        memory_budget: Some(size / 2),
+        ..CachePolicy::default()
+    });
+    let error = tight.acquire("a", "").await.unwrap_err().to_string();
+    assert!(error.contains("over the memory budget"), "{error}");
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_a_cold_model_share_one_load_and_idle_models_unload() {
+    let idle = std::time::Duration::from_millis(400);
+    let (_dir, repo) = three_models(CachePolicy {
+        on_demand: true,
+        idle_unload: Some(idle),
+        ..CachePolicy::default()
+    });
+    let waiting: Vec<_> = (0..16)
+        .map(|_| {
+            let repo = Arc::clone(&repo);
+            tokio::spawn(async move { repo.acquire("b", "").await.map(|m| m.version()) })
+        })
+        .collect();
+    for request in waiting {
+        assert_eq!(request.await.unwrap().unwrap(), 1);
+    }
+    assert_eq!(
+        metric(&repo, "meshserve_loadmodel_milliseconds_count{model=\"b\"}"),
+        1.0
+    );
+    // Used just now: it stays.
+    assert_eq!(repo.unload_idle(), 0);
+    let deadline = std::time::Instant::now() + idle * 10;
+    while repo.unload_idle() == 0 {
+        assert!(std::time::Instant::now() < deadline, "b never unloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let b = repo
+        .index(false)
+        .into_iter()
+        .find(|e| e.name == "b")
+        .unwrap();
+    assert!(b.reason.contains("without a request"), "{b:?}");
+    // The next request loads it again.
+    assert_eq!(repo.acquire("b", "").await.unwrap().version(), 1);
+    // A model unloaded through the API stays out.
+    repo.unload("c").unwrap();
+    assert!(repo.acquire("c", "").await.is_err());
 }

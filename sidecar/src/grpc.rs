@@ -63,15 +63,15 @@ fn failed(error: ApiError) -> Status {
 impl GrpcService {
     async fn infer(&self, message: ModelInferRequest) -> Result<ModelInferResponse, Status> {
         let permit = self.service.admit().map_err(failed)?;
-        let (prepared, took) = timed(preprocess_span(), || {
-            let (model, version, request) = request_from_grpc(message)?;
-            if let Some(explained) = self.service.explained_model(&model, &version) {
-                return Ok::<_, ApiError>((explained, request, Some(model)));
-            }
-            let found = self.service.model(&model, &version)?;
-            Ok((found, request, None))
-        });
-        let (found, request, explainer) = prepared.map_err(failed)?;
+        let (prepared, took) = timed(preprocess_span(), || request_from_grpc(message));
+        let (model, version, request) = prepared.map_err(|e| failed(e.into()))?;
+        let (found, explainer) = match self.service.explained_model(&model, &version).await {
+            Some(explained) => (explained, Some(model)),
+            None => (
+                self.service.model(&model, &version).await.map_err(failed)?,
+                None,
+            ),
+        };
         if let Some(name) = explainer {
             // MLServer's form of `:explain`: one permit for the whole explanation.
             let _permit = permit;
@@ -144,9 +144,11 @@ impl GrpcInferenceService for GrpcService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
         let repository = self.service.repository();
-        let model = repository
-            .get(&request.name, &request.version)
-            .map_err(|e| failed(e.into()))?;
+        let model = self
+            .service
+            .model(&request.name, &request.version)
+            .await
+            .map_err(failed)?;
         let versions = repository
             .versions(&request.name)
             .map_err(|e| failed(e.into()))?;

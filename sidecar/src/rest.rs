@@ -237,7 +237,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             }),
         )),
         Route::ModelMetadata { model, version } => {
-            let found = repository.get(&model, &version)?;
+            let found = service.model(&model, &version).await?;
             let versions = repository
                 .versions(&model)?
                 .iter()
@@ -262,7 +262,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             ))
         }
         Route::Infer { model, version } => {
-            if let Some(explained) = service.explained_model(&model, &version) {
+            if let Some(explained) = service.explained_model(&model, &version).await {
                 // One permit for the whole explanation, as for V1's `:explain`.
                 let _permit = service.admit()?;
                 let (headers, body) = read_body(request, service.limits()).await?;
@@ -279,7 +279,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
                 let response = crate::explain::explain_v2(explained, &model, request).await?;
                 return Ok(infer_response(&response, &parameters, &requested));
             }
-            let found = service.model(&model, &version)?;
+            let found = service.model(&model, &version).await?;
             let permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits()).await?;
             check_content_type(&headers)?;
@@ -336,15 +336,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(json_response(StatusCode::OK, b"{}".to_vec()))
         }
         Route::V1Models => {
-            let models: Vec<String> = repository.index(true).into_iter().map(|e| e.name).fold(
-                Vec::new(),
-                |mut names, name| {
-                    if names.last() != Some(&name) {
-                        names.push(name);
-                    }
-                    names
-                },
-            );
+            let models = repository.servable();
             Ok(json_response(
                 StatusCode::OK,
                 to_json(&json!({"models": models})),
@@ -358,7 +350,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             ))
         }
         Route::V1Explain(model) => {
-            let found = service.model(&model, "")?;
+            let found = service.model(&model, "").await?;
             // One permit for the whole explanation: its model runs are this request's.
             let _permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits()).await?;
@@ -374,7 +366,7 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(json_response(StatusCode::OK, to_json(&answer)))
         }
         Route::V1Predict(model) => {
-            let found = service.model(&model, "")?;
+            let found = service.model(&model, "").await?;
             let permit = service.admit()?;
             let (headers, body) = read_body(request, service.limits()).await?;
             check_content_type(&headers)?;

@@ -12,7 +12,7 @@ use clap::Args;
 use clap::builder::TypedValueParser as _;
 use meshserve_filter_core::sink::SinkSpec;
 use meshserve_filter_core::transform::Transformer;
-use meshserve_predictor::{Device, Repository, Runtime, RuntimeOptions};
+use meshserve_predictor::{CachePolicy, Device, Repository, Runtime, RuntimeOptions};
 
 use crate::payloads::{Intake, PayloadSettings};
 use crate::server::{ListenConfig, Server};
@@ -126,6 +126,22 @@ pub struct ServeArgs {
     /// connection closes. (Its headers get 10 s.)
     #[arg(long, default_value_t = Limits::default().body_read_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "MESHSERVE_BODY_READ_TIMEOUT_SECS")]
     pub body_read_timeout_secs: u64,
+    /// Models load on their first request instead of at start (the request waits for the
+    /// load); a model's config.yaml `loading.on_demand` wins.
+    #[arg(long, env = "MESHSERVE_LOAD_ON_DEMAND")]
+    pub load_on_demand: bool,
+    /// Seconds without a request after which a loaded model is unloaded; it loads again on
+    /// its next request (0: never). A model's config.yaml `loading.idle_unload_secs` wins.
+    #[arg(long, default_value_t = 0, env = "MESHSERVE_MODEL_IDLE_UNLOAD_SECS")]
+    pub model_idle_unload_secs: u64,
+    /// The most bytes of models in memory at once (an estimate: ONNX files times
+    /// instance_count), e.g. 512Mi or 2G; a load past it evicts the least recently used
+    /// models first. Default: no budget.
+    #[arg(long, env = "MESHSERVE_MODEL_MEMORY_BUDGET", value_parser = meshserve_predictor::cache::parse_bytes)]
+    pub model_memory_budget: Option<u64>,
+    /// Seconds a request waits for its model to load; then 503 / UNAVAILABLE (the load goes on).
+    #[arg(long, default_value_t = meshserve_predictor::cache::DEFAULT_LOAD_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..), env = "MESHSERVE_MODEL_LOAD_TIMEOUT_SECS")]
+    pub model_load_timeout_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -317,7 +333,14 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
             ));
         }
     };
-    let repository = Arc::new(Repository::open(&root, Arc::new(runtime))?);
+    let cache = CachePolicy {
+        on_demand: args.load_on_demand,
+        idle_unload: (args.model_idle_unload_secs > 0)
+            .then(|| Duration::from_secs(args.model_idle_unload_secs)),
+        memory_budget: args.model_memory_budget,
+        load_timeout: Duration::from_secs(args.model_load_timeout_secs),
+    };
+    let repository = Arc::new(Repository::open(&root, Arc::new(runtime))?.with_cache(cache));
     let loader = Arc::clone(&repository);
     let failures = tokio::task::spawn_blocking(move || loader.load_all())
         .await
@@ -353,6 +376,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
         service = service.with_intake(intake);
     }
     let service = Arc::new(service);
+    tokio::spawn(unload_idle_models(Arc::downgrade(service.repository())));
     let server = Server::start(
         service,
         ListenConfig {
@@ -366,4 +390,20 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
     tracing::info!("listening on grpc={}", server.grpc_addr);
     server.run_until(stop_signal()).await;
     Ok(())
+}
+
+/// How often loaded models are checked for their idle time.
+const IDLE_SWEEP: Duration = Duration::from_millis(250);
+
+/// Unloads idle models on a timer, for as long as the repository lives.
+async fn unload_idle_models(repository: std::sync::Weak<Repository>) {
+    let mut tick = tokio::time::interval(IDLE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(repository) = repository.upgrade() else {
+            return;
+        };
+        repository.unload_idle();
+    }
 }

@@ -160,19 +160,25 @@ impl Service {
             })
     }
 
-    /// The model version a request names (`version` `""`: the latest).
-    pub fn model(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ApiError> {
-        Ok(self.repository.get(name, version)?)
+    /// The model version a request names (`version` `""`: the latest), loaded first when it
+    /// loads on demand and is not in memory (the request waits for the load, bounded).
+    pub async fn model(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, ApiError> {
+        Ok(self.repository.acquire(name, version).await?)
     }
 
     /// The model `<m>-explainer` explains, when no model of that name is served and `<m>` has
     /// a built-in explainer (MLServer's form of `:explain`, on REST and gRPC).
-    pub fn explained_model(&self, name: &str, version: &str) -> Option<Arc<ModelVersion>> {
+    pub async fn explained_model(&self, name: &str, version: &str) -> Option<Arc<ModelVersion>> {
         let base = name.strip_suffix(crate::explain::EXPLAINER_SUFFIX)?;
-        if self.model(name, version).is_ok() {
+        if self
+            .repository
+            .is_model_ready(name, version)
+            .unwrap_or(false)
+        {
             return None;
         }
         self.model(base, version)
+            .await
             .ok()
             .filter(|m| m.config().explainer.is_some())
     }
@@ -192,14 +198,9 @@ impl Service {
         result
     }
 
-    /// Loads or reloads a model on the blocking pool.
+    /// Loads or reloads a model on the blocking pool, in its turn among the loads.
     pub async fn load(&self, name: &str) -> Result<(), ApiError> {
-        let repository = Arc::clone(&self.repository);
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || repository.load(&name))
-            .await
-            .map_err(|e| ApiError::Internal(format!("load task failed: {e}")))?
-            .map_err(ApiError::from)
+        self.repository.load_now(name).await.map_err(ApiError::from)
     }
 
     pub fn unload(&self, name: &str) -> Result<(), ApiError> {
