@@ -230,7 +230,15 @@ impl Repository {
     /// [`Repository::load_now`].
     pub fn load(&self, name: &str) -> Result<()> {
         let dir = self.model_dir(name)?;
-        self.set_state(name, ModelState::Loading, false);
+        // A model loading on demand stays cold while it loads: the server stays ready (its
+        // requests wait for the load) instead of reporting not ready while a request waits.
+        let cold = matches!(
+            self.read().get(name).map(|e| &e.state),
+            Some(ModelState::Cold(_))
+        );
+        if !cold {
+            self.set_state(name, ModelState::Loading, false);
+        }
         let started = Instant::now();
         match self.load_versions(name, &dir) {
             Ok((versions, policy, bytes)) => {

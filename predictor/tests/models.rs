@@ -395,6 +395,8 @@ async fn concurrent_requests_for_a_cold_model_share_one_load_and_idle_models_unl
             tokio::spawn(async move { repo.acquire("b", "").await.map(|m| m.version()) })
         })
         .collect();
+    // The server stays ready while the load runs.
+    assert!(repo.is_ready());
     for request in waiting {
         assert_eq!(request.await.unwrap().unwrap(), 1);
     }
