@@ -152,10 +152,6 @@ impl Repository {
         Repository { policy, ..self }
     }
 
-    pub fn cache_policy(&self) -> &CachePolicy {
-        &self.policy
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -265,10 +261,7 @@ impl Repository {
     /// Loads, or reloads, a model on the blocking pool, after the load running now.
     pub async fn load_now(self: &Arc<Self>, name: &str) -> Result<()> {
         let _turn = Arc::clone(&self.loading).lock_owned().await;
-        let (repository, name) = (Arc::clone(self), name.to_owned());
-        tokio::task::spawn_blocking(move || repository.load(&name))
-            .await
-            .map_err(|e| PredictorError::load("*", format!("the load task failed: {e}")))?
+        Arc::clone(self).load_blocking(name.to_owned()).await
     }
 
     /// Unloads a model; its directory stays, so it can be loaded again.
@@ -286,12 +279,10 @@ impl Repository {
     /// on demand and is not in memory: the request waits for the load, up to the policy's
     /// `load_timeout`.
     pub async fn acquire(self: &Arc<Self>, name: &str, version: &str) -> Result<Arc<ModelVersion>> {
-        let cold = self
-            .read()
-            .get(name)
-            .is_some_and(|e| e.state.loads_on_request());
-        if !cold {
-            return self.get(name, version);
+        // The warm path: one look.
+        match self.get(name, version) {
+            Err(_) if self.is_cold(name) => {}
+            found => return found,
         }
         let started = Instant::now();
         let load = tokio::spawn(Arc::clone(self).load_cold(name.to_owned()));
@@ -300,7 +291,7 @@ impl Repository {
                 return Err(PredictorError::ModelNotReady {
                     model: name.to_owned(),
                     reason: format!(
-                        "it is loading and was not ready within {} s; retry",
+                        "it is loading and was not ready within {} s (--model-load-timeout-secs); retry",
                         self.policy.load_timeout.as_secs()
                     ),
                 });
@@ -322,15 +313,22 @@ impl Repository {
     /// load of the same model finds it loaded.
     async fn load_cold(self: Arc<Self>, name: String) -> Result<()> {
         let _turn = Arc::clone(&self.loading).lock_owned().await;
-        let cold = self
-            .read()
-            .get(&name)
-            .is_some_and(|e| e.state.loads_on_request());
-        if !cold {
+        if !self.is_cold(&name) {
             return Ok(());
         }
-        let repository = Arc::clone(&self);
-        tokio::task::spawn_blocking(move || repository.load(&name))
+        self.load_blocking(name).await
+    }
+
+    /// Whether a request for `name` waits for a load rather than failing.
+    fn is_cold(&self, name: &str) -> bool {
+        self.read()
+            .get(name)
+            .is_some_and(|e| e.state.loads_on_request())
+    }
+
+    /// [`Repository::load`] on the blocking pool.
+    async fn load_blocking(self: Arc<Self>, name: String) -> Result<()> {
+        tokio::task::spawn_blocking(move || self.load(&name))
             .await
             .map_err(|e| PredictorError::load("*", format!("the load task failed: {e}")))?
     }
@@ -444,11 +442,7 @@ impl Repository {
     /// Whether a model (and version, if not empty) can serve: one that loads on its next
     /// request can, when the version is on disk.
     pub fn is_model_ready(&self, name: &str, version: &str) -> Result<bool> {
-        if self
-            .read()
-            .get(name)
-            .is_some_and(|e| e.state.loads_on_request())
-        {
+        if self.is_cold(name) {
             return Ok(version.is_empty()
                 || self
                     .root
