@@ -145,6 +145,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30, env = "MESHSERVE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
+    /// Milliseconds the sidecar goes on serving after SIGTERM, reporting not ready, before it
+    /// stops accepting: for the proxies in front to see it go (0: stop accepting at once).
+    #[arg(long, default_value_t = 0, env = "MESHSERVE_DRAIN_GRACE_MS")]
+    pub drain_grace_ms: u64,
     /// Apply this transformer (an InferenceService YAML with `spec.transformer`, or the
     /// transformer alone, YAML or JSON) to V1 predict and V2 infer requests that did not come
     /// through meshserve's Envoy filter (those carry `x-meshserve-transformed`).
@@ -383,6 +387,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
             http: SocketAddr::new(args.host, args.http_port),
             grpc: SocketAddr::new(args.host, args.grpc_port),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            drain_grace: Duration::from_millis(args.drain_grace_ms),
         },
     )
     .await?;

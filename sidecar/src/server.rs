@@ -29,6 +29,10 @@ pub struct ListenConfig {
     pub grpc: SocketAddr,
     /// How long in-flight requests get to finish after a stop signal.
     pub drain_timeout: Duration,
+    /// How long the server goes on accepting requests after a stop signal, reporting not
+    /// ready, before it closes its listeners: the time the proxies in front need to see it
+    /// is going (Kubernetes' preStop sleep; meshserve's activator probes every 500 ms).
+    pub drain_grace: Duration,
 }
 
 /// A running server: its bound addresses, and a handle to stop it.
@@ -48,18 +52,24 @@ impl Server {
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         let (stop, stopped) = watch::channel(false);
+        // The listeners close after the grace, not at the stop signal.
+        let (close, closed) = watch::channel(false);
 
         let http_task = tokio::spawn(serve_http(
             http,
             Arc::clone(&service),
-            stopped.clone(),
+            closed.clone(),
             config.drain_timeout,
         ));
-        let grpc_task = tokio::spawn(serve_grpc(grpc, Arc::clone(&service), stopped.clone()));
+        let grpc_task = tokio::spawn(serve_grpc(grpc, Arc::clone(&service), closed));
         let done = tokio::spawn(async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
             service.start_draining();
+            if !config.drain_grace.is_zero() {
+                tokio::time::sleep(config.drain_grace).await;
+            }
+            let _ = close.send(true);
             if tokio::time::timeout(config.drain_timeout, service.drained())
                 .await
                 .is_err()

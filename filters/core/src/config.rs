@@ -47,6 +47,33 @@ pub struct Limits {
     /// answer fails the step (502).
     #[serde(default = "default_graph_answer_bytes")]
     pub graph_answer_bytes: usize,
+    /// Requests held at once for one revision that is waking from zero (default 256); past
+    /// it, 503 at once (see [`crate::activator`]).
+    #[serde(default = "default_held_per_revision")]
+    pub held_per_revision: usize,
+    /// Requests held at once for all revisions, per Envoy worker (default 1024).
+    #[serde(default = "default_held_total")]
+    pub held_total: usize,
+    /// The longest a request is held for a waking revision, in ms (default 60 000, at most
+    /// [`MAX_HOLD_MS`], below Envoy's stream idle timeout); then 503 with `Retry-After`.
+    #[serde(default = "default_hold_ms")]
+    pub hold_ms: u64,
+}
+
+/// The longest hold a configuration may ask for: under Envoy's default stream idle timeout
+/// (300 s), which would end a held stream first.
+pub const MAX_HOLD_MS: u64 = 240_000;
+
+fn default_held_per_revision() -> usize {
+    crate::activator::HoldLimits::default().per_revision
+}
+
+fn default_held_total() -> usize {
+    crate::activator::HoldLimits::default().total
+}
+
+fn default_hold_ms() -> u64 {
+    crate::activator::HoldLimits::default().hold_ms
 }
 
 impl Default for Limits {
@@ -54,6 +81,9 @@ impl Default for Limits {
         Limits {
             grpc_peek_bytes: default_grpc_peek_bytes(),
             graph_answer_bytes: default_graph_answer_bytes(),
+            held_per_revision: default_held_per_revision(),
+            held_total: default_held_total(),
+            hold_ms: default_hold_ms(),
         }
     }
 }
@@ -140,6 +170,25 @@ pub struct Revision {
     /// Payload logging; its events go to the sidecar behind `cluster`.
     #[serde(default)]
     pub logger: Option<LoggerConfig>,
+    /// The revision may be at zero replicas: the router holds its requests while it wakes.
+    #[serde(default)]
+    pub scale_to_zero: Option<ScaleToZero>,
+}
+
+/// How a revision at zero is woken (see [`crate::activator`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleToZero {
+    /// A call that starts the revision (a POST to `path` on Envoy's cluster `cluster`); none:
+    /// something else starts it (an autoscaler reading the held-requests gauge).
+    pub wake: Option<WakeCall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WakeCall {
+    pub cluster: String,
+    pub path: String,
 }
 
 /// A revision with a share of traffic, in whole percent.
@@ -152,6 +201,8 @@ pub struct Canary {
     pub percent: i64,
     #[serde(default)]
     pub logger: Option<LoggerConfig>,
+    #[serde(default)]
+    pub scale_to_zero: Option<ScaleToZero>,
 }
 
 impl Canary {
@@ -161,6 +212,7 @@ impl Canary {
             cluster: self.cluster.clone(),
             grpc_cluster: self.grpc_cluster.clone(),
             logger: self.logger.clone(),
+            scale_to_zero: self.scale_to_zero.clone(),
         }
     }
 }
@@ -245,12 +297,50 @@ impl Config {
         self.hold_headers
     }
 
+    /// The activator's limits.
+    pub fn hold_limits(&self) -> crate::activator::HoldLimits {
+        crate::activator::HoldLimits {
+            per_revision: self.limits.held_per_revision,
+            total: self.limits.held_total,
+            hold_ms: self.limits.hold_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Every revision that may be at zero: its name, its REST cluster (where readiness is
+    /// asked) and how it is woken.
+    pub fn scale_to_zero(&self) -> Vec<(Revision, ScaleToZero)> {
+        self.services
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(s.predictor.default.clone())
+                    .chain(s.predictor.canaries.iter().map(Canary::revision))
+            })
+            .filter_map(|r| {
+                let scale = r.scale_to_zero.clone()?;
+                Some((r, scale))
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |path: String, message: String| Err(ConfigError(format!("{path}: {message}")));
         if self.services.is_empty() {
             return fail(
                 "services".into(),
                 "at least one InferenceService is needed".into(),
+            );
+        }
+        if !(1..=MAX_HOLD_MS).contains(&self.limits.hold_ms) {
+            return fail(
+                "limits.hold_ms".into(),
+                format!("must be from 1 to {MAX_HOLD_MS} (Envoy's stream idle timeout is 300 s)"),
+            );
+        }
+        if self.limits.held_per_revision == 0 || self.limits.held_total == 0 {
+            return fail(
+                "limits.held_per_revision, limits.held_total".into(),
+                "must be at least 1".into(),
             );
         }
         if self.limits.grpc_peek_bytes < 16 {

@@ -2,6 +2,7 @@
 //! (`filters/wasm`) feeds requests in and applies the [`route::Decision`] that comes out; no
 //! clock, randomness or host call happens here, so every decision is tested natively.
 //!
+//! - [`activator`]: holding requests for a revision that scales from zero while it wakes.
 //! - [`config`]: the filter configuration (rendered from InferenceServices), validated once.
 //! - [`protocol`]: what a request is: KServe V1, Open Inference Protocol REST or gRPC.
 //! - [`grpc`]: the model name read from the first bytes of a gRPC request.
@@ -21,6 +22,7 @@
     )
 )]
 
+pub mod activator;
 pub mod config;
 pub mod graph;
 pub mod grpc;

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use meshserve_filter_core::config::Config;
+use meshserve_filter_core::activator::{Activator, Admit, Effect, RETRY_AFTER_SECS};
+use meshserve_filter_core::config::{Config, WakeCall};
 use meshserve_filter_core::graph::{GRAPH_HEADER, STEP_HEADER};
 use meshserve_filter_core::route::{
     CLUSTER_HEADER, COMPONENT_HEADER, Choice, Decision, ISVC_HEADER, NAMESPACE_HEADER,
@@ -38,6 +39,13 @@ const SHADOW_COMPARE_LIMIT: usize = 1 << 20;
 const SHADOW_TICK: Duration = Duration::from_millis(5);
 /// How long a shadow call may take.
 const SHADOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the activator's clock runs while a revision may be at zero.
+const ACTIVATOR_TICK: Duration = Duration::from_millis(10);
+/// How long a readiness probe or a wake call may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const WAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where a revision's readiness is asked (the Open Inference Protocol's server readiness).
+const READY_PATH: &str = "/v2/health/ready";
 
 /// A shadow copy waiting for both answers.
 #[derive(Debug, Default)]
@@ -69,6 +77,23 @@ struct Shared {
     pending: Vec<PendingShadow>,
     shadows: HashMap<u64, ShadowCall>,
     tokens: HashMap<u32, u64>,
+    /// Requests held for revisions waking from zero.
+    activator: Activator,
+    /// Per revision that may be at zero: its REST cluster and its wake call.
+    targets: HashMap<String, (String, Option<WakeCall>)>,
+    /// What streams asked of the activator; the root applies it on its tick, so the answers
+    /// of its calls reach the root, whatever becomes of the streams.
+    effects: Vec<Effect>,
+    probes: HashMap<u32, String>,
+    wakes: HashMap<u32, String>,
+}
+
+/// Milliseconds of the host's clock.
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Shared {
@@ -122,12 +147,14 @@ impl Shared {
 }
 
 pub(crate) struct RouterRoot {
+    context_id: u32,
     shared: Rc<RefCell<Shared>>,
 }
 
 impl RouterRoot {
     pub(crate) fn new(context_id: u32) -> Self {
         RouterRoot {
+            context_id,
             shared: Rc::new(RefCell::new(Shared {
                 config: None,
                 counters: Counters::default(),
@@ -136,6 +163,11 @@ impl RouterRoot {
                 pending: Vec::new(),
                 shadows: HashMap::new(),
                 tokens: HashMap::new(),
+                activator: Activator::default(),
+                targets: HashMap::new(),
+                effects: Vec::new(),
+                probes: HashMap::new(),
+                wakes: HashMap::new(),
             })),
         }
     }
@@ -152,6 +184,22 @@ impl Context for RouterRoot {
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten();
+        {
+            let mut shared = self.shared.borrow_mut();
+            if let Some(revision) = shared.probes.remove(&token) {
+                let ready = status.as_deref() == Some("200");
+                let effects = shared.activator.probed(&revision, ready, now_ms());
+                drop(shared);
+                self.apply_effects(effects);
+                return;
+            }
+            if let Some(revision) = shared.wakes.remove(&token) {
+                if !status.as_deref().is_some_and(|s| s.starts_with('2')) {
+                    log::warn!("the wake call for revision {revision} answered {status:?}");
+                }
+                return;
+            }
+        }
         let body = if status.as_deref().is_some_and(|s| s.starts_with('2')) {
             hostcalls::get_buffer(
                 BufferType::HttpCallResponseBody,
@@ -187,9 +235,27 @@ impl RootContext for RouterRoot {
                     .services()
                     .iter()
                     .any(|s| s.predictor.shadow.is_some());
-                self.shared.borrow_mut().config = Some(Rc::new(config));
-                // Shadow copies leave from the root, on a tick.
-                let period = if shadows { SHADOW_TICK } else { Duration::ZERO };
+                let targets: HashMap<String, (String, Option<WakeCall>)> = config
+                    .scale_to_zero()
+                    .into_iter()
+                    .map(|(r, scale)| (r.name, (r.cluster, scale.wake)))
+                    .collect();
+                let activating = !targets.is_empty();
+                let effects = {
+                    let mut shared = self.shared.borrow_mut();
+                    shared.activator.set_limits(config.hold_limits());
+                    let effects = shared.activator.watch(targets.keys().map(String::as_str));
+                    shared.targets = targets;
+                    shared.config = Some(Rc::new(config));
+                    effects
+                };
+                self.apply_effects(effects);
+                // Shadow copies leave from the root, on a tick; the activator runs on one.
+                let period = match (shadows, activating) {
+                    (true, _) => SHADOW_TICK,
+                    (false, true) => ACTIVATOR_TICK,
+                    (false, false) => Duration::ZERO,
+                };
                 if let Err(status) = hostcalls::set_tick_period(period) {
                     log::warn!("cannot set the tick period: {status:?}");
                 }
@@ -200,6 +266,15 @@ impl RootContext for RouterRoot {
     }
 
     fn on_tick(&mut self) {
+        let effects = {
+            let mut shared = self.shared.borrow_mut();
+            let mut effects = std::mem::take(&mut shared.effects);
+            if !shared.targets.is_empty() {
+                effects.extend(shared.activator.tick(now_ms()));
+            }
+            effects
+        };
+        self.apply_effects(effects);
         let pending = std::mem::take(&mut self.shared.borrow_mut().pending);
         for shadow in pending {
             let mut headers: Vec<(&str, &str)> = shadow
@@ -233,9 +308,10 @@ impl RootContext for RouterRoot {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.shared.borrow().config.clone()?;
         Some(Box::new(RouterStream {
+            context_id,
             shared: Rc::clone(&self.shared),
             config,
             waiting_for_body: false,
@@ -253,7 +329,147 @@ impl RootContext for RouterRoot {
     }
 }
 
+impl RouterRoot {
+    /// Applies the activator's effects: probes and wake calls leave from the root (their
+    /// answers come back here), held streams are resumed or answered in their own context.
+    fn apply_effects(&self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Probe(revision) => self.probe(revision),
+                Effect::Wake(revision) => self.wake(revision),
+                Effect::Resume(context) => {
+                    let resumed = hostcalls::set_effective_context(context)
+                        .and_then(|()| hostcalls::resume_http_request());
+                    if let Err(status) = resumed {
+                        log::warn!("cannot resume held stream {context}: {status:?}");
+                    }
+                }
+                Effect::Refuse(context, reply) => {
+                    if let Err(status) = hostcalls::set_effective_context(context) {
+                        log::warn!("cannot answer held stream {context}: {status:?}");
+                        continue;
+                    }
+                    send_reply(&mut self.shared.borrow_mut(), &reply);
+                }
+                Effect::Held(revision, delta) => self.shared.borrow_mut().counters.add_to_gauge(
+                    "held",
+                    &[("revision", &revision)],
+                    delta,
+                ),
+            }
+            // Back in the root's context: the calls it makes answer to it.
+            if let Err(status) = hostcalls::set_effective_context(self.context_id) {
+                log::warn!("cannot return to the router's root context: {status:?}");
+            }
+        }
+    }
+
+    fn probe(&self, revision: String) {
+        let cluster = self
+            .shared
+            .borrow()
+            .targets
+            .get(&revision)
+            .map(|t| t.0.clone());
+        let sent = cluster
+            .ok_or(proxy_wasm::types::Status::NotFound)
+            .and_then(|cluster| {
+                hostcalls::dispatch_http_call(
+                    &cluster,
+                    vec![
+                        (":method", "GET"),
+                        (":path", READY_PATH),
+                        (":authority", "meshserve-activator"),
+                    ],
+                    None,
+                    Vec::new(),
+                    PROBE_TIMEOUT,
+                )
+            });
+        match sent {
+            Ok(token) => {
+                self.shared.borrow_mut().probes.insert(token, revision);
+            }
+            Err(status) => {
+                log::warn!("cannot ask revision {revision} whether it is ready: {status:?}");
+                let effects = self
+                    .shared
+                    .borrow_mut()
+                    .activator
+                    .probed(&revision, false, now_ms());
+                self.apply_effects(effects);
+            }
+        }
+    }
+
+    fn wake(&self, revision: String) {
+        let call = self
+            .shared
+            .borrow()
+            .targets
+            .get(&revision)
+            .and_then(|t| t.1.clone());
+        let Some(call) = call else {
+            return;
+        };
+        let sent = hostcalls::dispatch_http_call(
+            &call.cluster,
+            vec![
+                (":method", "POST"),
+                (":path", &call.path),
+                (":authority", "meshserve-activator"),
+                ("content-length", "0"),
+            ],
+            None,
+            Vec::new(),
+            WAKE_TIMEOUT,
+        );
+        match sent {
+            Ok(token) => {
+                self.shared.borrow_mut().wakes.insert(token, revision);
+            }
+            Err(status) => log::warn!("cannot send the wake call for {revision}: {status:?}"),
+        }
+    }
+}
+
+/// Sends a local reply in the current stream's context, and counts it.
+fn send_reply(shared: &mut Shared, reply: &Reply) {
+    let outcome = format!("replied_{}", reply.status);
+    shared.counters.increment(
+        "requests",
+        &[
+            ("isvc", "none"),
+            ("revision", "none"),
+            ("outcome", &outcome),
+        ],
+    );
+    let retry_after = RETRY_AFTER_SECS.to_string();
+    let retry = reply.status == 503;
+    let result = if reply.grpc {
+        let status = reply.grpc_status().to_string();
+        let mut headers = vec![
+            ("content-type", "application/grpc"),
+            ("grpc-status", status.as_str()),
+        ];
+        let message = reply.grpc_message();
+        headers.push(("grpc-message", &message));
+        hostcalls::send_http_response(200, headers, None)
+    } else {
+        let body = reply.json_body();
+        let mut headers = vec![("content-type", "application/json")];
+        if retry {
+            headers.push(("retry-after", &retry_after));
+        }
+        hostcalls::send_http_response(u32::from(reply.status), headers, Some(body.as_bytes()))
+    };
+    if let Err(status) = result {
+        log::warn!("cannot send the local reply: {status:?}");
+    }
+}
+
 struct RouterStream {
+    context_id: u32,
     shared: Rc<RefCell<Shared>>,
     config: Rc<Config>,
     /// A gRPC request whose model name is still to come in the body.
@@ -306,8 +522,11 @@ impl RouterStream {
             }
             Decision::Route(route) => {
                 self.waiting_for_body = false;
+                let revision = route.revision.clone();
                 self.route_to(route, end_of_stream);
-                Action::Continue
+                let grpc = request_header("content-type")
+                    .is_some_and(|t| t.starts_with("application/grpc"));
+                self.activate(&revision, grpc)
             }
             Decision::Graph(_) if on_hop_listener() => {
                 self.reply(&Reply {
@@ -352,36 +571,31 @@ impl RouterStream {
     }
 
     fn reply(&self, reply: &Reply) {
-        let outcome = format!("replied_{}", reply.status);
-        self.shared.borrow_mut().counters.increment(
-            "requests",
-            &[
-                ("isvc", "none"),
-                ("revision", "none"),
-                ("outcome", &outcome),
-            ],
-        );
-        let result = if reply.grpc {
-            let status = reply.grpc_status().to_string();
-            hostcalls::send_http_response(
-                200,
-                vec![
-                    ("content-type", "application/grpc"),
-                    ("grpc-status", &status),
-                    ("grpc-message", &reply.grpc_message()),
-                ],
-                None,
-            )
-        } else {
-            let body = reply.json_body();
-            hostcalls::send_http_response(
-                u32::from(reply.status),
-                vec![("content-type", "application/json")],
-                Some(body.as_bytes()),
-            )
+        send_reply(&mut self.shared.borrow_mut(), reply);
+    }
+
+    /// Holds the request while its revision wakes from zero, or refuses it over a cap:
+    /// `Pause` then, `Continue` for a warm revision.
+    fn activate(&mut self, revision: &str, grpc: bool) -> Action {
+        let admit = {
+            let mut shared = self.shared.borrow_mut();
+            if shared.targets.is_empty() {
+                return Action::Continue;
+            }
+            let (admit, effects) =
+                shared
+                    .activator
+                    .admit(revision, self.context_id, grpc, now_ms());
+            shared.effects.extend(effects);
+            admit
         };
-        if let Err(status) = result {
-            log::warn!("cannot send the local reply: {status:?}");
+        match admit {
+            Admit::Pass => Action::Continue,
+            Admit::Hold => Action::Pause,
+            Admit::Refuse(reply) => {
+                self.reply(&reply);
+                Action::Pause
+            }
         }
     }
 
@@ -546,6 +760,10 @@ impl HttpContext for RouterStream {
                 self.send_shadow();
             }
         }
+        // A held request's body waits with it (Envoy buffers it, up to its buffer limit).
+        if self.shared.borrow().activator.is_held(self.context_id) {
+            return Action::Pause;
+        }
         Action::Continue
     }
 
@@ -596,6 +814,12 @@ impl HttpContext for RouterStream {
     }
 
     fn on_log(&mut self) {
+        // A held client that went away is held no more.
+        {
+            let mut shared = self.shared.borrow_mut();
+            let effects = shared.activator.gone(self.context_id);
+            shared.effects.extend(effects);
+        }
         // The stream is over (reset, or ended before an answer): the shadow's verdict must
         // not wait for a primary answer that will not come.
         if self.shadow_id.is_some() {
