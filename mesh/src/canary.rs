@@ -78,7 +78,12 @@ pub fn apply(
         }
     }
     check(&config)?;
-    let summary = split(&config, isvc);
+    // `meshserve up` keeps each revision's state (cold, waking, warm) beside the config.
+    let states = std::fs::read(state.join(crate::up::STATES_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+        .unwrap_or(Value::Null);
+    let summary = split(&config, isvc, &states[isvc]);
     let configuration = ecds
         .pointer_mut("/resources/0/typed_config/config/configuration/value")
         .ok_or_else(|| format!("{} is not a router extension config", ecds_path.display()))?;
@@ -90,7 +95,16 @@ pub fn apply(
     Ok(summary)
 }
 
-fn split(config: &Value, isvc: &str) -> String {
+/// `isvc: <revision> <percent>% [(<state>)], ...`, with each revision's state where `states`
+/// (the InferenceService's entry of [`crate::up::STATES_FILE`]) has it.
+fn split(config: &Value, isvc: &str, states: &Value) -> String {
+    let entry = |revision: &Value, percent: String| {
+        let name = revision["name"].as_str().unwrap_or("?");
+        match states[name].as_str() {
+            Some(state) => format!("{name} {percent}% ({state})"),
+            None => format!("{name} {percent}%"),
+        }
+    };
     let Some(service) = config["services"]
         .as_array()
         .and_then(|s| s.iter().find(|s| s["name"] == isvc))
@@ -102,18 +116,11 @@ fn split(config: &Value, isvc: &str) -> String {
         .cloned()
         .unwrap_or_default();
     let canary_total: i64 = canaries.iter().filter_map(|c| c["percent"].as_i64()).sum();
-    let mut parts = vec![format!(
-        "{} {}%",
-        service["predictor"]["default"]["name"]
-            .as_str()
-            .unwrap_or("?"),
-        100 - canary_total
+    let mut parts = vec![entry(
+        &service["predictor"]["default"],
+        (100 - canary_total).to_string(),
     )];
-    parts.extend(
-        canaries
-            .iter()
-            .map(|c| format!("{} {}%", c["name"].as_str().unwrap_or("?"), c["percent"])),
-    );
+    parts.extend(canaries.iter().map(|c| entry(c, c["percent"].to_string())));
     format!("{isvc}: {}", parts.join(", "))
 }
 
@@ -164,9 +171,18 @@ mod tests {
             apply(dir.path(), "digits", None, &Change::Rollback).unwrap(),
             "digits: v1 100%, v2 0%"
         );
+        write_atomically(
+            &dir.path().join(crate::up::STATES_FILE),
+            &serde_json::json!({"digits": {"v1": "warm", "v2": "cold"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            apply(dir.path(), "digits", None, &Change::Percent(10)).unwrap(),
+            "digits: v1 90% (warm), v2 10% (cold)"
+        );
         assert_eq!(
             apply(dir.path(), "digits", Some("v2"), &Change::Promote).unwrap(),
-            "digits: v2 100%"
+            "digits: v2 100% (cold)"
         );
     }
 

@@ -88,6 +88,7 @@ pub fn write(
         otlp,
         trace_sampling: settings.trace_sampling,
         jwt: render::jwt_services(services),
+        wake: None,
     };
     let mut written: Vec<String> = render::write_mesh(&dir, config, Path::new(WASM_PATH), &envoy)?
         .into_iter()

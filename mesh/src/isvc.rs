@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use meshserve_predictor::convert::Format;
 use serde::Deserialize;
@@ -355,6 +356,68 @@ pub struct InferenceService {
     pub jwt: Option<Jwt>,
 }
 
+/// Knative's annotation: how long a revision scaled to zero keeps its last replica after
+/// its last request. `meshserve up` stops a `minReplicas: 0` revision's sidecar after it;
+/// on an InferenceService's or a predictor's metadata.
+pub const RETENTION_PERIOD: &str = "autoscaling.knative.dev/scale-to-zero-pod-retention-period";
+/// Without [`RETENTION_PERIOD`]: Knative's scale-to-zero grace period, 30 s.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30);
+
+impl InferenceService {
+    /// How long `revision` (at `minReplicas: 0`) stays up after its last request: its
+    /// predictor's [`RETENTION_PERIOD`] annotation, else the InferenceService's, else
+    /// [`DEFAULT_RETENTION`]. Both are checked when the file is read.
+    pub fn retention(&self, revision: &RevisionSpec) -> Duration {
+        revision
+            .pod
+            .annotations
+            .get(RETENTION_PERIOD)
+            .or_else(|| self.annotations.get(RETENTION_PERIOD))
+            .and_then(|text| go_duration(text).ok())
+            .unwrap_or(DEFAULT_RETENTION)
+    }
+}
+
+/// A Go duration as Knative's annotations take them: `30s`, `1m30s`, `1.5s`, `500ms`, `2h`.
+pub fn go_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("'{text}' is not a duration such as 30s, 1m30s or 500ms");
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (number, tail) = rest.split_at(number_len);
+        let value: f64 = number.parse().map_err(|_| bad())?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += value * seconds;
+        rest = tail;
+    }
+    // A day at most: longer reads as a mistake.
+    if !(0.0..=86_400.0).contains(&total) {
+        return Err(format!("'{text}' is over 24h"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
 /// meshserve's annotation that opens an InferenceService's control APIs to the mesh's
 /// clients, as KServe leaves them (`"true"`; default `"false"`).
 pub const PUBLIC_CONTROL_API: &str = "serving.meshserve.io/public-control-api";
@@ -518,6 +581,20 @@ impl InferenceService {
         };
         let jwt = crate::auth::parse(&raw.metadata.annotations)
             .map_err(|(key, message)| error(&format!("metadata.annotations.{key}"), message))?;
+        let annotated =
+            std::iter::once(("metadata.annotations".to_owned(), &raw.metadata.annotations)).chain(
+                std::iter::once(&default).chain(&canaries).map(|r| {
+                    (
+                        format!("the predictor annotations of revision {}", r.name),
+                        &r.pod.annotations,
+                    )
+                }),
+            );
+        for (path, annotations) in annotated {
+            if let Some(text) = annotations.get(RETENTION_PERIOD) {
+                go_duration(text).map_err(|e| error(&format!("{path}.{RETENTION_PERIOD}"), e))?;
+            }
+        }
         Ok(InferenceService {
             jwt,
             name,
@@ -1703,6 +1780,38 @@ spec:
             err.path,
             format!("metadata.annotations.{PUBLIC_CONTROL_API}")
         );
+    }
+
+    #[test]
+    fn knative_retention_periods_parse_and_bad_ones_are_named() {
+        for (text, ms) in [
+            ("30s", 30_000),
+            ("1m30s", 90_000),
+            ("1.5s", 1_500),
+            ("500ms", 500),
+            ("0s", 0),
+            ("2h", 7_200_000),
+        ] {
+            assert_eq!(
+                go_duration(text).unwrap(),
+                Duration::from_millis(ms),
+                "{text}"
+            );
+        }
+        for bad in ["", "30", "s", "1x", "-1s", "25h"] {
+            assert!(go_duration(bad).is_err(), "{bad}");
+        }
+        let isvc = InferenceService::parse(GOOD, &base()).unwrap();
+        assert_eq!(isvc.retention(&isvc.default), DEFAULT_RETENTION);
+        let annotated = GOOD.replace(
+            "  name: digits\n",
+            &format!("  name: digits\n  annotations: {{{RETENTION_PERIOD}: 2s}}\n"),
+        );
+        let isvc = InferenceService::parse(&annotated, &base()).unwrap();
+        assert_eq!(isvc.retention(&isvc.canaries[0]), Duration::from_secs(2));
+        let err =
+            InferenceService::parse(&annotated.replace(": 2s}", ": soon}"), &base()).unwrap_err();
+        assert_eq!(err.path, format!("metadata.annotations.{RETENTION_PERIOD}"));
     }
 
     #[test]

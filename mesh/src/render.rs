@@ -161,6 +161,8 @@ pub struct EnvoySpec<'a> {
     pub trace_sampling: f64,
     /// The services that need a token: (name, namespace, requirement).
     pub jwt: Vec<(String, String, Jwt)>,
+    /// `meshserve up`'s wake endpoint ([`WAKE_CLUSTER`]), where revisions scale to zero.
+    pub wake: Option<SocketAddr>,
 }
 
 /// The services of `services` that need a token, as [`EnvoySpec::jwt`] takes them.
@@ -196,6 +198,9 @@ pub enum Naming {
     /// The Envoy bootstraps meshserve renders itself (`meshserve up`, render's local and
     /// compose files): [`clusters`].
     Local,
+    /// `meshserve up`: [`clusters`], and its wake endpoint ([`WAKE_CLUSTER`]) for the
+    /// revisions it scales to zero.
+    Up,
     /// Istio: the clusters istiod gives every proxy, one per Service port,
     /// `outbound|<port>||<service>.<namespace>.svc.<domain>` (`domain`: the cluster's DNS
     /// domain, `cluster.local` by default).
@@ -203,10 +208,24 @@ pub enum Naming {
 }
 
 impl Naming {
+    /// The `scale_to_zero` entry of a revision at `minReplicas: 0`: how the router's
+    /// activator wakes it; none where nothing scales it (render's local and compose files
+    /// run every revision).
+    fn wake(&self, isvc: &InferenceService, revision: &RevisionSpec) -> Option<Value> {
+        match self {
+            Naming::Local => None,
+            Naming::Up => Some(json!({"wake": {
+                "cluster": WAKE_CLUSTER,
+                "path": wake_path(&isvc.namespace, &revision.name),
+            }})),
+            Naming::Istio { .. } => Some(json!({"wake": null})),
+        }
+    }
+
     /// (REST cluster, gRPC cluster) of `revision` of `isvc`.
     pub fn clusters(&self, isvc: &InferenceService, revision: &RevisionSpec) -> (String, String) {
         match self {
-            Naming::Local => clusters(&isvc.name, &revision.name),
+            Naming::Local | Naming::Up => clusters(&isvc.name, &revision.name),
             Naming::Istio { domain } => {
                 let host = workload::service_host(isvc, revision, domain);
                 (
@@ -233,8 +252,21 @@ fn revision_json(
         if let Some(logger) = &revision.logger {
             map.insert("logger".into(), logger.filter.clone());
         }
+        if let (Some(0), Some(wake)) = (revision.scaling.min_replicas, naming.wake(isvc, revision))
+        {
+            map.insert("scale_to_zero".into(), wake);
+        }
     }
     v
+}
+
+/// The Envoy cluster of `meshserve up`'s wake endpoint (loopback), which starts a revision's
+/// sidecar when the router's activator asks.
+pub const WAKE_CLUSTER: &str = "meshserve.wake";
+
+/// The path on the wake endpoint that wakes `revision` of `isvc`.
+pub fn wake_path(namespace: &str, revision: &str) -> String {
+    format!("/wake/{namespace}/{revision}")
 }
 
 /// The filter configuration for some InferenceServices, each serving `models` (the model
@@ -409,6 +441,9 @@ pub fn bootstrap(
     for (name, upstream) in envoy.upstreams {
         clusters.push(cluster(name, &upstream.http, false));
         clusters.push(cluster(&format!("{name}.grpc"), &upstream.grpc, true));
+    }
+    if let Some(wake) = envoy.wake {
+        clusters.push(cluster(WAKE_CLUSTER, &wake.into(), false));
     }
     // `wasmcustom.meshserve.requests.isvc.digits.revision.v1.outcome.routed` becomes
     // `envoy_wasmcustom_meshserve_requests{isvc="digits",revision="v1",outcome="routed"}`.
@@ -671,6 +706,7 @@ mod tests {
             otlp: None,
             trace_sampling: 1.0,
             jwt: Vec::new(),
+            wake: None,
         };
         let written = write_mesh(dir.path(), &config, Path::new("/x.wasm"), &spec).unwrap();
         assert_eq!(

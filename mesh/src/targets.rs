@@ -147,6 +147,7 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         otlp,
         trace_sampling: settings.trace_sampling,
         jwt: render::jwt_services(&services),
+        wake: None,
     };
     written.extend(
         render::write_mesh(out, &config, &wasm, &local)?

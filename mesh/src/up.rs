@@ -3,6 +3,15 @@
 //! prints the endpoints, and stops everything on Ctrl-C or SIGTERM. A sidecar that dies is
 //! started again on the ports Envoy knows it by (at most [`RESTARTS`] times a minute); if Envoy
 //! dies, or a sidecar keeps dying, everything stops.
+//!
+//! A revision at `minReplicas: 0` scales to zero: its sidecar is started once (to check its
+//! model and learn its ports), then stopped once the mesh is up. The router's activator holds
+//! its requests and calls `up`'s wake endpoint (loopback, reached only through Envoy's
+//! [`WAKE_CLUSTER`](crate::render::WAKE_CLUSTER)), which starts the sidecar again on the same
+//! ports; it stops again after Knative's retention period with no request (see
+//! [`InferenceService::retention`](crate::isvc::InferenceService::retention)), read from
+//! Envoy's own stats. Each revision's state (cold, waking, warm) is in the state directory's
+//! [`STATES_FILE`], which `meshserve canary` shows.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -61,10 +70,63 @@ pub struct UpOptions {
 /// A child process whose stderr is forwarded with a prefix; killed on drop.
 struct Part {
     name: String,
-    child: Child,
+    /// None while a revision is scaled to zero.
+    child: Option<Child>,
     /// How to start it again (sidecars only), and when it was.
     restart: Option<Restart>,
+    /// The InferenceService of a sidecar's revision.
+    isvc: Option<String>,
+    /// Where the revision scales to zero.
+    scaled: Option<Scaled>,
 }
+
+/// A revision's state, as `meshserve up` and `meshserve canary` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmth {
+    /// No sidecar runs (scaled to zero).
+    Cold,
+    /// Its sidecar started and is not ready yet.
+    Waking,
+    Warm,
+}
+
+impl Warmth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Warmth::Cold => "cold",
+            Warmth::Waking => "waking",
+            Warmth::Warm => "warm",
+        }
+    }
+}
+
+/// Each revision's [`Warmth`], by InferenceService then revision, kept up to date here.
+pub const STATES_FILE: &str = "revisions.json";
+
+/// What `up` knows of a revision that scales to zero.
+struct Scaled {
+    isvc: String,
+    /// The wake endpoint's path for it.
+    wake_path: String,
+    retention: Duration,
+    /// Its sidecar's REST address (readiness is asked there for the states file).
+    http: SocketAddr,
+    warmth: Warmth,
+    /// A SIGTERM was sent; the exit that follows is a scale-down, not a crash.
+    stopping: bool,
+    /// A wake came while it was stopping: start it as soon as it is gone.
+    wake_pending: bool,
+    /// Its traffic as last read from Envoy's stats, and when it last changed.
+    traffic: Option<u64>,
+    last_request: Instant,
+}
+
+/// A stopping sidecar goes on serving, not ready, this long before it closes its listeners:
+/// longer than the activator's probe period (500 ms), so every Envoy worker's activator sees
+/// it go before a request can find it closed.
+pub const DRAIN_GRACE_MS: u64 = 1_000;
+/// How often `up` reads Envoy's stats for the idle time of revisions that scale to zero.
+const TRAFFIC_POLL: Duration = Duration::from_millis(500);
 
 /// A sidecar's command line with the ports it bound, so that Envoy's clusters still reach it.
 struct Restart {
@@ -107,8 +169,10 @@ fn spawn(
     }
     Ok(Part {
         name: name.to_owned(),
-        child,
+        child: Some(child),
         restart: None,
+        isvc: None,
+        scaled: None,
     })
 }
 
@@ -133,10 +197,43 @@ impl Part {
             self.name
         );
         tokio::time::sleep(RESTART_DELAY).await;
+        self.start_again()
+    }
+
+    /// Starts the sidecar again on its ports.
+    fn start_again(&mut self) -> Result<(), String> {
+        let Some(restart) = self.restart.as_ref() else {
+            return Err(format!("{} cannot be started again", self.name));
+        };
         self.child = spawn(&self.name, &restart.program, &restart.args, None)
             .map_err(|e| e.to_string())?
             .child;
         Ok(())
+    }
+
+    /// Whether the process has exited: its status, and the process forgotten.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// SIGTERM: the sidecar drains (not ready for [`DRAIN_GRACE_MS`], then its in-flight
+    /// requests) and exits.
+    fn terminate(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    fn warmth(&self) -> Warmth {
+        match &self.scaled {
+            Some(scaled) => scaled.warmth,
+            None if self.child.is_some() => Warmth::Warm,
+            None => Warmth::Waking,
+        }
     }
 }
 
@@ -229,7 +326,10 @@ async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream),
                 ))
             })?;
         let Some(line) = line else {
-            let status = part.child.wait().await.ok();
+            let status = match part.child.as_mut() {
+                Some(child) => child.wait().await.ok(),
+                None => None,
+            };
             return Err(UpError::Start(format!(
                 "sidecar {name} exited at start ({status:?}); its log is above"
             )));
@@ -322,6 +422,229 @@ async fn wait_until(
     )))
 }
 
+/// The wake endpoint: `POST /wake/<namespace>/<revision>` for a revision that scales to zero
+/// answers 202 and has the supervisor start it; other paths 404, other methods 405. It
+/// listens on loopback and Envoy reaches it only from the router's activator (no route leads
+/// there: the router removes a client's `x-meshserve-cluster`).
+async fn serve_wakes(
+    listener: tokio::net::TcpListener,
+    known: Vec<String>,
+    wakes: mpsc::UnboundedSender<String>,
+) {
+    let known = std::sync::Arc::new(known);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let (known, wakes) = (std::sync::Arc::clone(&known), wakes.clone());
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), answer_wake(stream, &known, &wakes))
+                    .await;
+        });
+    }
+}
+
+/// The largest request head the wake endpoint reads.
+const WAKE_HEAD_BYTES: usize = 8 * 1024;
+
+async fn answer_wake(
+    mut stream: tokio::net::TcpStream,
+    known: &[String],
+    wakes: &mpsc::UnboundedSender<String>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < WAKE_HEAD_BYTES {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut request_line = text.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (request_line.next(), request_line.next());
+    let (status, body) = match (method, path) {
+        (Some("POST"), Some(path)) if known.iter().any(|k| k == path) => {
+            let _ = wakes.send(path.to_owned());
+            ("202 Accepted", r#"{"waking": true}"#)
+        }
+        (Some("POST"), _) => (
+            "404 Not Found",
+            r#"{"error": "no revision that scales to zero at this path"}"#,
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            r#"{"error": "POST /wake/<namespace>/<revision>"}"#,
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Envoy's view of a revision's traffic: requests the router sent it (any outcome), and
+/// whether any is held by the activator or in flight to its sidecar.
+fn traffic(stats: &str, isvc: &str, revision: &str) -> (u64, bool) {
+    let routed = format!("wasmcustom.meshserve.requests.isvc.{isvc}.revision.{revision}.");
+    let held = format!("wasmcustom.meshserve.held.revision.{revision}");
+    let (rest, grpc) = crate::render::clusters(isvc, revision);
+    let active = [
+        format!("cluster.{rest}.upstream_rq_active"),
+        format!("cluster.{grpc}.upstream_rq_active"),
+    ];
+    let (mut count, mut busy) = (0, false);
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let value: u64 = value.trim().parse().unwrap_or(0);
+        if name.starts_with(&routed) {
+            count += value;
+        } else if (name == held || active.iter().any(|a| a == name)) && value > 0 {
+            busy = true;
+        }
+    }
+    (count, busy)
+}
+
+/// Starts a revision that scales to zero, if it is not running (or as soon as it has stopped).
+fn wake(part: &mut Part) -> Result<(), String> {
+    let running = part.child.is_some();
+    let Some(scaled) = part.scaled.as_mut() else {
+        return Ok(());
+    };
+    scaled.last_request = Instant::now();
+    scaled.traffic = None;
+    if scaled.stopping {
+        scaled.wake_pending = true;
+        return Ok(());
+    }
+    if running {
+        return Ok(());
+    }
+    scaled.warmth = Warmth::Waking;
+    eprintln!("[{}] woken by a request: starting it", part.name);
+    part.start_again()
+}
+
+/// Each revision's state, as the states file holds it.
+fn states(parts: &[Part]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for part in parts {
+        let Some(isvc) = &part.isvc else {
+            continue;
+        };
+        if let Some(map) = out
+            .entry(isvc.clone())
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+        {
+            map.insert(part.name.clone(), part.warmth().as_str().into());
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// Keeps the sidecars running (restarting ones that die), wakes and stops the revisions that
+/// scale to zero, and keeps the states file up to date; returns why the mesh must stop.
+async fn supervise(
+    parts: &mut [Part],
+    mut wakes: mpsc::UnboundedReceiver<String>,
+    admin: SocketAddr,
+    states_path: &Path,
+) -> String {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_poll = Instant::now();
+    let mut written = serde_json::Value::Null;
+    loop {
+        tokio::select! {
+            Some(path) = wakes.recv() => {
+                let woken = parts
+                    .iter_mut()
+                    .find(|p| p.scaled.as_ref().is_some_and(|s| s.wake_path == path));
+                if let Some(part) = woken
+                    && let Err(reason) = wake(part)
+                {
+                    return reason;
+                }
+            }
+            _ = tick.tick() => {
+                for part in parts.iter_mut() {
+                    if let Some(status) = part.exited() {
+                        let scaled_down = part.scaled.as_mut().filter(|s| s.stopping).map(|s| {
+                            s.stopping = false;
+                            s.warmth = Warmth::Cold;
+                            std::mem::take(&mut s.wake_pending)
+                        });
+                        match scaled_down {
+                            Some(woken) => {
+                                eprintln!("[{}] scaled to zero", part.name);
+                                if woken && let Err(reason) = wake(part) {
+                                    return reason;
+                                }
+                            }
+                            None => {
+                                if let Err(reason) = part.restart(status).await {
+                                    return reason;
+                                }
+                            }
+                        }
+                    }
+                    if let Some(scaled) = part.scaled.as_mut()
+                        && scaled.warmth == Warmth::Waking
+                        && http_get(scaled.http, "/v2/health/ready", "meshserve-up").await == Some(200)
+                    {
+                        scaled.warmth = Warmth::Warm;
+                        scaled.last_request = Instant::now();
+                    }
+                }
+                let watching = parts
+                    .iter()
+                    .any(|p| p.scaled.as_ref().is_some_and(|s| s.warmth != Warmth::Cold && !s.stopping));
+                if watching && last_poll.elapsed() >= TRAFFIC_POLL {
+                    last_poll = Instant::now();
+                    if let Some((_, stats)) = http_get_full(admin, "/stats?usedonly", "admin").await {
+                        for part in parts.iter_mut() {
+                            let running = part.child.is_some();
+                            let Some(scaled) = part.scaled.as_mut().filter(|s| !s.stopping && running) else {
+                                continue;
+                            };
+                            let (count, busy) = traffic(&stats, &scaled.isvc, &part.name);
+                            if busy || scaled.traffic != Some(count) {
+                                scaled.traffic = Some(count);
+                                scaled.last_request = Instant::now();
+                            } else if scaled.warmth == Warmth::Warm
+                                && scaled.last_request.elapsed() >= scaled.retention
+                            {
+                                eprintln!(
+                                    "[{}] no request for {:?}: scaling it to zero",
+                                    part.name, scaled.retention
+                                );
+                                scaled.stopping = true;
+                                part.terminate();
+                            }
+                        }
+                    }
+                }
+                let now = states(parts);
+                if now != written {
+                    if let Err(e) = render::write_atomically(states_path, &now) {
+                        eprintln!("cannot write {}: {e}", states_path.display());
+                    }
+                    written = now;
+                }
+            }
+        }
+    }
+}
+
 /// Brings the mesh up, serves until `stop` resolves or a part dies, then stops everything.
 pub async fn up(
     options: UpOptions,
@@ -390,7 +713,25 @@ pub async fn up(
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
                 extra.extend(logger_args(logger, &spool.display().to_string()));
             }
-            let (part, upstream) = start_sidecar(&revision.name, &extra).await?;
+            let at_zero = revision.scaling.min_replicas == Some(0);
+            if at_zero {
+                extra.extend(["--drain-grace-ms".to_owned(), DRAIN_GRACE_MS.to_string()]);
+            }
+            let (mut part, upstream) = start_sidecar(&revision.name, &extra).await?;
+            part.isvc = Some(isvc.name.clone());
+            if at_zero {
+                part.scaled = Some(Scaled {
+                    isvc: isvc.name.clone(),
+                    wake_path: render::wake_path(&isvc.namespace, &revision.name),
+                    retention: isvc.retention(revision),
+                    http: upstream_addr(&upstream)?,
+                    warmth: Warmth::Warm,
+                    stopping: false,
+                    wake_pending: false,
+                    traffic: None,
+                    last_request: Instant::now(),
+                });
+            }
             parts.push(part);
             upstreams.push((render::clusters(&isvc.name, &revision.name).0, upstream));
             // The names clients may call: the shadow's extra models are not served.
@@ -406,7 +747,25 @@ pub async fn up(
         }
         served.push((isvc, models));
     }
-    let config = render::filter_config(&served, &render::Naming::Local)
+    // The wake endpoint, where revisions scale to zero.
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel();
+    let known: Vec<String> = parts
+        .iter()
+        .filter_map(|p| Some(p.scaled.as_ref()?.wake_path.clone()))
+        .collect();
+    let wake = if known.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(io("cannot open the wake endpoint"))?;
+        let at = listener
+            .local_addr()
+            .map_err(io("cannot open the wake endpoint"))?;
+        tokio::spawn(serve_wakes(listener, known, wake_tx));
+        Some(at)
+    };
+    let config = render::filter_config(&served, &render::Naming::Up)
         .and_then(|c| render::with_graphs(c, &graphs, &served))
         .map_err(UpError::Input)?;
     let listener = SocketAddr::new(options.host, options.port);
@@ -423,6 +782,7 @@ pub async fn up(
         otlp,
         trace_sampling: options.trace_sampling,
         jwt: render::jwt_services(&services),
+        wake,
     };
     render::write_mesh(&state, &config, &wasm, &envoy_spec)
         .map_err(|e| UpError::Input(format!("cannot write the mesh's files: {e}")))?;
@@ -486,20 +846,58 @@ pub async fn up(
         .await?;
     }
 
+    // Revisions at minReplicas 0 were started to check their models and learn their ports;
+    // now they scale to zero, and wait for a request.
+    for part in parts.iter_mut().filter(|p| p.scaled.is_some()) {
+        part.terminate();
+    }
+    for part in parts.iter_mut().filter(|p| p.scaled.is_some()) {
+        if let Some(child) = part.child.as_mut()
+            && tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+        {
+            let _ = child.kill().await;
+        }
+        part.child = None;
+        if let Some(scaled) = part.scaled.as_mut() {
+            scaled.warmth = Warmth::Cold;
+        }
+    }
+    // Wakes from the readiness checks above are answered already.
+    while wake_rx.try_recv().is_ok() {}
+    let states_path = state.join(STATES_FILE);
+    render::write_atomically(&states_path, &states(&parts))
+        .map_err(io(format!("cannot write {}", states_path.display())))?;
+
     println!(
         "meshserve is up: Envoy on http://{listener} (admin http://{admin_addr}), state in {}",
         state.display()
     );
     for (isvc, models) in &served {
+        let warmth = |revision: &RevisionSpec| {
+            let part = parts
+                .iter()
+                .find(|p| p.isvc.as_deref() == Some(isvc.name.as_str()) && p.name == revision.name);
+            match part.and_then(|p| p.scaled.as_ref().map(|s| (p.warmth(), s.retention))) {
+                Some((warmth, retention)) => format!(
+                    "{}: scales to zero, wakes on a request, stops {} s after its last",
+                    warmth.as_str(),
+                    retention.as_secs_f64()
+                ),
+                None => Warmth::Warm.as_str().to_owned(),
+            }
+        };
         let split: Vec<String> = std::iter::once(format!(
-            "{} {}%",
+            "{} {}% ({})",
             isvc.default.name,
-            100 - isvc.canaries.iter().map(|c| c.percent).sum::<i64>()
+            100 - isvc.canaries.iter().map(|c| c.percent).sum::<i64>(),
+            warmth(&isvc.default)
         ))
         .chain(
             isvc.canaries
                 .iter()
-                .map(|c| format!("{} {}%", c.name, c.percent)),
+                .map(|c| format!("{} {}% ({})", c.name, c.percent, warmth(c))),
         )
         .chain(
             isvc.shadow
@@ -536,21 +934,9 @@ pub async fn up(
     println!("Ctrl-C stops everything.");
 
     // Serve until asked to stop, or until a part dies for good.
-    let died = async {
-        loop {
-            for part in &mut parts {
-                if let Ok(Some(status)) = part.child.try_wait()
-                    && let Err(reason) = part.restart(status).await
-                {
-                    return reason;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
     let outcome = tokio::select! {
         () = stop => None,
-        reason = died => Some(reason),
+        reason = supervise(&mut parts, wake_rx, admin_addr, &states_path) => Some(reason),
     };
     shutdown(&mut parts).await;
     match outcome {
@@ -561,19 +947,23 @@ pub async fn up(
 
 /// SIGTERM to every part (Envoy first), then a kill for any still running after 10 s.
 async fn shutdown(parts: &mut [Part]) {
-    for part in parts.iter_mut().rev() {
-        if let Some(pid) = part.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
+    for part in parts.iter().rev() {
+        part.terminate();
     }
     for part in parts.iter_mut().rev() {
-        if tokio::time::timeout(Duration::from_secs(10), part.child.wait())
-            .await
-            .is_err()
+        if let Some(child) = part.child.as_mut()
+            && tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
         {
-            let _ = part.child.kill().await;
+            let _ = child.kill().await;
         }
     }
+}
+
+/// A local sidecar's REST address.
+fn upstream_addr(upstream: &Upstream) -> Result<SocketAddr, UpError> {
+    format!("{}:{}", upstream.http.host, upstream.http.port)
+        .parse()
+        .map_err(|_| UpError::Start(format!("sidecar address {:?} is not local", upstream.http)))
 }

@@ -629,6 +629,7 @@ pub fn write_local_mesh(
         otlp: otlp.map(Into::into),
         trace_sampling: 1.0,
         jwt: Vec::new(),
+        wake: None,
     };
     render::write_mesh(dir, config, &wasm_module(), &spec).expect("the mesh's files");
     dir.join(render::BOOTSTRAP_FILE)

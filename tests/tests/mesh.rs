@@ -846,7 +846,7 @@ async fn meshserve_up_runs_the_demo_and_stops_cleanly() {
     let split = apply(&state, "digits", None, &Change::Percent(100)).unwrap();
     assert_eq!(
         split,
-        "digits: digits-predictor-v1 0%, digits-predictor-v2 100%"
+        "digits: digits-predictor-v1 0% (warm), digits-predictor-v2 100% (warm)"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for _ in 0..10 {
@@ -950,4 +950,212 @@ async fn a_killed_sidecar_is_started_again_and_the_other_revision_never_notices(
     for _ in 0..20 {
         assert_eq!(ask("canary").await.0, 200);
     }
+}
+
+/// The live router configuration of a running `meshserve up`, changed by `edit` (as
+/// `meshserve canary` does: the ECDS file Envoy watches, replaced in one rename).
+fn edit_live_config(state: &std::path::Path, edit: impl FnOnce(&mut Value)) {
+    let path = state.join(ROUTER_ECDS_FILE);
+    let mut ecds: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let at = "/resources/0/typed_config/config/configuration/value";
+    let mut config: Value =
+        serde_json::from_str(ecds.pointer(at).unwrap().as_str().unwrap()).unwrap();
+    edit(&mut config);
+    *ecds.pointer_mut(at).unwrap() = Value::from(config.to_string());
+    render::write_atomically(&path, &ecds).unwrap();
+}
+
+/// Waits until `meshserve up`'s states file says `want` for `revision` of `isvc`.
+async fn wait_for_state(state: &std::path::Path, isvc: &str, revision: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let states: Value = std::fs::read(state.join(meshserve_mesh::up::STATES_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or(Value::Null);
+        if states[isvc][revision] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{revision} was not {want} within 20 s: {states}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An InferenceService at `minReplicas: 0` under `meshserve up`: no sidecar until a request;
+/// a burst of 64 (REST and gRPC) to the cold revision all answered right while the router
+/// holds them; the sidecar stops after the retention period and the next request wakes it
+/// again; past the hold limit and the cap, 503 with `Retry-After`; a warm InferenceService
+/// beside it serves throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_at_zero_wakes_on_its_first_requests_and_none_fails() {
+    let root = meshserve_e2e::root();
+    let model = root.join("models/repository/sklearn_digits/1/model.onnx");
+    let file = std::env::temp_dir().join(format!("meshserve-zero-{}.yaml", std::process::id()));
+    let isvc = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata:\n  name: {name}\n{extra}spec:\n  predictor:\n    name: {name}-predictor\n{}    model:\n      modelFormat: {{name: onnx}}\n      storageUri: file://{}\n",
+            if extra.is_empty() {
+                ""
+            } else {
+                "    minReplicas: 0\n"
+            },
+            model.display()
+        )
+    };
+    let retention =
+        "  annotations: {autoscaling.knative.dev/scale-to-zero-pod-retention-period: 2s}\n";
+    std::fs::write(
+        &file,
+        format!("{}---\n{}", isvc("digits", retention), isvc("warm", "")),
+    )
+    .unwrap();
+    let up = meshserve_e2e::Up::start(&file, &[]);
+    let _ = std::fs::remove_file(&file);
+    let sidecars = || meshserve_e2e::children_with(up.pid(), "digits-predictor");
+    assert!(
+        sidecars().is_empty(),
+        "no sidecar at zero: {:?}",
+        sidecars()
+    );
+    wait_for_state(&up.state, "digits", "digits-predictor", "cold").await;
+
+    // The same model, warm: the answers the cold revision must give.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let warm_url = format!("{}/v1/models/warm:predict", up.url);
+    let (status, _, expected) = post(&client, &warm_url, &digits_v1_body(), &[]).await;
+    assert_eq!(status, 200, "{expected}");
+    let mut grpc = GrpcInferenceServiceClient::connect(up.url.clone())
+        .await
+        .unwrap();
+    let mut warm_grpc = meshserve_e2e::digits_grpc_request("warm");
+    warm_grpc.model_name = "warm".into();
+    let expected_grpc = response_from_grpc(grpc.model_infer(warm_grpc).await.unwrap().into_inner())
+        .unwrap()
+        .outputs;
+
+    // Past the cap and the hold limit: 503 with Retry-After, at once or at the limit.
+    edit_live_config(&up.state, |c| {
+        c["limits"] = json!({"held_per_revision": 1, "hold_ms": 1});
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url = format!("{}/v1/models/digits:predict", up.url);
+    let mut refused = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url) = (client.clone(), url.clone());
+        refused.spawn(async move {
+            let response = client
+                .post(&url)
+                .json(&digits_v1_body())
+                .send()
+                .await
+                .unwrap();
+            let retry = response.headers().get("retry-after").cloned();
+            (
+                response.status().as_u16(),
+                retry,
+                response.text().await.unwrap(),
+            )
+        });
+    }
+    let (mut over_cap, mut over_limit) = (0, 0);
+    while let Some(answer) = refused.join_next().await {
+        let (status, retry, body) = answer.unwrap();
+        assert_eq!(
+            (status, retry.as_ref().map(|r| r.to_str().unwrap())),
+            (503, Some("1")),
+            "{body}"
+        );
+        over_cap += usize::from(body.contains("1 requests already wait"));
+        over_limit += usize::from(body.contains("was not ready within 1 ms"));
+    }
+    assert_eq!(
+        (over_cap + over_limit, over_limit >= 1),
+        (8, true),
+        "{over_cap} {over_limit}"
+    );
+    edit_live_config(&up.state, |c| {
+        c.as_object_mut().unwrap().remove("limits");
+    });
+    // Those requests woke it; it goes back to zero after the 2 s retention period.
+    wait_for_state(&up.state, "digits", "digits-predictor", "warm").await;
+    wait_for_state(&up.state, "digits", "digits-predictor", "cold").await;
+    assert!(sidecars().is_empty(), "stopped after the retention period");
+
+    // A warm neighbour serves throughout.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let neighbour = {
+        let (client, stop) = (client.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut served = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, _, body) = post(&client, &warm_url, &digits_v1_body(), &[]).await;
+                assert_eq!(status, 200, "the warm InferenceService failed: {body}");
+                served += 1;
+            }
+            served
+        })
+    };
+    for round in 0..2 {
+        let started = Instant::now();
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let (client, url, endpoint) = (client.clone(), url.clone(), up.url.clone());
+            let expected = expected.clone();
+            let expected_grpc = expected_grpc.clone();
+            burst.spawn(async move {
+                if i % 2 == 0 {
+                    let (status, _, body) = post(&client, &url, &digits_v1_body(), &[]).await;
+                    assert_eq!((status, &body), (200, &expected), "REST request {i}");
+                } else {
+                    let mut grpc = GrpcInferenceServiceClient::connect(endpoint).await.unwrap();
+                    let answer = grpc
+                        .model_infer(meshserve_e2e::digits_grpc_request(&format!("burst-{i}")))
+                        .await
+                        .unwrap_or_else(|s| panic!("gRPC request {i}: {s}"));
+                    let answer = response_from_grpc(answer.into_inner()).unwrap();
+                    assert_eq!(answer.outputs, expected_grpc, "gRPC request {i}");
+                }
+                started.elapsed()
+            });
+        }
+        let mut times = Vec::new();
+        while let Some(took) = burst.join_next().await {
+            times.push(took.unwrap());
+        }
+        times.sort();
+        eprintln!(
+            "round {round}: 64 requests to a revision at zero: first answer after {:?}, last after {:?}",
+            times[0], times[63]
+        );
+        assert_eq!(sidecars().len(), 1, "one sidecar woken");
+        // The next round starts from zero again: the request after the stop wakes it.
+        wait_for_state(&up.state, "digits", "digits-predictor", "warm").await;
+        wait_for_state(&up.state, "digits", "digits-predictor", "cold").await;
+        assert!(sidecars().is_empty());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = neighbour.await.unwrap();
+    assert!(served > 10, "the neighbour served {served}");
+    let stats = reqwest::get(format!("{}/stats?filter=held", admin_of(&up)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("wasmcustom.meshserve.held.revision.digits-predictor: 0"),
+        "the held gauge is back to 0: {stats}"
+    );
+}
+
+/// Envoy's admin address of a running `meshserve up`.
+fn admin_of(up: &meshserve_e2e::Up) -> String {
+    let admin = std::fs::read_to_string(up.state.join("envoy-admin-address")).unwrap();
+    format!("http://{}", admin.trim())
 }
