@@ -15,37 +15,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+pub use crate::config::HoldLimits;
 use crate::route::Reply;
-
-/// Named limits of the activator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HoldLimits {
-    /// Requests held at once for one revision; past it, 503 at once.
-    pub per_revision: usize,
-    /// Requests held at once in all (one Envoy worker's VM); past it, 503 at once.
-    pub total: usize,
-    /// The longest a request is held (below Envoy's stream idle timeout, 300 s); then 503.
-    pub hold_ms: u64,
-    /// How often a warm revision's readiness is checked.
-    pub probe_ms: u64,
-    /// How often a waking revision's readiness is checked.
-    pub wake_probe_ms: u64,
-    /// How often the wake call is repeated while a revision is still waking.
-    pub rewake_ms: u64,
-}
-
-impl Default for HoldLimits {
-    fn default() -> Self {
-        HoldLimits {
-            per_revision: 256,
-            total: 1024,
-            hold_ms: 60_000,
-            probe_ms: 500,
-            wake_probe_ms: 20,
-            rewake_ms: 1_000,
-        }
-    }
-}
 
 /// The seconds a refused client is told to wait (`Retry-After`).
 pub const RETRY_AFTER_SECS: u64 = 1;

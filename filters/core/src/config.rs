@@ -60,20 +60,50 @@ pub struct Limits {
     pub hold_ms: u64,
 }
 
+/// Named limits of the activator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Requests held at once for one revision; past it, 503 at once.
+    pub per_revision: usize,
+    /// Requests held at once in all (one Envoy worker's VM); past it, 503 at once.
+    pub total: usize,
+    /// The longest a request is held (below Envoy's stream idle timeout, 300 s); then 503.
+    pub hold_ms: u64,
+    /// How often a warm revision's readiness is checked.
+    pub probe_ms: u64,
+    /// How often a waking revision's readiness is checked.
+    pub wake_probe_ms: u64,
+    /// How often the wake call is repeated while a revision is still waking.
+    pub rewake_ms: u64,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        HoldLimits {
+            per_revision: 256,
+            total: 1024,
+            hold_ms: 60_000,
+            probe_ms: 500,
+            wake_probe_ms: 20,
+            rewake_ms: 1_000,
+        }
+    }
+}
+
 /// The longest hold a configuration may ask for: under Envoy's default stream idle timeout
 /// (300 s), which would end a held stream first.
 pub const MAX_HOLD_MS: u64 = 240_000;
 
 fn default_held_per_revision() -> usize {
-    crate::activator::HoldLimits::default().per_revision
+    HoldLimits::default().per_revision
 }
 
 fn default_held_total() -> usize {
-    crate::activator::HoldLimits::default().total
+    HoldLimits::default().total
 }
 
 fn default_hold_ms() -> u64 {
-    crate::activator::HoldLimits::default().hold_ms
+    HoldLimits::default().hold_ms
 }
 
 impl Default for Limits {
@@ -298,8 +328,8 @@ impl Config {
     }
 
     /// The activator's limits.
-    pub fn hold_limits(&self) -> crate::activator::HoldLimits {
-        crate::activator::HoldLimits {
+    pub fn hold_limits(&self) -> HoldLimits {
+        HoldLimits {
             per_revision: self.limits.held_per_revision,
             total: self.limits.held_total,
             hold_ms: self.limits.hold_ms,
