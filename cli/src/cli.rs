@@ -19,6 +19,7 @@ use meshserve_sidecar::serve::{ServeArgs, StartError};
 use meshserve_sidecar::signal::stop_signal;
 use meshserve_sidecar::telemetry::{LogFormat, parse_ratio};
 use meshserve_sidecar::transform::TransformArgs;
+use meshserve_sidecar::wake::WakeScalerArgs;
 
 /// meshserve: ONNX model serving as a mesh data plane (Open Inference Protocol and KServe V1).
 #[derive(Debug, Parser)]
@@ -51,6 +52,10 @@ pub(crate) enum Command {
     /// Receive CloudEvents (payload logs) and append each as a JSON line, like KServe's
     /// message-dumper.
     LogSink(LogSinkArgs),
+    /// Wake revisions at zero at once on Kubernetes: a KEDA external-push scaler that the
+    /// gateway's activator calls (`meshserve render` deploys it where a revision has
+    /// `minReplicas: 0`).
+    WakeScaler(WakeScalerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +207,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), String> {
 /// Runs `meshserve log-sink` until SIGTERM or Ctrl-C.
 pub(crate) async fn log_sink(args: LogSinkArgs) -> Result<(), String> {
     meshserve_sidecar::payloads::receiver::run(args).await
+}
+
+/// Runs `meshserve wake-scaler` until SIGTERM or Ctrl-C.
+pub(crate) async fn wake_scaler(args: WakeScalerArgs) -> Result<(), String> {
+    meshserve_sidecar::wake::run(args).await
 }
 
 /// Runs `meshserve transform`.

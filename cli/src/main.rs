@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshserve_sidecar::telemetry;
 
-use crate::cli::{Cli, Command, canary, log_sink, render, serve, transform, up};
+use crate::cli::{Cli, Command, canary, log_sink, render, serve, transform, up, wake_scaler};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Render(args) => render(args),
         Command::Transform(args) => transform(args),
         Command::LogSink(args) => runtime.block_on(log_sink(args)),
+        Command::WakeScaler(args) => runtime.block_on(wake_scaler(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -324,6 +324,90 @@ pub fn concurrency_query(isvc: &InferenceService, workload: &str) -> String {
     )
 }
 
+/// Requests the gateways' activators hold for a revision waking from zero: the router's
+/// `wasmcustom.meshserve.held.revision.<name>` gauge as Istio's proxies export it (no tag
+/// extraction there, so the revision is in the name; the gateway must include
+/// `wasmcustom.meshserve` stats, docs/deployment.md).
+pub fn held_query(revision: &RevisionSpec) -> String {
+    let name: String = format!("envoy_wasmcustom_meshserve_held_revision_{}", revision.name)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("sum({name}) or vector(0)")
+}
+
+/// The wake scaler of each namespace that has a revision at `minReplicas: 0`: a Deployment
+/// running `meshserve wake-scaler` and its Service (KEDA's gRPC port, the activator's HTTP
+/// port).
+pub fn wake_scalers(services: &[InferenceService], settings: &Settings) -> Vec<Value> {
+    let mut namespaces: Vec<&str> = services
+        .iter()
+        .filter(|isvc| {
+            workload::revisions(isvc)
+                .any(|r| matches!(scaler(isvc, r), Scaler::Keda(s) if s.min == 0))
+        })
+        .map(|isvc| isvc.namespace.as_str())
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let mut out = Vec::new();
+    for namespace in namespaces {
+        let name = workload::WAKE_SCALER;
+        let labels = json!({"app": name, "app.kubernetes.io/managed-by": "meshserve"});
+        let metadata = json!({"name": name, "namespace": namespace, "labels": labels});
+        let probe = json!({"tcpSocket": {"port": "grpc"}, "periodSeconds": 5});
+        out.push(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata,
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                            "seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [{
+                            "name": name,
+                            "image": settings.image,
+                            "args": ["wake-scaler", "--host", "0.0.0.0",
+                                     "--grpc-port", workload::WAKE_GRPC_PORT.to_string(),
+                                     "--http-port", workload::WAKE_HTTP_PORT.to_string(),
+                                     "--log-format", "json"],
+                            "ports": [
+                                {"name": "grpc", "containerPort": workload::WAKE_GRPC_PORT, "protocol": "TCP"},
+                                {"name": "http", "containerPort": workload::WAKE_HTTP_PORT, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": probe,
+                            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                                          "limits": {"memory": "64Mi"}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }],
+                    },
+                },
+            },
+        }));
+        out.push(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata,
+            "spec": {
+                "selector": {"app": name},
+                "ports": [
+                    {"name": "grpc", "port": workload::WAKE_GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+                    {"name": "http", "port": workload::WAKE_HTTP_PORT, "targetPort": "http", "appProtocol": "http"},
+                ],
+            },
+        }));
+    }
+    out
+}
+
 fn keda(
     isvc: &InferenceService,
     revision: &RevisionSpec,
@@ -354,11 +438,28 @@ fn keda(
         }),
     }];
     // A revision with no pod has no cpu and no sidecar gauge: the request rate Istio reports
-    // wakes it (and adds a replica per 200 requests a second, Knative's rps default).
+    // keeps it (and adds a replica per 200 requests a second, Knative's rps default).
     if min == 0 && metric != ScaleMetric::Rps {
         triggers.push(prometheus(
             request_rate_query(isvc, name),
             ScaleMetric::Rps.default_target(),
+        ));
+    }
+    if min == 0 {
+        // Woken at once: the gateway's activator holds the request and calls the
+        // namespace's wake scaler, which pushes "active" to KEDA over this trigger's stream.
+        triggers.push(json!({"type": "external-push", "metadata": {
+            "scalerAddress": format!(
+                "{}:{}",
+                workload::wake_host(&isvc.namespace, &settings.cluster_domain),
+                workload::WAKE_GRPC_PORT
+            ),
+        }}));
+        // And on the requests the activator holds (its gauge, from the gateway's stats),
+        // should a wake call be lost.
+        triggers.push(prometheus(
+            held_query(revision),
+            ScaleMetric::Concurrency.default_target(),
         ));
     }
     json!({

@@ -218,7 +218,15 @@ impl Naming {
                 "cluster": WAKE_CLUSTER,
                 "path": wake_path(&isvc.namespace, &revision.name),
             }})),
-            Naming::Istio { .. } => Some(json!({"wake": null})),
+            // The namespace's wake scaler: KEDA scales the ScaledObject it names at once.
+            Naming::Istio { domain } => Some(json!({"wake": {
+                "cluster": format!(
+                    "outbound|{}||{}",
+                    workload::WAKE_HTTP_PORT,
+                    workload::wake_host(&isvc.namespace, domain)
+                ),
+                "path": wake_path(&isvc.namespace, &workload::name(&isvc.name, &revision.name)),
+            }})),
         }
     }
 
@@ -264,7 +272,8 @@ fn revision_json(
 /// sidecar when the router's activator asks.
 pub const WAKE_CLUSTER: &str = "meshserve.wake";
 
-/// The path on the wake endpoint that wakes `revision` of `isvc`.
+/// The path that wakes a revision: `meshserve up`'s wake endpoint takes the revision's name,
+/// `meshserve wake-scaler` the name of its ScaledObject (the revision's workload).
 pub fn wake_path(namespace: &str, revision: &str) -> String {
     format!("/wake/{namespace}/{revision}")
 }
@@ -665,6 +674,42 @@ mod tests {
         let checked = check(&config).unwrap();
         let (_, intake) = checked.logger("digits", "default", "v1").unwrap();
         assert_eq!(intake, default["cluster"]);
+    }
+
+    #[test]
+    fn a_revision_at_zero_is_woken_by_whatever_starts_it_there() {
+        let mut isvc = isvc();
+        isvc.canaries[0].scaling.min_replicas = Some(0);
+        let wake = |naming: &Naming| {
+            let config = filter_config(&[(&isvc, vec!["digits".into()])], naming).unwrap();
+            check(&config)
+                .unwrap()
+                .scale_to_zero()
+                .into_iter()
+                .map(|(revision, scale)| (revision.name, scale.wake))
+                .collect::<Vec<_>>()
+        };
+        // `meshserve up`'s wake endpoint, by revision; on Kubernetes the namespace's wake
+        // scaler, by the ScaledObject's name; `render`'s local files run every revision.
+        let up = wake(&Naming::Up);
+        assert_eq!(up.len(), 1, "only the canary scales to zero");
+        let (name, call) = &up[0];
+        let call = call.as_ref().unwrap();
+        assert_eq!(name, "v2");
+        assert_eq!(
+            (call.cluster.as_str(), call.path.as_str()),
+            (WAKE_CLUSTER, "/wake/default/v2")
+        );
+        let istio = wake(&Naming::Istio {
+            domain: "corp.internal".into(),
+        });
+        let call = istio[0].1.as_ref().unwrap();
+        assert_eq!(
+            call.cluster,
+            "outbound|9091||meshserve-wake.default.svc.corp.internal"
+        );
+        assert_eq!(call.path, "/wake/default/digits-v2");
+        assert!(wake(&Naming::Local).is_empty());
     }
 
     #[test]

@@ -231,6 +231,12 @@ pub fn render(options: &RenderOptions) -> Result<(Vec<String>, Vec<String>), Str
         write_text(&dir.join(&file), &kube::to_yaml(&objects, &header)?)?;
         written.push(format!("{KUBERNETES_DIR}/{file}"));
     }
+    let wake = kube::wake_scalers(&services, &settings);
+    if !wake.is_empty() {
+        let file = format!("{}.yaml", crate::workload::WAKE_SCALER);
+        write_text(&dir.join(&file), &kube::to_yaml(&wake, &header)?)?;
+        written.push(format!("{KUBERNETES_DIR}/{file}"));
+    }
     Ok((written, notes))
 }
 

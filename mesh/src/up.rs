@@ -28,7 +28,7 @@ use crate::files::read_documents;
 use crate::isvc::{RevisionSpec, Storage};
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
 use crate::tools::{find_envoy, find_wasm};
-use crate::workload::{self, batcher_args, logger_args, otlp_args};
+use crate::workload::{self, DRAIN_GRACE_MS, batcher_args, logger_args, otlp_args};
 
 /// Why the mesh could not come up.
 #[derive(Debug, thiserror::Error)]
@@ -121,10 +121,6 @@ struct Scaled {
     last_request: Instant,
 }
 
-/// A stopping sidecar goes on serving, not ready, this long before it closes its listeners:
-/// longer than the activator's probe period (500 ms), so every Envoy worker's activator sees
-/// it go before a request can find it closed.
-pub const DRAIN_GRACE_MS: u64 = 1_000;
 /// How often `up` reads Envoy's stats for the idle time of revisions that scale to zero.
 const TRAFFIC_POLL: Duration = Duration::from_millis(500);
 

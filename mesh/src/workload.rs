@@ -65,6 +65,22 @@ pub fn name(isvc: &str, revision: &str) -> String {
     }
 }
 
+/// A sidecar of a revision that scales to zero goes on serving, not ready, this long after
+/// SIGTERM before it closes its listeners: longer than the router activator's probe period
+/// (500 ms), so every Envoy worker's activator sees it go before a request finds it closed.
+pub const DRAIN_GRACE_MS: u64 = 1_000;
+
+/// `meshserve wake-scaler` on Kubernetes (a KEDA external-push scaler, one per namespace
+/// with a revision at `minReplicas: 0`): its Deployment and Service name, and ports.
+pub const WAKE_SCALER: &str = "meshserve-wake";
+pub const WAKE_GRPC_PORT: u16 = 9090;
+pub const WAKE_HTTP_PORT: u16 = 9091;
+
+/// The wake scaler's Service in `namespace`, by its full DNS name.
+pub fn wake_host(namespace: &str, domain: &str) -> String {
+    format!("{WAKE_SCALER}.{namespace}.svc.{domain}")
+}
+
 /// A revision's Kubernetes Service, by its full DNS name in a cluster with DNS `domain`.
 pub fn service_host(isvc: &InferenceService, revision: &RevisionSpec, domain: &str) -> String {
     format!(
@@ -194,6 +210,10 @@ pub fn sidecar_args(
     }
     args.extend(batcher_args(revision.batcher));
     args.extend(model_args(revision));
+    if revision.scaling.min_replicas == Some(0) {
+        // The activators in front see it go before it stops accepting.
+        args.extend(["--drain-grace-ms".to_owned(), DRAIN_GRACE_MS.to_string()]);
+    }
     if let Some(n) = revision.scaling.container_concurrency {
         args.extend(["--max-in-flight".to_owned(), n.to_string()]);
     }

@@ -28,6 +28,19 @@ pub mod inference {
     include!(concat!(env!("OUT_DIR"), "/inference.rs"));
 }
 
+/// Generated from `protos/externalscaler.proto` (KEDA's package `externalscaler`): the
+/// interface of a KEDA external scaler, for `meshserve wake-scaler`.
+#[cfg(feature = "tonic")]
+#[allow(
+    clippy::all,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+pub mod externalscaler {
+    include!(concat!(env!("OUT_DIR"), "/externalscaler.rs"));
+}
+
 pub use datatype::DataType;
 pub use infer::{
     InferRequest, InferResponse, InputTensor, InvalidRequest, OutputTensor, Parameters,

@@ -26,3 +26,4 @@ pub mod service;
 pub mod signal;
 pub mod telemetry;
 pub mod transform;
+pub mod wake;

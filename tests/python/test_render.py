@@ -136,14 +136,14 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
     assert sorted((k, len(v)) for k, v in kinds.items()) == [
         ("AuthorizationPolicy", 2),  # the control APIs; fraud's callers
         ("ConfigMap", 1),  # the mnist transformer
-        ("Deployment", 3),
+        ("Deployment", 4),  # mnist, fraud and its canary; payments' wake scaler
         ("EnvoyFilter", 1),
         ("Gateway", 1),
         ("HorizontalPodAutoscaler", 1),  # mnist: cpu at 70%, 2 to 10
         ("PeerAuthentication", 2),  # STRICT in payments and vision
         ("RequestAuthentication", 1),  # fraud's issuer
         ("ScaledObject", 2),  # fraud and its canary: to zero
-        ("Service", 3),
+        ("Service", 4),
         ("VirtualService", 2),
         ("WasmPlugin", 3),  # router, transformer, logger
     ]
@@ -152,9 +152,18 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
     assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
     fraud = next(s for s in kinds["ScaledObject"] if s["metadata"]["name"] == "fraud-predictor")["spec"]
     assert (fraud["minReplicaCount"], fraud["maxReplicaCount"]) == (0, 8)
-    queries = [t["metadata"]["query"] for t in fraud["triggers"]]
+    queries = [t["metadata"].get("query") for t in fraud["triggers"]]
     assert "meshserve_requests_in_flight" in queries[0] and fraud["triggers"][0]["metadata"]["threshold"] == "16"
-    assert "istio_requests_total" in queries[1], "a revision at zero wakes on the request rate"
+    assert "istio_requests_total" in queries[1], "a revision at zero stays up on the request rate"
+    # It wakes at once: the gateway's activator calls the namespace's wake scaler, which
+    # pushes to KEDA over the external-push trigger; the held-requests gauge backs it up.
+    push = fraud["triggers"][2]
+    assert push["type"] == "external-push"
+    assert push["metadata"]["scalerAddress"] == "meshserve-wake.payments.svc.cluster.local:9090"
+    assert queries[3] == "sum(envoy_wasmcustom_meshserve_held_revision_fraud_predictor) or vector(0)"
+    wake = next(d for d in kinds["Deployment"] if d["metadata"]["name"] == "meshserve-wake")
+    assert wake["metadata"]["namespace"] == "payments"
+    assert wake["spec"]["template"]["spec"]["containers"][0]["args"][0] == "wake-scaler"
     deployment = next(d for d in kinds["Deployment"] if d["metadata"]["name"] == "fraud-predictor")
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
     pod = deployment["spec"]["template"]["spec"]
@@ -198,6 +207,10 @@ def test_the_production_example_renders_what_its_fields_ask(tmp_path):
     assert routes[0]["match"][0]["headers"]["x-meshserve-cluster"]["exact"] == grpc_cluster
     default = plugins["router"]["pluginConfig"]["services"][0]["predictor"]["default"]
     assert default["grpc_cluster"] == grpc_cluster and default["cluster"] == grpc_cluster.replace("8081", "8080")
+    assert default["scale_to_zero"]["wake"] == {
+        "cluster": "outbound|9091||meshserve-wake.payments.svc.cluster.local",
+        "path": "/wake/payments/fraud-predictor",
+    }
     assert plugins["router"]["pluginConfig"]["hold_headers"] is False
     assert routes[0]["route"][0]["destination"]["port"]["number"] == 8081
 

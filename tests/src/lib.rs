@@ -102,21 +102,27 @@ impl Sidecar {
         let args: Vec<String> = std::iter::once("serve".to_owned())
             .chain(args.iter().cloned())
             .collect();
-        let (mut child, log) = spawn(&args);
+        let sidecar = Sidecar::command(&args);
+        if wait_ready {
+            sidecar.wait_ready();
+        }
+        sidecar
+    }
+
+    /// Runs `meshserve ARGS` (a subcommand that logs `listening on http=` and `grpc=`) and
+    /// reads the addresses it bound.
+    pub fn command(args: &[String]) -> Sidecar {
+        let (mut child, log) = spawn(args);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = log.lock().map(|l| l.clone()).unwrap_or_default();
             if let (Some(http), Some(grpc)) = (address(&text, "http"), address(&text, "grpc")) {
-                let sidecar = Sidecar {
+                return Sidecar {
                     child,
                     log,
                     http,
                     grpc,
                 };
-                if wait_ready {
-                    sidecar.wait_ready();
-                }
-                return sidecar;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("meshserve exited ({status}) before listening:\n{text}");

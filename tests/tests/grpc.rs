@@ -387,3 +387,102 @@ async fn messages_over_the_limit_are_refused() {
             .live
     );
 }
+
+/// `meshserve wake-scaler` as KEDA sees it: KEDA holds `StreamIsActive` open for a
+/// ScaledObject and gets `true` the moment the activator POSTs its wake, not at the next
+/// poll; `IsActive` and `GetMetrics` agree; a bad path is 404, a GET 405; the stream ends
+/// `false` when the window passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wake_scaler_pushes_a_wake_to_keda_at_once() {
+    use meshserve_proto::externalscaler::external_scaler_client::ExternalScalerClient;
+    use meshserve_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+    use std::time::{Duration, Instant};
+    let scaler = Sidecar::command(&[
+        "wake-scaler".into(),
+        "--grpc-port".into(),
+        "0".into(),
+        "--http-port".into(),
+        "0".into(),
+        "--active-secs".into(),
+        "2".into(),
+    ]);
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", scaler.grpc))
+        .await
+        .unwrap();
+    let reference = ScaledObjectRef {
+        name: "digits-predictor".into(),
+        namespace: "models".into(),
+        scaler_metadata: Default::default(),
+    };
+    let mut stream = keda
+        .stream_is_active(reference.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.result, "nothing woke it yet");
+    assert!(
+        !keda
+            .is_active(reference.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+
+    let http = reqwest::Client::new();
+    let wake = |path: &str| http.post(format!("http://{}{path}", scaler.http)).send();
+    let other = wake("/wake/models/other-predictor").await.unwrap();
+    assert_eq!(other.status(), 202, "another ScaledObject's wake");
+    let woken = Instant::now();
+    let answer = wake("/wake/models/digits-predictor").await.unwrap();
+    assert_eq!(answer.status(), 202);
+    let pushed = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("pushed at once")
+        .unwrap()
+        .unwrap();
+    assert!(pushed.result, "the wake was pushed");
+    eprintln!("wake pushed to KEDA's stream in {:?}", woken.elapsed());
+    assert!(
+        keda.is_active(reference.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+    let metrics = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(reference.clone()),
+            metric_name: "meshserve-wake".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metrics.metric_values[0].metric_value, 1);
+    for (path, status) in [
+        ("/wake/models", 404),
+        ("/wake/Models/x", 404),
+        ("/other", 404),
+    ] {
+        assert_eq!(wake(path).await.unwrap().status(), status, "{path}");
+    }
+    let get = http
+        .get(format!(
+            "http://{}/wake/models/digits-predictor",
+            scaler.http
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 405);
+    // The window (2 s) passes: inactive, pushed once.
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the end of the window is pushed")
+        .unwrap()
+        .unwrap();
+    assert!(!ended.result);
+    assert!(woken.elapsed() >= Duration::from_secs(2));
+    assert!(!keda.is_active(reference).await.unwrap().into_inner().result);
+}
