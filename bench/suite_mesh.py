@@ -13,6 +13,11 @@ InferenceService. Compared, V2 REST batch 1, h2load as in the other suites:
   (c2) the same with a canary taking a share of the traffic: a second render whose canary is the
       same model file; its cluster is pointed at the same sidecar, so that (c2) differs from (c)
       only in the router's split decision;
+  (c3) the same as (c) with the revision marked as scaling to zero (filter config
+      `scale_to_zero`, nothing to wake it) and warm: the activator's warm path (a map lookup per
+      request, a readiness probe every 500 ms in the background) against (c) in the same run;
+  (c0) only with --mesh-wasm-before M: (c) with another build of the filters, M (say, the
+      commit before a change), rendered the same way: a change's cost side by side in one run;
   (d) Envoy with the filters answering by themselves: a request for an unknown model, which the
       router answers 404 without an upstream (a GET without a body: see `unknown_model_post`).
 
@@ -44,11 +49,13 @@ import bench as b
 ISVC = "mnist"
 MODEL = "mnist_cnn"
 UNKNOWN = "no_such_model"
-A, B, C, C2, D = (
+A, B, C0, C, C2, C3, D = (
     "(a) sidecar direct",
     "(b) Envoy, no wasm",
+    "(c0) Envoy + wasm router, the module before",
     "(c) Envoy + wasm router",
     "(c2) Envoy + wasm router, canary split",
+    "(c3) Envoy + wasm router, revision at zero, warm",
     "(d) Envoy + wasm, unknown model: 404 from the filter",
 )
 MEMORY_CONCURRENCY = (1, 2, 4)
@@ -57,6 +64,7 @@ MEMORY_CONCURRENCY = (1, 2, 4)
 def add_arguments(group) -> None:
     group.add_argument("--mesh-concurrency", default="1,16")
     group.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy --concurrency for the load rows")
+    group.add_argument("--mesh-wasm-before", type=Path, help="another meshserve_filters.wasm for a (c0) row beside (c)")
     group.add_argument("--mesh-canary-percent", type=int, default=20, help="the canary's share in (c2)")
 
 
@@ -153,6 +161,23 @@ def without_wasm(config: dict, cluster: str) -> dict:
     for host in hcm["route_config"]["virtual_hosts"]:
         host["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "60s"}}]
     return config
+
+
+def at_zero(workdir: Path, rendered: Path, config: dict) -> dict:
+    """A copy of a rendered bootstrap whose router configuration marks the default revision
+    as scaling to zero (nothing wakes it: it is warm), in its own directory."""
+    out = workdir / f"{rendered.name}-at-zero"
+    out.mkdir()
+    ecds = json.loads((rendered / "router.ecds.json").read_text())
+    value = ecds["resources"][0]["typed_config"]["config"]["configuration"]
+    filters = json.loads(value["value"])
+    filters["services"][0]["predictor"]["default"]["scale_to_zero"] = {"wake": None}
+    value["value"] = json.dumps(filters)
+    (out / "router.ecds.json").write_text(json.dumps(ecds))
+    text = json.dumps(config).replace(str(rendered / "router.ecds.json"), str(out / "router.ecds.json"))
+    if text == json.dumps(config):
+        raise b.BenchError("the rendered envoy.json does not name its router.ecds.json")
+    return json.loads(text)
 
 
 def start_envoy(workdir: Path, name: str, config: dict, concurrency: int) -> b.Server:
@@ -278,24 +303,32 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     filter_config = json.loads((workdir / "single" / "filter.json").read_text())
     default_cluster = filter_config["services"][0]["predictor"]["default"]["cluster"]
     plain = set_ports(without_wasm(single, default_cluster), b.free_port(), b.free_port())
+    zero = set_ports(at_zero(workdir, workdir / "single", single), b.free_port(), b.free_port())
 
-    say(f"starting the sidecar on {upstream}/{upstream + 1} and three Envoys (--concurrency {args.envoy_concurrency})")
+    say(f"starting the sidecar on {upstream}/{upstream + 1} and four Envoys (--concurrency {args.envoy_concurrency})")
     sidecar = b.start_meshserve(workdir, repository=repo, name="meshserve sidecar", ports=(upstream, upstream + 1))
     envoys = {
         B: start_envoy(workdir, "Envoy no wasm", plain, args.envoy_concurrency),
         C: start_envoy(workdir, "Envoy wasm", single, args.envoy_concurrency),
         C2: start_envoy(workdir, "Envoy wasm canary", split, args.envoy_concurrency),
+        C3: start_envoy(workdir, "Envoy wasm at zero", zero, args.envoy_concurrency),
     }
+    if args.mesh_wasm_before:
+        before = render(workdir, "before", isvc_yaml(model, None), b.free_port(), b.free_port(), upstream,
+                        args.mesh_wasm_before.resolve())
+        envoys[C0] = start_envoy(workdir, "Envoy wasm before", before, args.envoy_concurrency)
     for label, envoy in envoys.items():
         wait_through(label, envoy.http, case, envoy, label != B)
-    ports = {A: sidecar.http, B: envoys[B].http, C: envoys[C].http, C2: envoys[C2].http, D: envoys[C].http}
-    procs = {A: [sidecar], B: [sidecar, envoys[B]], C: [sidecar, envoys[C]], C2: [sidecar, envoys[C2]],
-             D: [sidecar, envoys[C]]}
+    ports = {label: envoy.http for label, envoy in envoys.items()} | {A: sidecar.http, D: envoys[C].http}
+    procs = {label: [sidecar, envoy] for label, envoy in envoys.items()} | {A: [sidecar], D: [sidecar, envoys[C]]}
 
     def check(when: str) -> dict:
         say(f"checking the answers {when}")
         sizes = {A: check_inference(A, ports[A], case, None)[0], B: check_inference(B, ports[B], case, False)[0],
-                 C: check_inference(C, ports[C], case, True)[0], D: check_unknown(D, ports[D])}
+                 C: check_inference(C, ports[C], case, True)[0], C3: check_inference(C3, ports[C3], case, True)[0],
+                 D: check_unknown(D, ports[D])}
+        if C0 in ports:
+            sizes[C0] = check_inference(C0, ports[C0], case, True)[0]
         seen = {check_inference(C2, ports[C2], case, True)[1] for _ in range(60)}
         if len(seen) < 2 and 0 < args.mesh_canary_percent < 100:
             raise b.BenchError(f"{C2}: 60 requests all went to {seen}; the split does not split")
@@ -306,7 +339,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     post_note = unknown_model_post(ports[D], case)
     rss_before = {label: b.rss_kib(e.process.pid) for label, e in envoys.items()}
 
-    labels = [A, B, C, C2, D]
+    labels = [label for label in (A, B, C0, C, C2, C3, D) if label in ports]
     runs: dict[tuple, list[dict]] = {}
     total = args.rounds * len(concurrencies) * len(labels)
     done = 0
@@ -371,7 +404,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
 def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_errors: dict, concurrencies: list[int],
            post_note: str) -> str:
     index = {(r["system"], r["concurrency"]): r for r in rows}
-    order = {label: i for i, label in enumerate([A, B, C, C2, D])}
+    order = {label: i for i, label in enumerate([A, B, C0, C, C2, C3, D])}
     lines = [
         "| concurrency | path | req/s | p50 ms | p99 ms | p50 vs (a) µs | p50 vs (b) µs | req/s vs (b) | req/s by round "
         "| CPU: sidecar / Envoy / h2load / other | CPU µs per request: sidecar / Envoy | failed |",
@@ -407,6 +440,15 @@ def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_e
             q = r["rps"] / base["rps"]
             checks.append((f"{label.split(' ')[0]} vs (b), concurrency {c}: >= 90% of the no-wasm req/s",
                            f"{q:.1%} ({r['rps']:,.0f} vs {base['rps']:,.0f} req/s)", q >= 0.9))
+
+        env = lambda row: sum(v for k, v in row["server_cpu_by"].items() if k.startswith("Envoy")) / row["rps"] * 1e6
+        for label, than, what in ((C3, C, "the activator's warm path"), (C, C0, "this module against the one before")):
+            r, other = index.get((label, c)), index.get((than, c))
+            if r and other:
+                d = env(r) - env(other)
+                checks.append((f"{label.split(' ')[0]} vs {than.split(' ')[0]}, concurrency {c}: {what} adds <= 10% of "
+                               "Envoy's CPU per request",
+                               f"{d:+.0f} µs ({env(r):.0f} vs {env(other):.0f} µs per request)", d <= 0.1 * env(other)))
 
     split = []
     for c in concurrencies:
@@ -453,7 +495,10 @@ def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_e
         f"{args.envoy_concurrency}`) use the bootstrap `meshserve render` wrote: (b) a copy without the "
         "`meshserve.router` filter and with one route to the revision's cluster; (c) as rendered; (c2) rendered "
         f"with a canary at {args.mesh_canary_percent}% (the same model; its cluster pointed at the same sidecar); "
-        f"(d) `GET /v2/models/{UNKNOWN}/infer` (no body) through (c)'s Envoy, answered 404 by the filter. CPU: the "
+        + (f"(c0) as (c) with another build of the filters (`{args.mesh_wasm_before}`); "
+           if args.mesh_wasm_before else "")
+        + "(c3) as (c) with the revision marked as scaling to zero (`scale_to_zero` in the router's configuration) and "
+        f"warm: the activator's warm path; (d) `GET /v2/models/{UNKNOWN}/infer` (no body) through (c)'s Envoy, answered 404 by the filter. CPU: the "
         "sidecar, the Envoy serving the row, h2load, everything else (cores, warm-up included); per request: "
         "those cores divided by req/s.",
         "",
@@ -472,7 +517,7 @@ def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_e
         "the load (--concurrency " + str(args.envoy_concurrency) + "): "
         + ", ".join(f"{k.split(')')[0]}) {mib(v['VmRSS']):.1f} MiB" for k, v in rss_after.items()) + ".",
         "",
-        "Targets ((c) and (c2) against (b), measured side by side):",
+        "Targets ((c) and (c2) against (b), (c3) and (c) against (c0), measured side by side):",
         "",
         "| target | measured | met |",
         "|---|---|---|",
