@@ -53,6 +53,11 @@ from tritonclient.grpc import service_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 VENV_BENCH = ROOT / ".venv-bench"
+# A real Triton Inference Server (2.51, ONNX Runtime backend) for the sidecar suite: the
+# machine's peer kit (../shared/peers/triton: run_triton.sh and its backend) installs it into
+# .venv-triton, against the same onnxruntime as meshserve's. Without the kit Triton is left out.
+TRITON_PEER = Path(os.environ.get("MESHSERVE_TRITON_PEER", ROOT.parent / "shared/peers/triton"))
+VENV_TRITON = ROOT / ".venv-triton"
 MODELS = {
     "mnist_cnn": (ROOT / "models/repository/mnist_cnn/1/model.onnx", (1, 28, 28)),
     "mnist_mlp": (ROOT / "models/extra/mnist_mlp/1/model.onnx", (784,)),
@@ -71,6 +76,11 @@ TARGETS = [
     ("KServe", "gRPC", False),
     ("MLServer", "REST", True),
     ("MLServer", "gRPC", False),
+    # Triton with its CPU default (two model instances), and with one, as meshserve runs.
+    ("Triton", "REST", False),
+    ("Triton", "gRPC", False),
+    ("Triton 1 instance", "REST", False),
+    ("Triton 1 instance", "gRPC", False),
 ]
 
 
@@ -443,6 +453,79 @@ def start_mlserver(
     return server
 
 
+def triton_server() -> Path | None:
+    """`tritonserver` in .venv-triton, installed from the peer kit when missing; None (and a
+    note) without the kit."""
+    binary = next(iter(sorted(VENV_TRITON.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))), None)
+    stamp = VENV_TRITON / ".onnxruntime-version"
+    ready = binary is not None and stamp.is_file() and stamp.read_text().strip() == ort.__version__
+    if ready:
+        return binary
+    script = TRITON_PEER / "run_triton.sh"
+    if not script.is_file():
+        say(f"Triton left out: no peer kit at {TRITON_PEER} (set MESHSERVE_TRITON_PEER)")
+        return None
+    prebuilt = TRITON_PEER / f"libtriton_onnxruntime-r24.10-cpu-ort{ort.__version__}.so"
+    source = prebuilt if prebuilt.is_file() else TRITON_PEER / "triton-ort-backend-src-r24.10.tar.gz"
+    say(f"installing Triton into {VENV_TRITON.name} ({source.name}, onnxruntime=={ort.__version__})")
+    env = dict(os.environ, ORT_SPEC=f"onnxruntime=={ort.__version__}", PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(script), "install", str(VENV_TRITON), str(source)], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        raise BenchError(f"installing Triton failed: {run.stderr[-2000:]}")
+    stamp.write_text(ort.__version__)
+    return next(iter(sorted(VENV_TRITON.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))))
+
+
+def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, models: dict | None = None) -> Server:
+    """tritonserver on 127.0.0.1 with the ONNX Runtime backend, one intra-op and one inter-op
+    thread per session as meshserve's; `instances`: the instance_group count (None: Triton's
+    default, two on CPU)."""
+    models = MODELS if models is None else models
+    repo = workdir / f"triton-repository-{instances or 'default'}"
+    for model, (path, _) in models.items():
+        (repo / model / "1").mkdir(parents=True)
+        (repo / model / "1" / "model.onnx").symlink_to(path)
+        config = [
+            f'name: "{model}"',
+            'platform: "onnxruntime_onnx"',
+            "max_batch_size: 64",
+            'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+            'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }',
+        ]
+        if instances:
+            config.append(f"instance_group [{{ count: {instances}, kind: KIND_CPU }}]")
+        (repo / model / "config.pbtxt").write_text("\n".join(config) + "\n")
+    tritonserver = binary.parent.parent
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    libdir = subprocess.run([str(VENV_TRITON / "bin/python"), "-c",
+                             "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')"],
+                            capture_output=True, text=True, timeout=30).stdout.strip()
+    env = dict(os.environ, PATH=f"{VENV_TRITON / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    server = spawn(name, [
+        str(binary), f"--model-repository={repo}", f"--backend-directory={tritonserver / 'backends'}",
+        f"--cache-directory={tritonserver / 'caches'}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1", f"--http-port={http}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
+        "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0", "--log-warning=false",
+    ], workdir / f"{name.replace(' ', '_')}.log", env=env)
+    server.http, server.grpc = http, grpc_port
+    wait_ready(server, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180)
+    for model in models:
+        wait_ready(server, f"http://127.0.0.1:{http}/v2/models/{model}/ready", timeout=60)
+    return server
+
+
+def triton_version() -> str:
+    try:
+        run = subprocess.run([str(VENV_TRITON / "bin/python"), "-c",
+                              "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"],
+                             capture_output=True, text=True, timeout=30)
+        return f"Triton 2.51.0 (nvidia-pytriton {run.stdout.strip()}, ONNX Runtime backend r24.10)" if run.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 # ---------------------------------------------------------------------------------------------
 # Correctness checks
 
@@ -515,7 +598,9 @@ def check_all(servers: dict[str, Server], cases: list[Case], when: str) -> dict:
     """Checks every (system, protocol, case); returns the response sizes. Required failures raise."""
     sizes = {}
     for system, protocol, required in TARGETS:
-        server = servers[system]
+        server = servers.get(system)
+        if server is None:
+            continue
         if (protocol == "REST" and not server.rest_ok) or (protocol == "gRPC" and not server.grpc_ok):
             continue
         for case in cases:
@@ -704,7 +789,7 @@ def run_command() -> str:
     return " ".join(["bash bench/run.sh", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-SYSTEM_ORDER = {"meshserve": 0, "KServe": 1, "MLServer": 2, "raw ORT": 3}
+SYSTEM_ORDER = {"meshserve": 0, "Triton": 1, "Triton 1 instance": 2, "KServe": 3, "MLServer": 4, "raw ORT": 5}
 PROTOCOL_ORDER = {"REST": 0, "gRPC": 1, "in-process": 2}
 
 
@@ -721,9 +806,9 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
         return f"{r['rps'] / o['rps']:.1f}x" if o and o["rps"] else "n/a"
 
     lines = [
-        "| model | batch | protocol | concurrency | system | req/s | p50 ms | p99 ms | vs KServe | vs MLServer "
-        "| p50 - raw ORT p50 (µs) | req/s by round | CPU: server / h2load / other | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | protocol | concurrency | system | req/s | p50 ms | p99 ms | vs Triton (default / 1 instance) "
+        "| vs KServe | vs MLServer | p50 - raw ORT p50 (µs) | req/s by round | CPU: server / h2load / other | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r["model"], r["batch"], PROTOCOL_ORDER[r["protocol"]], r["concurrency"], SYSTEM_ORDER[r["system"]])
     for r in sorted(rows, key=key):
@@ -736,7 +821,9 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
         by_round = " / ".join(f"{v:,.0f}" for v in r["round_rps"])
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['protocol']} | {r['concurrency']} | {name} | {r['rps']:,.0f} "
-            f"| {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | {ratio(r, 'KServe') if mesh else ''} "
+            f"| {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} "
+            f"| {ratio(r, 'Triton') + ' / ' + ratio(r, 'Triton 1 instance') if mesh else ''} "
+            f"| {ratio(r, 'KServe') if mesh else ''} "
             f"| {ratio(r, 'MLServer') if mesh else ''} | {delta} | {by_round} "
             f"| {r['server_cpu']:.2f} / {client} / {r['other_cpu']:.2f} | {r['failed']} |"
         )
@@ -759,6 +846,14 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
                     d = (m["p50"] - base["p50"]) * 1000
                     checks.append((f"{model}, batch {batch}, {protocol}, concurrency 1: p50 - raw ORT p50 <= {limit} µs",
                                    f"{d:+.0f} µs ({fmt_ms(m['p50'])} vs {fmt_ms(base['p50'])} ms)", d <= limit))
+    for model in MODELS:
+        for batch in BATCHES:
+            for concurrency in CONCURRENCY:
+                m, t = index.get(("meshserve", "gRPC", model, batch, concurrency)), index.get(("Triton 1 instance", "gRPC", model, batch, concurrency))
+                if m and t:
+                    got = m["rps"] / t["rps"]
+                    checks.append((f"{model}, gRPC, batch {batch}, concurrency {concurrency}: meshserve >= Triton (1 instance each)",
+                                   f"{got:.2f}x ({m['rps']:,.0f} vs {t['rps']:,.0f} req/s)", got >= 1))
     if rss:
         checks.append(("meshserve RSS < 60 MB (demo models + mnist_mlp loaded, after the load)",
                        f"VmRSS {rss['VmRSS'] * 1024 / 1e6:.1f} MB (peak VmHWM {rss['VmHWM'] * 1024 / 1e6:.1f} MB; "
@@ -779,7 +874,7 @@ def report(rows: list[dict], info: dict, rss: dict, servers: dict[str, Server], 
         "Python loop, in-process, timed per call (servers idle). Everything on 127.0.0.1.",
         "",
         machine_line(info, f"Versions: onnxruntime {info['onnxruntime']}, kserve {info['kserve']}, "
-                           f"mlserver {info['mlserver']}, {info['h2load']}."),
+                           f"mlserver {info['mlserver']}, {info.get('triton', 'no Triton')}, {info['h2load']}."),
         "",
         "req/s counts successful answers only. CPU is in cores (CPU-seconds per wall-second, warm-up "
         "included): the server's process group, h2load, and everything else on the machine (other "
@@ -856,8 +951,12 @@ def run_sidecar(args, info: dict, workdir: Path) -> tuple[str, dict]:
     say(f"request bodies and expected answers in {workdir}")
     cases = [c for c in make_cases(workdir) if c.model in models and c.batch in batches]
 
-    say("starting meshserve, KServe and MLServer on 127.0.0.1")
+    say("starting meshserve, KServe, MLServer and Triton on 127.0.0.1")
     servers = {"meshserve": start_meshserve(workdir), "KServe": start_kserve(workdir), "MLServer": start_mlserver(workdir)}
+    if (binary := triton_server()) is not None:
+        info["triton"] = triton_version()
+        servers["Triton"] = start_triton(workdir, binary, "Triton", None)
+        servers["Triton 1 instance"] = start_triton(workdir, binary, "Triton 1 instance", 1)
     for s in servers.values():
         say(f"  {s.name}: pid {s.process.pid}, http {s.http}, grpc {s.grpc}")
 
@@ -880,8 +979,10 @@ def run_sidecar(args, info: dict, workdir: Path) -> tuple[str, dict]:
         for case in cases:
             for concurrency in concurrencies:
                 for system, protocol, _ in TARGETS:
-                    server = servers[system]
+                    server = servers.get(system)
                     done += 1
+                    if server is None:
+                        continue
                     if (system, protocol, case.model, case.batch) not in sizes:
                         continue
                     if not server.alive():

@@ -95,7 +95,7 @@ impl ModelVersion {
         let version_string = version.to_string();
         let model_metrics = metrics.model(name, &version_string);
         let executor = match &config.dynamic_batching {
-            None => Executor::Pooled(Box::new(Pool::new(name, sessions, model_metrics.clone()))),
+            None => Executor::Pooled(Box::new(Pool::new(name, sessions, model_metrics.clone())?)),
             Some(batching) => {
                 if let Some(fixed) = inputs
                     .iter()

@@ -149,6 +149,37 @@ async fn requested_outputs_and_parameters() {
     assert_eq!(response.model_version, "1");
 }
 
+/// More concurrent requests than sessions: those that find the session busy queue for the
+/// instance thread, and each still gets its own answer (the label of its own row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_one_session_each_get_their_own_answer() {
+    let model = repository().get("sklearn_digits", "1").unwrap();
+    let request = |i: usize| {
+        let mut request = digits_request(1);
+        request.inputs[0].data =
+            TensorData::Fp32((0..64).map(|j| ((i * 7 + j * 3) % 17) as f32).collect());
+        request.outputs = vec![RequestedOutput::new("label")];
+        request
+    };
+    let mut alone = Vec::new();
+    for i in 0..64 {
+        alone.push(
+            model.infer(request(i)).await.unwrap().outputs[0]
+                .data
+                .clone(),
+        );
+    }
+    let mut together = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let (model, request) = (Arc::clone(&model), request(i));
+        together.spawn(async move { (i, model.infer(request).await) });
+    }
+    while let Some(done) = together.join_next().await {
+        let (i, answer) = done.unwrap();
+        assert_eq!(answer.unwrap().outputs[0].data, alone[i], "request {i}");
+    }
+}
+
 #[tokio::test]
 async fn classification_uses_the_labels() {
     let model = repository().get("mnist_cnn", "").unwrap();
