@@ -484,6 +484,8 @@ def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, 
     models = MODELS if models is None else models
     repo = workdir / f"triton-repository-{instances or 'default'}"
     for model, (path, _) in models.items():
+        if (repo / model).exists():  # started again: the same repository
+            continue
         (repo / model / "1").mkdir(parents=True)
         (repo / model / "1" / "model.onnx").symlink_to(path)
         config = [
@@ -953,10 +955,12 @@ def run_sidecar(args, info: dict, workdir: Path) -> tuple[str, dict]:
 
     say("starting meshserve, KServe, MLServer and Triton on 127.0.0.1")
     servers = {"meshserve": start_meshserve(workdir), "KServe": start_kserve(workdir), "MLServer": start_mlserver(workdir)}
+    restarts: dict[str, tuple] = {}
     if (binary := triton_server()) is not None:
         info["triton"] = triton_version()
-        servers["Triton"] = start_triton(workdir, binary, "Triton", None)
-        servers["Triton 1 instance"] = start_triton(workdir, binary, "Triton 1 instance", 1)
+        for name, instances in (("Triton", None), ("Triton 1 instance", 1)):
+            restarts[name] = (lambda n=name, i=instances: start_triton(workdir, binary, n, i), 3)
+            servers[name] = restarts[name][0]()
     for s in servers.values():
         say(f"  {s.name}: pid {s.process.pid}, http {s.http}, grpc {s.grpc}")
 
@@ -985,6 +989,19 @@ def run_sidecar(args, info: dict, workdir: Path) -> tuple[str, dict]:
                         continue
                     if (system, protocol, case.model, case.batch) not in sizes:
                         continue
+                    if not server.alive() and system in restarts:
+                        # Triton 2.51's frontend has crashed here (SIGSEGV in a server thread
+                        # after a load ended): started again, said in the notes.
+                        start, left = restarts[system]
+                        if left == 0:
+                            raise BenchError(f"{system} died 3 times; its log:\n{tail(server.log)}")
+                        note = (f"{system} died (exit {server.process.returncode}) before {case.model} b{case.batch} "
+                                f"c{concurrency} {protocol}; started again")
+                        say(note)
+                        old_notes = server.notes
+                        server = servers[system] = start()
+                        server.notes = [*old_notes, note]
+                        restarts[system] = (start, left - 1)
                     if not server.alive():
                         raise BenchError(f"{system} died; its log:\n{tail(server.log)}")
                     errors_before = count_errors(server)

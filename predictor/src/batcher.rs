@@ -336,8 +336,15 @@ impl PoolShared {
         let started = Instant::now();
         let result = span.in_scope(|| execute(&mut session, vec![inputs], &plans));
         let elapsed = started.elapsed();
-        self.lock().free.push(session);
-        self.changed.notify_all();
+        let mut state = self.lock();
+        state.free.push(session);
+        // Only a queued request needs an instance thread woken (one that queues later wakes
+        // them itself): at low concurrency no thread is woken for nothing.
+        let queued = !state.queue.is_empty();
+        drop(state);
+        if queued {
+            self.changed.notify_all();
+        }
         self.inline.store(elapsed < INLINE_LIMIT, Ordering::Relaxed);
         self.metrics.executed(rows, elapsed.as_secs_f64());
         result?
