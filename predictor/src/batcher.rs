@@ -394,19 +394,21 @@ impl Pool {
     fn start(&self, job: Job) -> Started {
         let shared = &self.shared;
         let enqueued = Instant::now();
+        // The request's wait for a session, as a `queue` span (nearly empty when it runs here).
+        let waiting = queue_span(&job.span);
         let mut state = shared.lock();
         if state.queue.is_empty()
             && shared.inline.load(Ordering::Relaxed)
             && let Some(session) = state.free.pop()
         {
             drop(state);
-            shared.metrics.queued_for(0.0);
+            drop(waiting);
+            shared.metrics.queued_for(enqueued.elapsed().as_secs_f64());
             return Started::Ran(shared.execute(session, job));
         }
         let (reply, answer) = oneshot::channel();
         let id = state.next_id;
         state.next_id += 1;
-        let waiting = queue_span(&job.span);
         state.queue.push_back(Queued {
             id,
             job,
