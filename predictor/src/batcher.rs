@@ -325,7 +325,7 @@ impl PoolShared {
     }
 
     /// Runs one request on `session` and gives the session back.
-    fn execute(&self, mut session: Session, job: Job) -> Result<Vec<OutputTensor>> {
+    fn run_on(&self, mut session: Session, job: Job) -> Result<Vec<OutputTensor>> {
         let Job {
             inputs,
             rows,
@@ -404,7 +404,7 @@ impl Pool {
             drop(state);
             drop(waiting);
             shared.metrics.queued_for(enqueued.elapsed().as_secs_f64());
-            return Started::Ran(shared.execute(session, job));
+            return Started::Ran(shared.run_on(session, job));
         }
         let (reply, answer) = oneshot::channel();
         let id = state.next_id;
@@ -470,7 +470,7 @@ fn run_queued(shared: &PoolShared) {
         } = queued;
         drop(waiting);
         shared.metrics.queued_for(enqueued.elapsed().as_secs_f64());
-        let _ = reply.send(shared.execute(session, job));
+        let _ = reply.send(shared.run_on(session, job));
     }
 }
 

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use meshserve_proto::externalscaler::external_scaler_server::{
     ExternalScaler, ExternalScalerServer,
 };
@@ -280,7 +280,10 @@ pub async fn run(args: WakeScalerArgs) -> Result<(), String> {
             let wakes = Arc::clone(&wakes);
             tokio::spawn(async move {
                 let service = service_fn(move |request| answer(Arc::clone(&wakes), request));
+                // The sidecar's header deadline: an idle or slow client cannot keep a task.
                 let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(crate::server::HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });

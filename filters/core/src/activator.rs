@@ -162,14 +162,19 @@ impl Activator {
         grpc: bool,
         now: u64,
     ) -> (Admit, Vec<Effect>) {
-        let total = self.held();
         let limits = self.limits;
+        if self
+            .revisions
+            .get(revision)
+            .is_none_or(|state| state.warmth == Warmth::Warm)
+        {
+            return (Admit::Pass, Vec::new());
+        }
+        // Counted only off the warm path.
+        let total = self.held();
         let Some(state) = self.revisions.get_mut(revision) else {
             return (Admit::Pass, Vec::new());
         };
-        if state.warmth == Warmth::Warm {
-            return (Admit::Pass, Vec::new());
-        }
         if state.held.len() >= limits.per_revision {
             let why = format!("{} requests already wait for it", limits.per_revision);
             return (Admit::Refuse(refusal(revision, grpc, &why)), Vec::new());

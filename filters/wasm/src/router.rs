@@ -522,11 +522,8 @@ impl RouterStream {
             }
             Decision::Route(route) => {
                 self.waiting_for_body = false;
-                let revision = route.revision.clone();
                 self.route_to(route, end_of_stream);
-                let grpc = request_header("content-type")
-                    .is_some_and(|t| t.starts_with("application/grpc"));
-                self.activate(&revision, grpc)
+                self.activate()
             }
             Decision::Graph(_) if on_hop_listener() => {
                 self.reply(&Reply {
@@ -574,18 +571,21 @@ impl RouterStream {
         send_reply(&mut self.shared.borrow_mut(), reply);
     }
 
-    /// Holds the request while its revision wakes from zero, or refuses it over a cap:
+    /// Holds the routed request while its revision wakes from zero, or refuses it over a cap:
     /// `Pause` then, `Continue` for a warm revision.
-    fn activate(&mut self, revision: &str, grpc: bool) -> Action {
+    fn activate(&mut self) -> Action {
         let admit = {
             let mut shared = self.shared.borrow_mut();
-            if shared.targets.is_empty() {
+            // Nothing scales to zero (the common case): no lookup, no host call.
+            let Some(route) = self.route.as_ref().filter(|_| !shared.targets.is_empty()) else {
                 return Action::Continue;
-            }
+            };
+            let grpc =
+                request_header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
             let (admit, effects) =
                 shared
                     .activator
-                    .admit(revision, self.context_id, grpc, now_ms());
+                    .admit(&route.revision, self.context_id, grpc, now_ms());
             shared.effects.extend(effects);
             admit
         };
