@@ -713,6 +713,13 @@ async fn bad_input_gets_a_clear_answer_and_the_vm_survives() {
         }
         let huge = "x".repeat(100_000);
         answers.push(("huge header".into(), raw(format!("GET /v2/models/digits HTTP/1.1\r\nHost: x\r\nx-big: {huge}\r\nConnection: close\r\n\r\n").into_bytes())));
+        // Header values may hold any octet from 0x80 up: not UTF-8, and the SDK's header
+        // getter panicked on it, which killed the worker's VM (every later request failed).
+        let body = br#"{"instances": [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}"#;
+        let mut pinned = format!("POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\nx-meshserve-revision: a", body.len()).into_bytes();
+        pinned.extend(b"\xff\xfe\r\n\r\n");
+        pinned.extend(body);
+        answers.push(("a pin that is not UTF-8".into(), raw(pinned)));
         answers.push((
             "truncated body".into(),
             raw(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"instances\": [".to_vec()),

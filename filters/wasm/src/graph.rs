@@ -12,7 +12,7 @@ use meshserve_filter_core::graph::{Answer, Call, GRAPH_HEADER, HOP, Progress, Ru
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
-use crate::host::request_header;
+use crate::host::{header, request_header};
 
 /// How far the filter's clock may be from Envoy's timers when a call times out.
 const CLOCK_SLACK: Duration = Duration::from_millis(5);
@@ -114,10 +114,8 @@ impl GraphStream {
         let Some(sent) = self.sent.remove(&token) else {
             return Outcome::Waiting;
         };
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u16>().ok());
+        let status =
+            header(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse::<u16>().ok());
         let limit = self.config.limits().graph_answer_bytes;
         // Envoy answers a call it timed out itself with a 504 of its own (or none): the
         // wall clock the filter reads and Envoy's timer may differ by a little.

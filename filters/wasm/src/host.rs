@@ -77,8 +77,60 @@ impl Rng {
     }
 }
 
+/// One header of the request, `None` when absent. A value that is not UTF-8 (HTTP allows
+/// any octet from 0x80 up) comes back with replacement characters: the SDK's `get_map_value`
+/// would panic on it, and a panic kills the worker's VM (every later request would fail).
 pub(crate) fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+    header(MapType::HttpRequestHeaders, name)
+}
+
+/// One header of the response (or of a call's answer), as [`request_header`].
+pub(crate) fn header(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
         .ok()
         .flatten()
+        .map(lossy)
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A stream's request headers, read in one host call: every lookup after that is free, where
+/// each `request_header` is a round trip out of the VM (and one more into it, for the copy).
+#[derive(Debug, Default)]
+pub(crate) struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// The request's headers now (values as [`request_header`] gives them).
+    pub(crate) fn request() -> Headers {
+        let pairs = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        Headers(pairs.into_iter().map(|(k, v)| (k, lossy(v))).collect())
+    }
+
+    /// The first value of `name` (lower case).
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Removes `names` from the request, only those it has (a removal is a host call), and
+    /// from this copy.
+    pub(crate) fn remove(&mut self, names: &[&str]) {
+        for name in names {
+            if self.get(name).is_none() {
+                continue;
+            }
+            if let Err(status) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
+                log::warn!("cannot remove {name}: {status:?}");
+            }
+            self.0.retain(|(k, _)| k != name);
+        }
+    }
+
+    pub(crate) fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
 }

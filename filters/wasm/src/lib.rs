@@ -2,8 +2,8 @@
 //! filter shares one `vm_id`; Envoy picks the filter by `root_id`:
 //!
 //! - `router`: finds the InferenceService, component and revision for each request (router and
-//!   canary in one pass, see `meshserve-filter-core`), sets the `x-meshserve-*` headers, clears
-//!   the route cache so a `cluster_header` route picks the revision's cluster, answers unknown
+//!   canary in one pass, see `meshserve-filter-core`), sets the `x-meshserve-*` headers (Envoy
+//!   clears its route cache on that, so a `cluster_header` route picks the revision's cluster), answers unknown
 //!   models itself, copies shadowed requests to the shadow revision, and names the revision that
 //!   served each response in `x-meshserve-revision`, and runs InferenceGraphs (each step a call
 //!   through Envoy's hop listener, see `graph`).

@@ -27,7 +27,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
-use crate::host::{LOGGER_ROOT_ID, Rng, configure, request_header};
+use crate::host::{LOGGER_ROOT_ID, Rng, configure, header, request_header};
 use crate::metrics::Counters;
 
 /// How often queued events are sent: each tick sends what it gathered in one call per intake,
@@ -114,9 +114,7 @@ impl Context for LoggerRoot {
         _body_size: usize,
         _num_trailers: usize,
     ) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten();
+        let status = header(MapType::HttpCallResponseHeaders, ":status");
         let mut shared = self.shared.borrow_mut();
         let Some(isvcs) = shared.in_flight.remove(&token) else {
             return;
@@ -324,11 +322,7 @@ impl HttpContext for LoggerStream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(active) = self.active.as_mut() {
-            let header = |name| {
-                hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-                    .ok()
-                    .flatten()
-            };
+            let header = |name| header(MapType::HttpResponseHeaders, name);
             let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
             active.exchange.response = Some((
                 status,

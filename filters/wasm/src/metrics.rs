@@ -20,7 +20,13 @@ use proxy_wasm::types::MetricType;
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     ids: HashMap<String, u32>,
+    /// The ids a routed request adds to (`requests … routed` and `canary … <choice>`), by
+    /// InferenceService and revision: found without building their names, on the hot path.
+    routed: HashMap<String, HashMap<String, [Option<u32>; 1 + CHOICES.len()]>>,
 }
+
+/// The `choice` label's values, in the order of `Counters::routed`'s slots.
+pub(crate) const CHOICES: [&str; 4] = ["split", "sticky", "pinned", "only"];
 
 /// A stat-name segment: dots would split labels, so they become underscores.
 fn clean(value: &str) -> String {
@@ -48,7 +54,64 @@ impl Counters {
         self.add(MetricType::Gauge, family, labels, delta);
     }
 
+    /// Counts a routed request: `requests{isvc, revision, outcome="routed"}` and
+    /// `canary{isvc, revision, choice}`, `choice` an index into [`CHOICES`].
+    pub(crate) fn routed(&mut self, isvc: &str, revision: &str, choice: usize) {
+        let known = self
+            .routed
+            .get(isvc)
+            .and_then(|r| r.get(revision))
+            .and_then(|ids| Some((ids.first().copied()??, ids.get(1 + choice).copied()??)));
+        let (requests, canary) = match known {
+            Some(ids) => ids,
+            None => {
+                let Some(label) = CHOICES.get(choice) else {
+                    return;
+                };
+                let requests = self.id(
+                    MetricType::Counter,
+                    "requests",
+                    &[
+                        ("isvc", isvc),
+                        ("revision", revision),
+                        ("outcome", "routed"),
+                    ],
+                );
+                let canary = self.id(
+                    MetricType::Counter,
+                    "canary",
+                    &[("isvc", isvc), ("revision", revision), ("choice", label)],
+                );
+                let (Some(requests), Some(canary)) = (requests, canary) else {
+                    return;
+                };
+                let ids = self
+                    .routed
+                    .entry(isvc.to_owned())
+                    .or_default()
+                    .entry(revision.to_owned())
+                    .or_default();
+                if let Some(slot) = ids.first_mut() {
+                    *slot = Some(requests);
+                }
+                if let Some(slot) = ids.get_mut(1 + choice) {
+                    *slot = Some(canary);
+                }
+                (requests, canary)
+            }
+        };
+        bump(requests, 1);
+        bump(canary, 1);
+    }
+
     fn add(&mut self, kind: MetricType, family: &str, labels: &[(&str, &str)], delta: i64) {
+        if let Some(id) = self.id(kind, family, labels) {
+            bump(id, delta);
+        }
+    }
+
+    /// The id of `meshserve.<family>` with `labels`, defined on first use.
+    fn id(&mut self, kind: MetricType, family: &str, labels: &[(&str, &str)]) -> Option<u32> {
         let mut name = format!("meshserve.{family}");
         for (label, value) in labels {
             name.push('.');
@@ -56,21 +119,24 @@ impl Counters {
             name.push('.');
             name.push_str(&clean(value));
         }
-        let id = match self.ids.get(&name) {
-            Some(id) => *id,
-            None => match hostcalls::define_metric(kind, &name) {
-                Ok(id) => {
-                    self.ids.insert(name, id);
-                    id
-                }
-                Err(status) => {
-                    log::warn!("cannot define stat {name}: {status:?}");
-                    return;
-                }
-            },
-        };
-        if let Err(status) = hostcalls::increment_metric(id, delta) {
-            log::warn!("cannot increment stat {id}: {status:?}");
+        if let Some(id) = self.ids.get(&name) {
+            return Some(*id);
         }
+        match hostcalls::define_metric(kind, &name) {
+            Ok(id) => {
+                self.ids.insert(name, id);
+                Some(id)
+            }
+            Err(status) => {
+                log::warn!("cannot define stat {name}: {status:?}");
+                None
+            }
+        }
+    }
+}
+
+fn bump(id: u32, delta: i64) {
+    if let Err(status) = hostcalls::increment_metric(id, delta) {
+        log::warn!("cannot increment stat {id}: {status:?}");
     }
 }

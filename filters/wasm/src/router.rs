@@ -19,7 +19,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 use crate::graph::{GraphStream, Outcome, on_hop_listener};
-use crate::host::{ROUTER_ROOT_ID, Rng, configure, request_header};
+use crate::host::{Headers, ROUTER_ROOT_ID, Rng, configure, header};
 use crate::metrics::Counters;
 
 /// Request headers the filters set and clients may not (`x-meshserve-revision` is the
@@ -181,9 +181,7 @@ impl Context for RouterRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten();
+        let status = header(MapType::HttpCallResponseHeaders, ":status");
         {
             let mut shared = self.shared.borrow_mut();
             if let Some(revision) = shared.probes.remove(&token) {
@@ -314,6 +312,7 @@ impl RootContext for RouterRoot {
             context_id,
             shared: Rc::clone(&self.shared),
             config,
+            headers: Headers::default(),
             waiting_for_body: false,
             route: None,
             shadow_headers: Vec::new(),
@@ -472,6 +471,8 @@ struct RouterStream {
     context_id: u32,
     shared: Rc<RefCell<Shared>>,
     config: Rc<Config>,
+    /// The request's headers, read once, the internal ones removed.
+    headers: Headers,
     /// A gRPC request whose model name is still to come in the body.
     waiting_for_body: bool,
     route: Option<Route>,
@@ -487,18 +488,17 @@ struct RouterStream {
 
 impl RouterStream {
     fn decide(&self, body: &[u8], end_of_body: bool) -> Decision {
-        let path = request_header(":path").unwrap_or_default();
-        let authority = request_header(":authority");
         let (draw, shadow_draw) = {
             let mut shared = self.shared.borrow_mut();
             (shared.draw(), shared.draw())
         };
+        let header = |name: &str| self.headers.get(name).map(str::to_owned);
         decide(
             &self.config,
             &Request {
-                path: &path,
-                authority: authority.as_deref(),
-                header: &request_header,
+                path: self.headers.get(":path").unwrap_or_default(),
+                authority: self.headers.get(":authority"),
+                header: &header,
                 body,
                 end_of_body,
                 draw,
@@ -580,8 +580,10 @@ impl RouterStream {
             let Some(route) = self.route.as_ref().filter(|_| !shared.targets.is_empty()) else {
                 return Action::Continue;
             };
-            let grpc =
-                request_header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+            let grpc = self
+                .headers
+                .get("content-type")
+                .is_some_and(|t| t.starts_with("application/grpc"));
             let (admit, effects) =
                 shared
                     .activator
@@ -607,45 +609,27 @@ impl RouterStream {
                 log::warn!("cannot set {name}: {status:?}");
             }
         }
-        // Envoy does not promise to re-route after a header changes: ask it to.
-        if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", Some(&[])) {
-            log::warn!("clear_route_cache failed: {status:?}");
-            self.shared
-                .borrow_mut()
-                .counters
-                .increment("errors", &[("reason", "clear_route_cache")]);
-        }
-        {
-            let mut shared = self.shared.borrow_mut();
-            let choice = match route.choice {
-                Choice::Split => "split",
-                Choice::Sticky => "sticky",
-                Choice::Pinned => "pinned",
-                Choice::Only => "only",
-            };
-            shared.counters.increment(
-                "requests",
-                &[
-                    ("isvc", &route.isvc),
-                    ("revision", &route.revision),
-                    ("outcome", "routed"),
-                ],
-            );
-            shared.counters.increment(
-                "canary",
-                &[
-                    ("isvc", &route.isvc),
-                    ("revision", &route.revision),
-                    ("choice", choice),
-                ],
-            );
-        }
+        // No `clear_route_cache` call: Envoy clears the route cache whenever a Wasm filter
+        // changes the request's headers (`onHeadersModified` in its Wasm context), so the
+        // `cluster_header` route reads the cluster just set. The end-to-end tests route by it.
+        let choice = match route.choice {
+            Choice::Split => 0,
+            Choice::Sticky => 1,
+            Choice::Pinned => 2,
+            Choice::Only => 3,
+        };
+        self.shared
+            .borrow_mut()
+            .counters
+            .routed(&route.isvc, &route.revision, choice);
         if route.shadow.is_some() {
             // Envoy exposes the request headers only until they are sent on: copy them now.
-            self.shadow_headers = hostcalls::get_map(MapType::HttpRequestHeaders)
-                .unwrap_or_default()
-                .into_iter()
+            self.shadow_headers = self
+                .headers
+                .pairs()
+                .iter()
                 .filter(|(k, _)| !k.starts_with("x-meshserve-") && k != "content-length")
+                .cloned()
                 .collect();
             self.shadow_body = Some(Vec::new());
             if end_of_stream {
@@ -709,12 +693,12 @@ impl HttpContext for RouterStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Headers only the filters may set: a client's copies would pick a cluster (the log
         // intake's, say) or skip a transformer.
+        // One host call reads them all; only those present are removed.
+        self.headers = Headers::request();
+        self.headers.remove(&INTERNAL_HEADERS);
         let hop = !self.config.graphs().is_empty() && on_hop_listener();
-        let graph_headers = if hop { &[][..] } else { &GRAPH_HEADERS[..] };
-        for name in INTERNAL_HEADERS.iter().chain(graph_headers) {
-            if let Err(status) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None) {
-                log::warn!("cannot remove {name}: {status:?}");
-            }
+        if !hop {
+            self.headers.remove(&GRAPH_HEADERS);
         }
         // A request without a body decides here for good (`end_of_body`): a gRPC call with no
         // message gets its 400 instead of waiting for bytes that will not come.
@@ -777,10 +761,9 @@ impl HttpContext for RouterStream {
         {
             log::warn!("cannot set {REVISION_HEADER}: {status:?}");
         }
-        let failed = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .is_none_or(|s| !s.starts_with('2'));
+        // Only a shadowed request compares answers, and only a successful one.
+        let failed = self.shadow_id.is_some()
+            && header(MapType::HttpResponseHeaders, ":status").is_none_or(|s| !s.starts_with('2'));
         if failed {
             self.response_copy = None;
             self.settle_primary(None);

@@ -22,7 +22,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
-use crate::host::{TRANSFORMER_ROOT_ID, configure, request_header};
+use crate::host::{TRANSFORMER_ROOT_ID, configure, header, request_header};
 use crate::metrics::Counters;
 
 pub(crate) struct TransformerRoot {
@@ -138,10 +138,7 @@ fn set(map: MapType, name: &str, value: Option<&str>) {
 }
 
 fn header_length(map: MapType) -> Option<usize> {
-    hostcalls::get_map_value(map, INFERENCE_HEADER_CONTENT_LENGTH)
-        .ok()
-        .flatten()
-        .and_then(|v| v.trim().parse().ok())
+    header(map, INFERENCE_HEADER_CONTENT_LENGTH).and_then(|v| v.trim().parse().ok())
 }
 
 impl Context for TransformStream {}
@@ -286,10 +283,8 @@ impl HttpContext for TransformStream {
         let Some(active) = self.active.as_mut() else {
             return Action::Continue;
         };
-        let ok = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .is_some_and(|s| s.starts_with('2'));
+        let ok =
+            header(MapType::HttpResponseHeaders, ":status").is_some_and(|s| s.starts_with('2'));
         // Errors keep the model's `{"error": ...}`, the same shape in V1 and V2; a V2
         // explainer's answer is already the client's.
         if !ok || end_of_stream || (active.explain && active.wire == Wire::V2) {
