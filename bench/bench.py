@@ -240,6 +240,7 @@ class Server:
     grpc: int = 0
     rest_ok: bool = True
     grpc_ok: bool = True
+    metrics: int = 0
     notes: list[str] = field(default_factory=list)
 
     def processes(self) -> list[int]:
@@ -477,12 +478,14 @@ def triton_server() -> Path | None:
     return next(iter(sorted(VENV_TRITON.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))))
 
 
-def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, models: dict | None = None) -> Server:
-    """tritonserver on 127.0.0.1 with the ONNX Runtime backend, one intra-op and one inter-op
-    thread per session as meshserve's; `instances`: the instance_group count (None: Triton's
-    default, two on CPU)."""
+def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, models: dict | None = None,
+                 intra_op: int = 1, max_batch: int = 64, extra_config: tuple[str, ...] = (), tag: str = "") -> Server:
+    """tritonserver on 127.0.0.1 with the ONNX Runtime backend, `intra_op` intra-op threads (0:
+    onnxruntime's default, one per core) and one inter-op thread per session as meshserve's;
+    `instances`: the instance_group count (None: Triton's default, two on CPU); `extra_config`:
+    more config.pbtxt lines (dynamic_batching, say). Its metrics port is `.metrics`."""
     models = MODELS if models is None else models
-    repo = workdir / f"triton-repository-{instances or 'default'}"
+    repo = workdir / f"triton-repository-{instances or 'default'}{tag}"
     for model, (path, _) in models.items():
         if (repo / model).exists():  # started again: the same repository
             continue
@@ -491,9 +494,10 @@ def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, 
         config = [
             f'name: "{model}"',
             'platform: "onnxruntime_onnx"',
-            "max_batch_size: 64",
-            'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }',
+            f"max_batch_size: {max_batch}",
+            f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{intra_op}" }} }}',
             'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }',
+            *extra_config,
         ]
         if instances:
             config.append(f"instance_group [{{ count: {instances}, kind: KIND_CPU }}]")
@@ -511,7 +515,7 @@ def start_triton(workdir: Path, binary: Path, name: str, instances: int | None, 
         "--metrics-address=127.0.0.1", f"--http-port={http}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
         "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0", "--log-warning=false",
     ], workdir / f"{name.replace(' ', '_')}.log", env=env)
-    server.http, server.grpc = http, grpc_port
+    server.http, server.grpc, server.metrics = http, grpc_port, metrics
     wait_ready(server, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180)
     for model in models:
         wait_ready(server, f"http://127.0.0.1:{http}/v2/models/{model}/ready", timeout=60)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load tests of meshserve, in seven suites (docs/benchmarks.md has a section per suite):
 #   sidecar   meshserve vs the KServe Python server vs MLServer vs raw onnxruntime (~9.5 min)
-#   batching  dynamic batching off / on vs MLServer's adaptive batching, concurrency 1/16/64 (~5 min)
+#   batching  dynamic batching off / on vs MLServer and Triton, and KServe's batcher through meshserve up, c1/16/64 (~9 min)
 #   mesh      Envoy + the wasm router in front of a sidecar: overhead and memory (~2 min)
 #   transformer  a 1024x768 JPEG through Envoy's wasm transformer vs KServe's Python transformer (~2 min)
 #   logging   payload logging on vs off through Envoy, and the spool's events/s (~1.5 min)

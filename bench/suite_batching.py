@@ -20,6 +20,7 @@ import json
 import re
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +33,9 @@ MODELS = ("mnist_mlp", "mnist_cnn")
 CONCURRENCY = (1, 16, 64)
 OFF, ON, ALT, MLS = ("meshserve, batching off", "meshserve, batching on", "meshserve, batching on, short delay",
                       "MLServer, adaptive batching")
+TRT = "Triton, dynamic batching"
+TRT1 = "Triton, dynamic batching, 1 intra-op thread"
+UP_OFF, UP_ON = "meshserve up, no batcher", "meshserve up, KServe batcher"
 
 
 def systems(args) -> list[tuple[str, str, str, int]]:
@@ -40,7 +44,45 @@ def systems(args) -> list[tuple[str, str, str, int]]:
     if args.batching_short_delay_us:
         out.append((ALT, "meshserve", "_batched_short", args.batching_short_delay_us))
     out.append((MLS, "MLServer", "", args.batching_delay_us))
+    if getattr(args, "batching_triton", False):
+        out.append((TRT, "Triton", "", args.batching_delay_us))
+        out.append((TRT1, "Triton 1 thread", "", args.batching_delay_us))
+    if args.batching_up:
+        out += [(UP_OFF, "up", "", 0), (UP_ON, "up", "-batched", up_latency_ms(args) * 1000)]
     return out
+
+
+def up_latency_ms(args) -> int:
+    """KServe's batcher takes its maxLatency in whole milliseconds."""
+    return max(1, round(args.batching_delay_us / 1000))
+
+
+def served_name(key: str, model: str, suffix: str) -> str:
+    """The model name a system serves `model` under: behind `meshserve up`, the InferenceService's
+    name (a DNS label: no underscores)."""
+    return (model.replace("_", "-") if key == "up" else model) + suffix
+
+
+def up_spec(workdir: Path, args, models: list[str]) -> Path:
+    """An InferenceService file with each model twice: without and with KServe's batcher (the
+    same size and delay as meshserve's batching on)."""
+    docs = []
+    for model in models:
+        for suffix, batcher in (("", ""), ("-batched", f"    batcher:\n      maxBatchSize: {args.batching_max_batch}\n"
+                                                      f"      maxLatency: {up_latency_ms(args)}\n")):
+            docs.append("apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\n"
+                        f"metadata:\n  name: {served_name('up', model, suffix)}\nspec:\n  predictor:\n{batcher}"
+                        f"    model:\n      modelFormat: {{name: onnx}}\n      storageUri: file://{b.MODELS[model][0]}\n")
+    spec = workdir / "batching-up.yaml"
+    spec.write_text("---\n".join(docs))
+    return spec
+
+
+def triton_config(args) -> tuple[str, ...]:
+    """Triton's dynamic batcher with meshserve's batching-on settings."""
+    return (f"instance_group [{{ count: {args.batching_instances}, kind: KIND_CPU }}]",
+            f"dynamic_batching {{ max_queue_delay_microseconds: {args.batching_delay_us} "
+            f"preferred_batch_size: [ {args.batching_max_batch} ] }}")
 
 
 def add_arguments(group) -> None:
@@ -53,6 +95,8 @@ def add_arguments(group) -> None:
     group.add_argument("--batching-short-delay-us", type=int, default=500,
                        help="a third meshserve copy with this queue delay, measured beside the others (0: none)")
     group.add_argument("--batching-instances", type=int, default=1, help="meshserve instance_count (all copies)")
+    group.add_argument("--batching-no-up", dest="batching_up", action="store_false",
+                       help="leave out the rows through `meshserve up` (KServe's batcher on and off behind Envoy)")
     group.add_argument("--batching-intra-op-threads", type=int, default=0,
                        help="meshserve intra_op_threads (all copies; 0: one per core)")
 
@@ -93,6 +137,27 @@ def metrics(server: b.Server) -> dict[tuple[str, str], float]:
             continue
         key = (m.group(1), labels.get("model", ""))
         out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def triton_metrics(server: b.Server) -> dict[tuple[str, str], float]:
+    """Triton's metrics, in meshserve's names: rows, executions and compute time per model."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    names = {"nv_inference_count": ("meshserve_inference_count_total", 1.0),
+             "nv_inference_exec_count": ("meshserve_inference_exec_count_total", 1.0),
+             "nv_inference_compute_infer_duration_us": ("meshserve_inference_compute_duration_seconds_sum", 1e-6),
+             "nv_inference_queue_duration_us": ("meshserve_inference_queue_duration_seconds_sum", 1e-6),
+             "nv_inference_request_success": ("meshserve_inference_queue_duration_seconds_count", 1.0)}
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        m = re.match(r"([a-z_]+)\{([^}]*)\} (\S+)$", line)
+        if not m or m.group(1) not in names:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        name, scale = names[m.group(1)]
+        key = (name, labels.get("model", ""))
+        out[key] = out.get(key, 0.0) + float(m.group(3)) * scale
     return out
 
 
@@ -180,6 +245,30 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
             env_extra={"BENCH_BATCH_LOG": str(batch_log)},
         ),
     }
+    binary = b.triton_server()
+    args.batching_triton = binary is not None
+    if binary is not None:
+        info["triton"] = b.triton_version()
+        say("starting Triton with its dynamic batcher (the same size, delay, instances and threads)")
+        servers["Triton"] = b.start_triton(workdir, binary, "Triton batching", args.batching_instances,
+                                           models={m: b.MODELS[m] for m in models},
+                                           intra_op=args.batching_intra_op_threads, max_batch=args.batching_max_batch,
+                                           extra_config=triton_config(args), tag="-batching")
+        # onnxruntime's intra-op threads spin in Triton (its backend has no setting for it), so
+        # its own default of one thread per core fights the load generator for the 2 cores: also
+        # with one intra-op thread, the sidecar suite's setting.
+        servers["Triton 1 thread"] = b.start_triton(workdir, binary, "Triton batching 1 thread", args.batching_instances,
+                                                    models={m: b.MODELS[m] for m in models}, intra_op=1,
+                                                    max_batch=args.batching_max_batch,
+                                                    extra_config=triton_config(args), tag="-batching-1t")
+    sidecars: dict[str, types.SimpleNamespace] = {}
+    if args.batching_up:
+        say("starting meshserve up: each model without and with KServe's batcher, behind Envoy and the wasm router")
+        servers["up"] = b.start_up(workdir, up_spec(workdir, args, models))
+        for model in models:
+            for suffix in ("", "-batched"):
+                name = served_name("up", model, suffix)
+                sidecars[name] = types.SimpleNamespace(http=b.sidecar_port(servers["up"], f"{name}-predictor"))
     for s in servers.values():
         say(f"  {s.name}: pid {s.process.pid}, http {s.http}")
 
@@ -201,9 +290,10 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
         for label, key, suffix, _ in systems(args):
             for model in models:
                 try:
-                    sizes[(label, model)] = b.check_rest(servers[key], cases[model], model + suffix)
-                    if label != OFF:
-                        check_concurrent(servers[key], model + suffix, b.MODELS[model][1], singles[model][1],
+                    name = served_name(key, model, suffix)
+                    sizes[(label, model)] = b.check_rest(servers[key], cases[model], name)
+                    if label not in (OFF, UP_OFF):
+                        check_concurrent(servers[key], name, b.MODELS[model][1], singles[model][1],
                                          singles[model][0])
                 except (OSError, ValueError, KeyError) as e:
                     raise b.BenchError(f"{when}: {label} {model}: {e}") from e
@@ -229,17 +319,20 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
                     server = servers[key]
                     if not server.alive():
                         raise b.BenchError(f"{server.name} died; its log:\n{b.tail(server.log)}")
-                    name = model + suffix
+                    name = served_name(key, model, suffix)
                     target = ["--h1", "-d", str(case.rest_body), "-H", "content-type: application/json",
                               b.rest_url(server, name)]
                     errors_before = b.count_errors(server)
-                    m0 = metrics(server) if key == "meshserve" else None
+                    read = {"meshserve": lambda: metrics(server), "Triton": lambda: triton_metrics(server),
+                            "Triton 1 thread": lambda: triton_metrics(server),
+                            "up": lambda: metrics(sidecars[name])}.get(key)
+                    m0 = read() if read else None
                     n0 = len(mlserver_batches(batch_log).get(model, [])) if key == "MLServer" else 0
                     r = b.h2load_target(f"{label}_{model}", target, [server], concurrency, args.warmup, args.duration,
                                         workdir, sizes[(label, model)])
                     time.sleep(0.3)
-                    if key == "meshserve":
-                        m1 = metrics(server)
+                    if read:
+                        m1 = read()
                         d = lambda metric: m1.get((metric, name), 0.0) - m0.get((metric, name), 0.0)
                         r["rows"], r["execs"] = d("meshserve_inference_count_total"), d("meshserve_inference_exec_count_total")
                         r["compute_s"] = d("meshserve_inference_compute_duration_seconds_sum")
@@ -285,19 +378,27 @@ def report(rows: list[dict], full: dict, info: dict, args, log_errors: dict, mod
         o = index.get((other, r["model"], r["concurrency"]))
         return f"{r['rps'] / o['rps']:.2f}x" if o and o["rps"] else "n/a"
 
+    def best_triton(model: str, concurrency: int) -> str:
+        """The faster of Triton's two settings at this point."""
+        found = [index[k] for k in ((TRT, model, concurrency), (TRT1, model, concurrency)) if k in index]
+        return max(found, key=lambda r: r["rps"])["system"] if found else TRT
+
     lines = [
         "| model | concurrency | system | queue delay µs | req/s | p50 ms | p99 ms | vs batching off | vs MLServer "
-        "| mean batch (rows/exec) | mean compute per exec ms | req/s by round | CPU: server / h2load / other | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs Triton | mean batch (rows/exec) | mean compute per exec ms | req/s by round | CPU: server / h2load / other "
+        "| failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (models.index(r["model"]), r["concurrency"], order[r["system"]])):
         on = r["system"] in (ON, ALT)
+        off = UP_OFF if r["system"] == UP_ON else OFF
         batch = f"{r['rows'] / r['execs']:.1f}" if r.get("execs") else "n/a"
         comp = f"{r['compute_s'] / r['execs'] * 1000:.3f}" if r.get("execs") and "compute_s" in r else ""
         name = f"**{r['system']}**" if r["system"] == ON else r["system"]
         lines.append(
             f"| {r['model']} | {r['concurrency']} | {name} | {delays[r['system']] or '-'} | {r['rps']:,.0f} "
-            f"| {b.fmt_ms(r['p50'])} | {b.fmt_ms(r['p99'])} | {ratio(r, OFF) if on else ''} | {ratio(r, MLS) if on else ''} "
+            f"| {b.fmt_ms(r['p50'])} | {b.fmt_ms(r['p99'])} | {ratio(r, off) if on or off == UP_OFF else ''} "
+            f"| {ratio(r, MLS) if on else ''} | {ratio(r, best_triton(r['model'], r['concurrency'])) if on and args.batching_triton else ''} "
             f"| {batch} | {comp} | {' / '.join(f'{v:,.0f}' for v in r['round_rps'])} "
             f"| {r['server_cpu']:.2f} / {r['client_cpu']:.2f} / {r['other_cpu']:.2f} | {r['failed']} |"
         )
@@ -313,6 +414,17 @@ def report(rows: list[dict], full: dict, info: dict, args, log_errors: dict, mod
         got = m_on["rps"] / m_mls["rps"]
         checks.append(("mnist_mlp, concurrency 64: batching on >= 5x MLServer with adaptive batching (req/s)",
                        f"{got:.2f}x ({m_on['rps']:,.0f} vs {m_mls['rps']:,.0f} req/s)", got >= 5))
+    for model in models:
+        on, trt = index.get((ON, model, 64)), index.get((best_triton(model, 64), model, 64))
+        if on and trt:
+            got = on["rps"] / trt["rps"]
+            checks.append((f"{model}, concurrency 64: batching on >= Triton's dynamic batcher, its faster setting (req/s)",
+                           f"{got:.2f}x ({on['rps']:,.0f} vs {trt['rps']:,.0f} req/s, {trt['system']})", got >= 1))
+    u_on, u_off = index.get((UP_ON, "mnist_mlp", 64)), index.get((UP_OFF, "mnist_mlp", 64))
+    if u_on and u_off:
+        got = u_on["rps"] / u_off["rps"]
+        checks.append(("mnist_mlp, concurrency 64, through `meshserve up`: KServe's batcher >= 1.5x without it (req/s)",
+                       f"{got:.2f}x ({u_on['rps']:,.0f} vs {u_off['rps']:,.0f} req/s)", got >= 1.5))
     bounds = {m: delay_ms + v["p50"] for m, v in full.items()}
     if m_on and "mnist_mlp" in full:
         checks.append((f"mnist_mlp, concurrency 64: batching-on p99 <= delay + compute of a full batch "
@@ -363,7 +475,19 @@ def report(rows: list[dict], full: dict, info: dict, args, log_errors: dict, mod
         f"(`config.yaml`). Batching off: `{common}`. **Batching on** (the setting the targets are read on): "
         f"`{common}, {batching(args.batching_delay_us)}`.{short} MLServer (one inference worker, as in the sidecar "
         f"suite): `\"max_batch_size\": {mb}, \"max_batch_time\": {args.batching_delay_us / 1e6:g}` in each "
-        "model-settings.json. Before and after the load, every system answers the exact body right, and every "
+        "model-settings.json."
+        + (f" Triton ({info.get('triton', 'Triton')}): the same .onnx files, `max_batch_size: {mb}`, "
+           f"`{' '.join(triton_config(args))}`, intra-op threads {args.batching_intra_op_threads} "
+           "(0: onnxruntime's default, one per core, as meshserve's; these spin, and Triton's backend has no setting "
+           "for that) and, as a second Triton, 1 intra-op thread; one inter-op thread; vs Triton: against the faster of "
+           "the two at that point; its mean batch and compute "
+           "from its metrics (`nv_inference_count` / `nv_inference_exec_count`, `nv_inference_compute_infer_duration_us`)."
+           if getattr(args, "batching_triton", False) else " Triton: not installed here (no peer kit), left out.")
+        + (" `meshserve up`: one InferenceService per model without `batcher` and one with KServe's "
+           f"`batcher: {{maxBatchSize: {mb}, maxLatency: {up_latency_ms(args)}}}` (milliseconds), all behind one Envoy "
+           "(the wasm router) with a sidecar each, on the same 2 cores; CPU `server` is Envoy and the sidecars together, "
+           "mean batch from each sidecar's own metrics." if args.batching_up else "")
+        + " Before and after the load, every system answers the exact body right, and every "
         "batching one answers 256 different single-row requests sent 64 at a time, each with its own row.",
         "",
         "Mean batch: rows per model execution over the whole measurement (warm-up included), from meshserve's "
@@ -378,7 +502,7 @@ def report(rows: list[dict], full: dict, info: dict, args, log_errors: dict, mod
         + "; ".join(f"{m} p50 {v['p50']:.3f} ms, p99 {v['p99']:.3f} ms ({v['calls']:,} calls)" for m, v in full.items())
         + ". The p99 bound is the configured delay plus that p50.",
         "",
-        "Targets (batching on, against batching off and MLServer in the same run):",
+        "Targets (batching on, against batching off, MLServer and Triton in the same run):",
         "",
         "| target | measured | met |",
         "|---|---|---|",

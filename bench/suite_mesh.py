@@ -8,6 +8,8 @@ InferenceService. Compared, V2 REST batch 1, h2load as in the other suites:
   (a) the sidecar directly;
   (b) Envoy without the wasm filter: a copy of the rendered envoy.json without the http filter
       `meshserve.router`, whose only route sends everything to the revision's cluster;
+  (b2) (b) with an empty proxy-wasm filter before Envoy's router (bench/wasm_floor, built here
+      with cargo; left out if it cannot be): the floor every Wasm filter pays per request;
   (c) Envoy with the wasm router, as rendered (one revision: the router finds the
       InferenceService by model name and picks its only revision);
   (c2) the same with a canary taking a share of the traffic: a second render whose canary is the
@@ -49,9 +51,10 @@ import bench as b
 ISVC = "mnist"
 MODEL = "mnist_cnn"
 UNKNOWN = "no_such_model"
-A, B, C0, C, C2, C3, D = (
+A, B, B2, C0, C, C2, C3, D = (
     "(a) sidecar direct",
     "(b) Envoy, no wasm",
+    "(b2) Envoy + an empty wasm filter",
     "(c0) Envoy + wasm router, the module before",
     "(c) Envoy + wasm router",
     "(c2) Envoy + wasm router, canary split",
@@ -160,6 +163,32 @@ def without_wasm(config: dict, cluster: str) -> dict:
         raise b.BenchError("the rendered envoy.json has no http filter named meshserve.router")
     for host in hcm["route_config"]["virtual_hosts"]:
         host["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "60s"}}]
+    return config
+
+
+def floor_module(workdir: Path) -> Path | None:
+    """bench/wasm_floor built for wasm32-wasip1 (a proxy-wasm filter whose every callback returns
+    at once), or None when it cannot be built here."""
+    crate = b.BENCH / "wasm_floor"
+    target = workdir / "wasm-floor-target"
+    run = subprocess.run(["cargo", "build", "--release", "--quiet", "--target", "wasm32-wasip1",
+                          "--manifest-path", str(crate / "Cargo.toml"), "--target-dir", str(target)],
+                         capture_output=True, text=True, timeout=600)
+    module = target / "wasm32-wasip1/release/meshserve_wasm_floor.wasm"
+    if run.returncode != 0 or not module.is_file():
+        b.say(f"(b2) left out: bench/wasm_floor did not build: {run.stderr[-500:]}")
+        return None
+    return module
+
+
+def with_floor(plain: dict, module: Path) -> dict:
+    """(b)'s bootstrap with the empty filter before Envoy's router: what any Wasm filter costs."""
+    config = copy.deepcopy(plain)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, {"name": "floor", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": "floor", "root_id": "floor", "vm_config": {
+            "vm_id": "floor", "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": str(module)}}}}}})
     return config
 
 
@@ -304,6 +333,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     default_cluster = filter_config["services"][0]["predictor"]["default"]["cluster"]
     plain = set_ports(without_wasm(single, default_cluster), b.free_port(), b.free_port())
     zero = set_ports(at_zero(workdir, workdir / "single", single), b.free_port(), b.free_port())
+    floor = floor_module(workdir)
 
     say(f"starting the sidecar on {upstream}/{upstream + 1} and four Envoys (--concurrency {args.envoy_concurrency})")
     sidecar = b.start_meshserve(workdir, repository=repo, name="meshserve sidecar", ports=(upstream, upstream + 1))
@@ -313,12 +343,15 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
         C2: start_envoy(workdir, "Envoy wasm canary", split, args.envoy_concurrency),
         C3: start_envoy(workdir, "Envoy wasm at zero", zero, args.envoy_concurrency),
     }
+    if floor is not None:
+        envoys[B2] = start_envoy(workdir, "Envoy empty wasm", set_ports(with_floor(plain, floor), b.free_port(),
+                                                                         b.free_port()), args.envoy_concurrency)
     if args.mesh_wasm_before:
         before = render(workdir, "before", isvc_yaml(model, None), b.free_port(), b.free_port(), upstream,
                         args.mesh_wasm_before.resolve())
         envoys[C0] = start_envoy(workdir, "Envoy wasm before", before, args.envoy_concurrency)
     for label, envoy in envoys.items():
-        wait_through(label, envoy.http, case, envoy, label != B)
+        wait_through(label, envoy.http, case, envoy, label not in (B, B2))
     ports = {label: envoy.http for label, envoy in envoys.items()} | {A: sidecar.http, D: envoys[C].http}
     procs = {label: [sidecar, envoy] for label, envoy in envoys.items()} | {A: [sidecar], D: [sidecar, envoys[C]]}
 
@@ -329,6 +362,8 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
                  D: check_unknown(D, ports[D])}
         if C0 in ports:
             sizes[C0] = check_inference(C0, ports[C0], case, True)[0]
+        if B2 in ports:
+            sizes[B2] = check_inference(B2, ports[B2], case, False)[0]
         seen = {check_inference(C2, ports[C2], case, True)[1] for _ in range(60)}
         if len(seen) < 2 and 0 < args.mesh_canary_percent < 100:
             raise b.BenchError(f"{C2}: 60 requests all went to {seen}; the split does not split")
@@ -339,7 +374,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
     post_note = unknown_model_post(ports[D], case)
     rss_before = {label: b.rss_kib(e.process.pid) for label, e in envoys.items()}
 
-    labels = [label for label in (A, B, C0, C, C2, C3, D) if label in ports]
+    labels = [label for label in (A, B, B2, C0, C, C2, C3, D) if label in ports]
     runs: dict[tuple, list[dict]] = {}
     total = args.rounds * len(concurrencies) * len(labels)
     done = 0
@@ -356,7 +391,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
                     if not p.alive():
                         raise b.BenchError(f"{p.name} died; its log:\n{b.tail(p.log)}")
                 envoy = envoys.get(C if label == D else label)
-                stats0 = router_stats(envoy) if envoy and label != B else {}
+                stats0 = router_stats(envoy) if envoy and label not in (B, B2) else {}
                 errors0 = {p.name: b.count_errors(p) for p in procs[label]}
                 r = b.h2load_target(label.split(")")[0].strip("("), target, procs[label], concurrency, args.warmup,
                                     args.duration, workdir, sizes[label], expect="404" if label == D else "2xx")
@@ -364,7 +399,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
                 for p in procs[label]:
                     if new := b.count_errors(p) - errors0[p.name]:
                         r["notes"].append(f"{new} warning/error lines in {p.name}'s log during or right after this run")
-                if envoy and label != B:
+                if envoy and label not in (B, B2):
                     stats1 = router_stats(envoy)
                     r["router"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v - stats0.get(k, 0)}
                     decided = sum(r["router"].values())
@@ -404,7 +439,7 @@ def run(args, info: dict, workdir: Path) -> tuple[str, dict]:
 def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_errors: dict, concurrencies: list[int],
            post_note: str) -> str:
     index = {(r["system"], r["concurrency"]): r for r in rows}
-    order = {label: i for i, label in enumerate([A, B, C0, C, C2, C3, D])}
+    order = {label: i for i, label in enumerate([A, B, B2, C0, C, C2, C3, D])}
     lines = [
         "| concurrency | path | req/s | p50 ms | p99 ms | p50 vs (a) µs | p50 vs (b) µs | req/s vs (b) | req/s by round "
         "| CPU: sidecar / Envoy / h2load / other | CPU µs per request: sidecar / Envoy | failed |",
@@ -442,6 +477,15 @@ def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_e
                            f"{q:.1%} ({r['rps']:,.0f} vs {base['rps']:,.0f} req/s)", q >= 0.9))
 
         env = lambda row: sum(v for k, v in row["server_cpu_by"].items() if k.startswith("Envoy")) / row["rps"] * 1e6
+        for label in (C, C2):
+            r = index.get((label, c))
+            if r and base:
+                d = env(r) - env(base)
+                floor_row = index.get((B2, c))
+                floor_note = f"; an empty wasm filter alone (b2): {env(floor_row) - env(base):+.0f} µs" if floor_row else ""
+                checks.append((f"{label.split(' ')[0]} vs (b), concurrency {c}: wasm router adds <= 30 µs of Envoy CPU "
+                               "per request", f"{d:+.0f} µs ({env(r):.0f} vs {env(base):.0f} µs per request{floor_note})",
+                               d <= 30))
         for label, than, what in ((C3, C, "the activator's warm path"), (C, C0, "this module against the one before")):
             r, other = index.get((label, c)), index.get((than, c))
             if r and other:
@@ -493,7 +537,9 @@ def report(rows: list[dict], mem: dict, rss_after: dict, info: dict, args, log_e
         f"One sidecar (`meshserve serve`, default flags) serves the InferenceService `{ISVC}` "
         f"(`storageUri: file://…/models/repository/mnist_cnn/1/model.onnx`). The Envoys (`--concurrency "
         f"{args.envoy_concurrency}`) use the bootstrap `meshserve render` wrote: (b) a copy without the "
-        "`meshserve.router` filter and with one route to the revision's cluster; (c) as rendered; (c2) rendered "
+        "`meshserve.router` filter and with one route to the revision's cluster; (b2) (b) with an empty proxy-wasm "
+        "filter before Envoy's router (`bench/wasm_floor`: every callback returns at once, no host call), the floor any "
+        "Wasm filter pays; (c) as rendered; (c2) rendered "
         f"with a canary at {args.mesh_canary_percent}% (the same model; its cluster pointed at the same sidecar); "
         + (f"(c0) as (c) with another build of the filters (`{args.mesh_wasm_before}`); "
            if args.mesh_wasm_before else "")
