@@ -322,12 +322,14 @@ impl HttpContext for LoggerStream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(active) = self.active.as_mut() {
-            let header = |name| header(MapType::HttpResponseHeaders, name);
-            let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let response = |name| header(MapType::HttpResponseHeaders, name);
+            let status = response(":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             active.exchange.response = Some((
                 status,
                 Payload {
-                    content_type: header("content-type"),
+                    content_type: response("content-type"),
                     ..Payload::default()
                 },
             ));
