@@ -7,7 +7,6 @@
 //! | `meshserve.canary` | `isvc`, `revision`, `choice` (`split`, `sticky`, `pinned`, `only`) | revision choices |
 //! | `meshserve.shadow` | `isvc`, `revision`, `result` (`sent`, `agree`, `disagree`, `unknown`, `error`) | shadow copies and their verdicts |
 //! | `meshserve.held` (gauge) | `revision` | requests held now while the revision wakes from zero (the activator) |
-//! | `meshserve.errors` | `reason` | requests the router could not decide (host-call failures) |
 //! | `meshserve.logger` | `isvc`, `result` (`sent`, `dropped_<status>`, `dropped_unreachable`, `dropped_queue_full`) | payload events handed to the sidecars' intakes, or lost on the way |
 //! | `meshserve.transform` | `isvc`, `phase` (`request`, `response`), `outcome` (`ok`, `refused_<status>`, `failed`, `reset`: a response that could not be rewritten after its headers had left, `hold_headers: false`) | requests and responses the transformer rewrote or refused |
 
