@@ -3,10 +3,10 @@
 //!
 //! - `router`: finds the InferenceService, component and revision for each request (router and
 //!   canary in one pass, see `meshserve-filter-core`), sets the `x-meshserve-*` headers (Envoy
-//!   clears its route cache on that, so a `cluster_header` route picks the revision's cluster), answers unknown
-//!   models itself, copies shadowed requests to the shadow revision, and names the revision that
-//!   served each response in `x-meshserve-revision`, and runs InferenceGraphs (each step a call
-//!   through Envoy's hop listener, see `graph`).
+//!   clears its route cache on that, so a `cluster_header` route picks the revision's
+//!   cluster), answers unknown models itself, copies shadowed requests to the shadow revision,
+//!   names the revision that served each response in `x-meshserve-revision`, and runs
+//!   InferenceGraphs (each step a call through Envoy's hop listener, see `graph`).
 //! - `transformer`: an InferenceService's declarative pre- and post-processing (image decoding,
 //!   resizing, normalisation, V1 <-> V2, softmax, top-k, labels) on the requests the router sent
 //!   to its predictor; placed after the router.

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use meshserve_filter_core::route::Choice;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
@@ -19,13 +20,28 @@ use proxy_wasm::types::MetricType;
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     ids: HashMap<String, u32>,
-    /// The ids a routed request adds to (`requests … routed` and `canary … <choice>`), by
-    /// InferenceService and revision: found without building their names, on the hot path.
-    routed: HashMap<String, HashMap<String, [Option<u32>; 1 + CHOICES.len()]>>,
+    /// The ids a routed request adds to, by InferenceService and revision: found without
+    /// building their names, on the hot path.
+    routed: HashMap<String, HashMap<String, RoutedIds>>,
 }
 
-/// The `choice` label's values, in the order of `Counters::routed`'s slots.
-pub(crate) const CHOICES: [&str; 4] = ["split", "sticky", "pinned", "only"];
+/// A revision's `requests … outcome.routed` id, and its `canary … choice.<choice>` ids as they
+/// are first used.
+#[derive(Debug, Default)]
+struct RoutedIds {
+    requests: Option<u32>,
+    canary: HashMap<&'static str, u32>,
+}
+
+/// The `choice` label of `meshserve.canary`.
+fn choice_label(choice: Choice) -> &'static str {
+    match choice {
+        Choice::Split => "split",
+        Choice::Sticky => "sticky",
+        Choice::Pinned => "pinned",
+        Choice::Only => "only",
+    }
+}
 
 /// A stat-name segment: dots would split labels, so they become underscores.
 fn clean(value: &str) -> String {
@@ -54,33 +70,29 @@ impl Counters {
     }
 
     /// Counts a routed request: `requests{isvc, revision, outcome="routed"}` and
-    /// `canary{isvc, revision, choice}`, `choice` an index into [`CHOICES`].
-    pub(crate) fn routed(&mut self, isvc: &str, revision: &str, choice: usize) {
-        let known = self
+    /// `canary{isvc, revision, choice}`.
+    pub(crate) fn routed(&mut self, isvc: &str, revision: &str, choice: Choice) {
+        let label = choice_label(choice);
+        let cached = self
             .routed
             .get(isvc)
             .and_then(|r| r.get(revision))
-            .and_then(|ids| Some((ids.first().copied()??, ids.get(1 + choice).copied()??)));
-        let (requests, canary) = match known {
+            .and_then(|ids| Some((ids.requests?, *ids.canary.get(label)?)));
+        let (requests, canary) = match cached {
             Some(ids) => ids,
             None => {
-                let Some(label) = CHOICES.get(choice) else {
-                    return;
-                };
+                let (isvc_label, revision_label) = (("isvc", isvc), ("revision", revision));
                 let requests = self.id(
                     MetricType::Counter,
                     "requests",
-                    &[
-                        ("isvc", isvc),
-                        ("revision", revision),
-                        ("outcome", "routed"),
-                    ],
+                    &[isvc_label, revision_label, ("outcome", "routed")],
                 );
                 let canary = self.id(
                     MetricType::Counter,
                     "canary",
-                    &[("isvc", isvc), ("revision", revision), ("choice", label)],
+                    &[isvc_label, revision_label, ("choice", label)],
                 );
+                // A stat Envoy could not define is logged by `id`.
                 let (Some(requests), Some(canary)) = (requests, canary) else {
                     return;
                 };
@@ -90,12 +102,8 @@ impl Counters {
                     .or_default()
                     .entry(revision.to_owned())
                     .or_default();
-                if let Some(slot) = ids.first_mut() {
-                    *slot = Some(requests);
-                }
-                if let Some(slot) = ids.get_mut(1 + choice) {
-                    *slot = Some(canary);
-                }
+                ids.requests = Some(requests);
+                ids.canary.insert(label, canary);
                 (requests, canary)
             }
         };

@@ -9,8 +9,8 @@ use meshserve_filter_core::activator::{Activator, Admit, Effect, RETRY_AFTER_SEC
 use meshserve_filter_core::config::{Config, WakeCall};
 use meshserve_filter_core::graph::{GRAPH_HEADER, STEP_HEADER};
 use meshserve_filter_core::route::{
-    CLUSTER_HEADER, COMPONENT_HEADER, Choice, Decision, ISVC_HEADER, NAMESPACE_HEADER,
-    REVISION_HEADER, Reply, Request, Route, decide,
+    CLUSTER_HEADER, COMPONENT_HEADER, Decision, ISVC_HEADER, NAMESPACE_HEADER, REVISION_HEADER,
+    Reply, Request, Route, decide,
 };
 use meshserve_filter_core::shadow::agree;
 use meshserve_filter_core::transform::TRANSFORMED_HEADER;
@@ -612,16 +612,10 @@ impl RouterStream {
         // No `clear_route_cache` call: Envoy clears the route cache whenever a Wasm filter
         // changes the request's headers (`onHeadersModified` in its Wasm context), so the
         // `cluster_header` route reads the cluster just set. The end-to-end tests route by it.
-        let choice = match route.choice {
-            Choice::Split => 0,
-            Choice::Sticky => 1,
-            Choice::Pinned => 2,
-            Choice::Only => 3,
-        };
         self.shared
             .borrow_mut()
             .counters
-            .routed(&route.isvc, &route.revision, choice);
+            .routed(&route.isvc, &route.revision, route.choice);
         if route.shadow.is_some() {
             // Envoy exposes the request headers only until they are sent on: copy them now.
             self.shadow_headers = self
