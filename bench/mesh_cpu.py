@@ -13,20 +13,19 @@ utime + stime from /proc before and after. Prints each measurement and the media
 import json, os, subprocess, sys, time, re, signal
 from pathlib import Path
 
+import bench as b
+
 W = Path(sys.argv[1]); N = int(sys.argv[2]); ROUNDS = int(sys.argv[3]); variants = [a.split("=", 1) for a in sys.argv[4:]]
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY = next(ROOT.glob(".venv/lib/python3*/site-packages/envoy/_bin/envoy"))
-ORT = str(next(ROOT.glob(".venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*")))
 CONC = [int(c) for c in os.environ.get("CONC", "16").split(",")]
 base = json.loads((W / "Envoy_wasm.json").read_text())
 plain = json.loads((W / "Envoy_no_wasm.json").read_text())
 ecds = json.loads((W / "single/router.ecds.json").read_text())
 up = base["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]
 port = base["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-env = dict(os.environ, ORT_DYLIB_PATH=ORT)
-side = subprocess.Popen([str(ROOT / "target/release/meshserve"), "serve", "--model-repository", str(W / "mesh-repository"),
-                         "--http-port", str(up), "--grpc-port", str(up + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-time.sleep(1.5)
+# The sidecar as the mesh suite starts it (bench.py's helper: waits until it listens).
+side = b.start_meshserve(W, repository=W / "mesh-repository", name="mesh_cpu sidecar", ports=(up, up + 1))
 configs = {}
 for label, wasm in variants:
     if wasm == "plain":
@@ -68,7 +67,7 @@ try:
                 print(f"round {r} {label} c{c}: {(t1-t0)/N*1e6:.1f} us/req envoy cpu, {rps:.0f} req/s, ok {ok}", flush=True)
             env_p.send_signal(signal.SIGTERM); env_p.wait()
 finally:
-    side.terminate(); side.wait()
+    side.stop()
 print("summary (median us/req, median req/s):")
 import statistics
 for (label, c), v in res.items():
