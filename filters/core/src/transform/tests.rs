@@ -409,3 +409,28 @@ fn an_explanation_reaches_a_v1_client_as_its_document() {
     assert_eq!(err.status, 500);
     assert!(err.message.contains("'explanation'"), "{}", err.message);
 }
+
+#[test]
+fn the_tensor_for_pictures_is_the_one_their_request_becomes() {
+    let t = digits();
+    let (png, jpeg) = (picture(ImageFormat::Png), picture(ImageFormat::Jpeg));
+    let body =
+        json!({"instances": [{"image": {"b64": b64(&png)}}, {"image": {"b64": b64(&jpeg)}}]});
+    let request = t
+        .infer_request(Wire::V1, body.to_string().as_bytes(), None)
+        .unwrap();
+    let tensor = t.tensor(&[&png, &jpeg]).unwrap();
+    assert_eq!(tensor, request.inputs[0]);
+    assert_eq!(tensor.shape, [2, 1, 4, 4]);
+    assert_eq!(t.tensor(&[png.as_slice(); 4]).unwrap_err().status, 413);
+    assert_eq!(t.tensor(&[b"not a picture"]).unwrap_err().status, 400);
+    let converts = transformer(json!({"request": {"inputs": [{"name": "x", "datatype": "FP32"}]}}));
+    assert!(
+        converts
+            .unwrap()
+            .tensor(&[&png])
+            .unwrap_err()
+            .message
+            .contains("no request steps")
+    );
+}
