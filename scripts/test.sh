@@ -27,18 +27,23 @@ if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
     cargo build --release --locked -p meshserve-proto --target wasm32-wasip1 --quiet
 fi
 
-# The rendered compose file is checked by docker-compose itself (Debian's package reads and
-# resolves a compose file without a Docker engine).
-if ! command -v docker-compose >/dev/null 2>&1; then
-    say "installing Debian's docker-compose (the tests check the rendered compose file with it)"
+# Debian packages the tests use: docker-compose checks the rendered compose file (it reads and
+# resolves one without a Docker engine); chromium, headless, and chromium-driver run the web
+# console's browser test (tests/python/test_console.py). Installed as root, or through sudo.
+missing=()
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian's ${missing[*]} (the tests use them)"
     sudo=""
     if [ "$(id -u)" != 0 ]; then
-        command -v sudo >/dev/null 2>&1 || { echo "docker-compose is missing: apt-get install docker-compose" >&2; exit 1; }
+        command -v sudo >/dev/null 2>&1 || { echo "missing: apt-get install ${missing[*]}" >&2; exit 1; }
         sudo=sudo
     fi
     export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get install -y -q docker-compose >/dev/null \
-        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q docker-compose >/dev/null; }
+    $sudo apt-get install -y -q "${missing[@]}" >/dev/null \
+        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
 
 # Servers from the npm registry that the tests start (Azurite, Azure Storage's emulator), at

@@ -71,6 +71,10 @@ pub(crate) struct UpArgs {
     /// Envoy's admin port (0: let the OS pick; always on loopback).
     #[arg(long, default_value_t = 0)]
     pub admin_port: u16,
+    /// The web console's port (0: let the OS pick; always on loopback, never on Envoy's
+    /// listener). Its address is printed, and written to <state-dir>/console-address.
+    #[arg(long, default_value_t = 0, env = "MESHSERVE_CONSOLE_PORT")]
+    pub console_port: u16,
     /// The Envoy binary. Default: $MESHSERVE_ENVOY, then the set-up script's .venv.
     #[arg(long)]
     pub envoy: Option<PathBuf>,
@@ -228,6 +232,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<(), UpError> {
             host: args.host,
             port: args.port,
             admin_port: args.admin_port,
+            console_port: args.console_port,
             envoy: args.envoy,
             wasm: args.wasm,
             state_dir: args.state_dir,

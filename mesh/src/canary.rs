@@ -79,7 +79,7 @@ pub fn apply(
     }
     check(&config)?;
     // `meshserve up` keeps each revision's state (cold, waking, warm) beside the config.
-    let states = std::fs::read(state.join(crate::up::STATES_FILE))
+    let states = std::fs::read(state.join(crate::render::STATES_FILE))
         .ok()
         .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
         .unwrap_or(Value::Null);
@@ -96,7 +96,7 @@ pub fn apply(
 }
 
 /// `isvc: <revision> <percent>% [(<state>)], ...`, with each revision's state where `states`
-/// (the InferenceService's entry of [`crate::up::STATES_FILE`]) has it.
+/// (the InferenceService's entry of [`crate::render::STATES_FILE`]) has it.
 fn split(config: &Value, isvc: &str, states: &Value) -> String {
     let entry = |revision: &Value, percent: String| {
         let name = revision["name"].as_str().unwrap_or("?");
@@ -172,7 +172,7 @@ mod tests {
             "digits: v1 100%, v2 0%"
         );
         write_atomically(
-            &dir.path().join(crate::up::STATES_FILE),
+            &dir.path().join(crate::render::STATES_FILE),
             &serde_json::json!({"digits": {"v1": "warm", "v2": "cold"}}),
         )
         .unwrap();

@@ -12,6 +12,7 @@
 //! - [`compose`], [`istio`], [`kube`]: docker-compose, Istio and Kubernetes resources.
 //! - [`targets`]: `meshserve render`, every target at once.
 //! - [`tools`]: where Envoy and meshserve_filters.wasm are found.
+//! - [`console`]: `up`'s web console (the mesh's state, live; canary controls; "try it").
 //! - [`up`]: `meshserve up`, the local mesh: a predictor sidecar per revision behind Envoy.
 //!
 //! It drives the sidecar as a process (`meshserve serve` flags), never as a library: this
@@ -20,6 +21,7 @@
 pub mod auth;
 pub mod canary;
 pub mod compose;
+pub mod console;
 pub mod files;
 pub mod graph;
 pub mod istio;

@@ -22,6 +22,9 @@ pub const TRANSFORMER_FILTER: &str = "meshserve.transformer";
 pub const MAX_DOWNSTREAM_CONNECTIONS: u64 = 10_000;
 /// Files in a rendered directory.
 pub const FILTER_CONFIG_FILE: &str = "filter.json";
+/// Each revision's state (cold, waking, warm: [`crate::up::Warmth`]), by InferenceService then
+/// revision, which `meshserve up` keeps up to date beside the filter configuration.
+pub const STATES_FILE: &str = "revisions.json";
 pub const ROUTER_ECDS_FILE: &str = "router.ecds.json";
 pub const TRANSFORMER_ECDS_FILE: &str = "transformer.ecds.json";
 pub const LOGGER_ECDS_FILE: &str = "logger.ecds.json";

@@ -1,5 +1,6 @@
-//! Where the programs and files the mesh runs are found: Envoy and meshserve_filters.wasm,
-//! each from a flag, else the environment, else the set-up script's places.
+//! Where the programs and files the mesh runs are found: Envoy, meshserve_filters.wasm and the
+//! console's browser package, each from a flag, else the environment, else the set-up script's
+//! places.
 
 use std::path::{Path, PathBuf};
 
@@ -38,4 +39,18 @@ pub fn find_wasm(explicit: Option<&Path>) -> Result<PathBuf, String> {
         .ok_or_else(|| {
             "meshserve_filters.wasm not found: pass --wasm PATH (scripts/setup.sh builds it: cargo build --release -p meshserve-filters --target wasm32-wasip1)".into()
         })
+}
+
+/// `@meshserve/web`'s browser build, for the console: `$MESHSERVE_WEB_PKG`, else where
+/// `scripts/build-web.sh` writes it; `None` where it is not built (the console's "try it"
+/// then says so).
+pub fn find_web_pkg() -> Option<PathBuf> {
+    let has_module = |dir: &Path| dir.join("meshserve_web_bg.wasm").is_file();
+    if let Some(dir) = std::env::var_os("MESHSERVE_WEB_PKG") {
+        return Some(PathBuf::from(dir)).filter(|d| has_module(d));
+    }
+    search_roots()
+        .iter()
+        .map(|root| root.join("filters/web/pkg/web"))
+        .find(|dir| has_module(dir))
 }

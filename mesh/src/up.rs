@@ -24,10 +24,11 @@ use tokio::sync::mpsc;
 
 use meshserve_predictor::{remote, storage};
 
+use crate::console::{self, ConsoleSpec, Sidecar};
 use crate::files::read_documents;
 use crate::isvc::{RevisionSpec, Storage};
 use crate::render::{self, BOOTSTRAP_FILE, Upstream};
-use crate::tools::{find_envoy, find_wasm};
+use crate::tools::{find_envoy, find_wasm, find_web_pkg};
 use crate::workload::{self, DRAIN_GRACE_MS, batcher_args, logger_args, otlp_args};
 
 /// Why the mesh could not come up.
@@ -56,6 +57,8 @@ pub struct UpOptions {
     pub host: IpAddr,
     pub port: u16,
     pub admin_port: u16,
+    /// The web console's port on 127.0.0.1 (0: the OS picks).
+    pub console_port: u16,
     pub envoy: Option<PathBuf>,
     pub wasm: Option<PathBuf>,
     pub state_dir: PathBuf,
@@ -100,8 +103,7 @@ impl Warmth {
     }
 }
 
-/// Each revision's [`Warmth`], by InferenceService then revision, kept up to date here.
-pub const STATES_FILE: &str = "revisions.json";
+pub use crate::render::STATES_FILE;
 
 /// What `up` knows of a revision that scales to zero.
 struct Scaled {
@@ -657,6 +659,7 @@ pub async fn up(
     let mut parts = Vec::new();
     let mut upstreams = Vec::new();
     let mut served = Vec::new();
+    let mut sidecars = Vec::new();
     for isvc in &services {
         let mut models = Vec::new();
         // The sidecars apply the transformer too, for clients that bypass Envoy.
@@ -708,6 +711,11 @@ pub async fn up(
             if let Some(logger) = &revision.logger {
                 let spool = state.join(format!("{}.{}.spool", isvc.name, revision.name));
                 extra.extend(logger_args(logger, &spool.display().to_string()));
+                // The console shows the last events.
+                extra.extend([
+                    "--log-recent".to_owned(),
+                    console::RECENT_EVENTS.to_string(),
+                ]);
             }
             let at_zero = revision.scaling.min_replicas == Some(0);
             if at_zero {
@@ -715,6 +723,12 @@ pub async fn up(
             }
             let (mut part, upstream) = start_sidecar(&revision.name, &extra).await?;
             part.isvc = Some(isvc.name.clone());
+            sidecars.push(Sidecar {
+                isvc: isvc.name.clone(),
+                revision: revision.name.clone(),
+                http: upstream_addr(&upstream)?,
+                logs: revision.logger.is_some(),
+            });
             if at_zero {
                 part.scaled = Some(Scaled {
                     isvc: isvc.name.clone(),
@@ -866,10 +880,25 @@ pub async fn up(
     render::write_atomically(&states_path, &states(&parts))
         .map_err(io(format!("cannot write {}", states_path.display())))?;
 
+    let console_addr = console::start(
+        options.console_port,
+        ConsoleSpec {
+            state: state.clone(),
+            states: states_path.clone(),
+            envoy_admin: admin_addr,
+            listener,
+            sidecars,
+            web_pkg: find_web_pkg(),
+        },
+    )
+    .await
+    .map_err(io("cannot open the console"))?;
+
     println!(
         "meshserve is up: Envoy on http://{listener} (admin http://{admin_addr}), state in {}",
         state.display()
     );
+    println!("  console: http://{console_addr}/ (loopback only)");
     for (isvc, models) in &served {
         let warmth = |revision: &RevisionSpec| {
             let part = parts

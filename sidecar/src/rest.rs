@@ -38,6 +38,7 @@ use meshserve_filter_core::logger::INTAKE_PATH;
 use meshserve_filter_core::transform::Wire;
 
 use crate::error::ApiError;
+use crate::payloads::recent::RECENT_PATH;
 use crate::payloads::spool::SpoolError;
 use crate::payloads::{IntakeError, events_from_request};
 use crate::service::{EXTENSIONS, Limits, SERVER_NAME, SERVER_VERSION, Service};
@@ -50,6 +51,8 @@ enum Route {
     Root,
     /// `POST /meshserve/events`: payload logging's intake (CloudEvents, binary mode).
     Events,
+    /// `GET /meshserve/events/recent`: the last events taken (`--log-recent`).
+    RecentEvents,
     Live,
     Ready,
     ServerMetadata,
@@ -82,6 +85,7 @@ impl Route {
             "/" => return Some(Route::Root),
             "/metrics" => return Some(Route::Metrics),
             INTAKE_PATH => return Some(Route::Events),
+            RECENT_PATH => return Some(Route::RecentEvents),
             _ => {}
         }
         let segments: Vec<String> = path
@@ -204,6 +208,15 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::ACCEPTED;
             Ok(response)
+        }
+        Route::RecentEvents => {
+            let recent = service.intake().and_then(|i| i.recent()).ok_or_else(|| {
+                ApiError::NotFound(
+                    "this sidecar keeps no recent payload events (meshserve serve --log-recent N)"
+                        .into(),
+                )
+            })?;
+            Ok(json_response(StatusCode::OK, to_json(&recent.to_json())))
         }
         Route::Metrics => {
             let mut response = Response::new(Full::new(Bytes::from(service.encode_metrics())));
@@ -644,6 +657,7 @@ mod tests {
             ("/v2/models/a%ff", None),
             ("/", Some(Route::Root)),
             ("/metrics", Some(Route::Metrics)),
+            ("/meshserve/events/recent", Some(Route::RecentEvents)),
             ("//", None),
             ("", None),
         ];

@@ -172,6 +172,17 @@ pub struct ServeArgs {
     /// them as dropped).
     #[arg(long, default_value_t = 256 << 20, env = "MESHSERVE_LOG_SPOOL_MAX_BYTES")]
     pub log_spool_max_bytes: u64,
+    /// Keep the last N payload events in memory (their attributes and their payloads' first
+    /// 2 KiB) for `GET /meshserve/events/recent` on this port, which `meshserve up`'s console
+    /// reads; 0, the default, keeps none. Payloads may be sensitive: meshserve's router never
+    /// routes a client to this path. At most 1000.
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "log_sink",
+        env = "MESHSERVE_LOG_RECENT"
+    )]
+    pub log_recent: usize,
     /// A file sink is rotated past this size (5 old files kept).
     #[arg(long, default_value_t = 64 << 20, env = "MESHSERVE_LOG_FILE_MAX_BYTES")]
     pub log_file_max_bytes: u64,
@@ -373,6 +384,7 @@ pub async fn serve(args: ServeArgs, transformer: Option<Transformer>) -> Result<
             batched: args.log_sink_batch,
             spool_dir: args.log_spool.clone(),
             spool_max_bytes: args.log_spool_max_bytes,
+            recent: args.log_recent,
         };
         let intake = Intake::start(&settings, repository_registry(&service))
             .map_err(StartError::PayloadLogging)?;

@@ -10,6 +10,7 @@ use prometheus::Registry;
 use super::cloudevents::event_from_headers;
 use super::delivery;
 use super::metrics::PayloadMetrics;
+use super::recent::Recent;
 use super::spool::{self, Spool, SpoolError};
 
 /// Payload logging's settings on a sidecar (`meshserve serve --log-*`).
@@ -20,6 +21,9 @@ pub struct PayloadSettings {
     pub batched: bool,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    /// How many of the last events to keep in memory for `GET /meshserve/events/recent`
+    /// (0: none, and no such endpoint).
+    pub recent: usize,
 }
 
 /// The intake's handle: where acknowledged events go.
@@ -27,6 +31,7 @@ pub struct PayloadSettings {
 pub struct Intake {
     spool: Spool,
     metrics: PayloadMetrics,
+    recent: Option<std::sync::Arc<Recent>>,
 }
 
 /// Why the intake did not take an event.
@@ -53,7 +58,13 @@ impl Intake {
             settings.batched,
             metrics.clone(),
         ));
-        Ok(Intake { spool, metrics })
+        let recent =
+            (settings.recent > 0).then(|| std::sync::Arc::new(Recent::new(settings.recent)));
+        Ok(Intake {
+            spool,
+            metrics,
+            recent,
+        })
     }
 
     /// Takes events (each with its `ce-*` and `content-type` headers and its payload), all or
@@ -73,8 +84,16 @@ impl Intake {
             }
         }
         let count = events.len() as u64;
+        // Summarised first (the spool takes the events), kept once the events are durable.
+        let kept = self
+            .recent
+            .as_ref()
+            .map(|recent| (recent, super::recent::summaries(&events)));
         match self.spool.append_all(events).await {
             Ok(()) => {
+                if let Some((recent, summaries)) = kept {
+                    recent.keep(summaries);
+                }
                 self.metrics.received.inc_by(count);
                 self.metrics
                     .spool_bytes
@@ -93,6 +112,13 @@ impl Intake {
                 Err(e.into())
             }
         }
+    }
+}
+
+impl Intake {
+    /// The last events taken, when the sidecar keeps them (`--log-recent`).
+    pub fn recent(&self) -> Option<&Recent> {
+        self.recent.as_deref()
     }
 }
 

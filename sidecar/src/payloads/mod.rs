@@ -11,6 +11,7 @@
 //!   sink or a JSON-lines file.
 //! - [`intake`]: what the REST server hands events to: checks them, spools them, starts
 //!   delivery.
+//! - [`recent`]: the last events taken, in memory, for `meshserve up`'s console.
 //! - [`receiver`]: writes what it gets as JSON lines (like KServe's message-dumper).
 
 pub mod cloudevents;
@@ -19,6 +20,7 @@ pub mod http_sink;
 pub mod intake;
 pub mod metrics;
 pub mod receiver;
+pub mod recent;
 pub mod spool;
 
 pub use intake::{Intake, IntakeError, PayloadSettings, events_from_request};
