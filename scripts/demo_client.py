@@ -97,6 +97,14 @@ scale = max(abs(v) for v in values) or 1.0
 heat = "\n".join("    " + " ".join("+" if v > scale / 4 else "-" if v < -scale / 4 else "."
                                       for v in values[row * 8:row * 8 + 8]) for row in range(8))
 
+def console():
+    try:
+        with open(".meshserve/console-address") as f:
+            return f"http://{f.read().strip()}/"
+    except OSError:
+        return "(see meshserve up's summary above)"
+
+
 print(f"""
 Sample request (two 8x8 handwritten digits, KServe V1) sent through Envoy:
   curl -si -d @{sample} {base}/v1/models/digits:predict
@@ -128,6 +136,10 @@ converted to ONNX when it loaded; answers as KServe's xgbserver): digits {booste
 
 Payload logs (KServe CloudEvents, a request and a response event per call, paired by id): {payload_count()} events
 so far in .meshserve/payloads.jsonl, written by `meshserve log-sink` (the digits predictors' logger.url)
+
+The web console (loopback only): {console()}
+  the split configured and observed, rates, latency and errors per revision, the canary controls,
+  the last payload-log events, and "try it": a picture pre-processed in the page, sent through Envoy
 
 Try:
   {base}/v2/models/digits                    model metadata (Open Inference Protocol)

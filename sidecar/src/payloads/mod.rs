@@ -9,9 +9,9 @@
 //! - [`http_sink`]: sends to an HTTP sink within a window adapted to how it keeps up.
 //! - [`delivery`]: in order, at least once, with retries and backoff, to an HTTP CloudEvents
 //!   sink or a JSON-lines file.
+//! - [`recent`]: the last events taken, in memory, for `meshserve up`'s console.
 //! - [`intake`]: what the REST server hands events to: checks them, spools them, starts
 //!   delivery.
-//! - [`recent`]: the last events taken, in memory, for `meshserve up`'s console.
 //! - [`receiver`]: writes what it gets as JSON lines (like KServe's message-dumper).
 
 pub mod cloudevents;

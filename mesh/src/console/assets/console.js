@@ -116,6 +116,14 @@ function bar(node, revisions, key, label) {
 function renderServices(view) {
   for (const service of view.services) {
     const entry = card(service);
+    // A change made elsewhere (meshserve canary) shows in the controls, unless being edited.
+    const canary = service.revisions.find((r) => r.role === "canary");
+    const number = document.getElementById(`percent-${service.name}`);
+    const range = document.getElementById(`range-${service.name}`);
+    if (canary && number && entry.percent !== canary.percent && ![number, range].includes(document.activeElement)) {
+      number.value = range.value = String(canary.percent);
+      entry.percent = canary.percent;
+    }
     bar(entry.configured, service.revisions, "percent", "Configured split");
     bar(entry.observed, service.revisions, "observed_percent", "Observed split");
     entry.rows.replaceChildren(...service.revisions.map((r) => {
@@ -173,12 +181,14 @@ async function pollEvents() {
       const a = e.attributes || {};
       const kind = (a.type || "").split(".").pop();
       const payload = e.payload + (e.payload_cut ? "…" : "");
+      const time = a.time || "";
+      const id = a.id || "";
       return el("tr", {},
-        el("td", { text: a.time || "" }),
+        el("td", {}, el("time", { datetime: time, title: time, text: time.slice(11, 23) || time })),
         el("td", { text: kind }),
         el("td", { text: a.inferenceservicename || e.isvc }),
         el("td", { text: e.revision }),
-        el("td", {}, el("code", { text: a.id || "" })),
+        el("td", {}, el("code", { title: id, text: id.length > 8 ? `${id.slice(0, 8)}…` : id })),
         el("td", { text: a.statuscode || "" }),
         el("td", { class: "num", text: String(e.bytes) }),
         el("td", {}, el("code", { title: payload, text: payload })));
