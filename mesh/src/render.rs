@@ -636,9 +636,12 @@ fn rest_error_mapper(filter: Value) -> Value {
 }
 
 /// Writes `value` as JSON to `path` atomically: a temporary file beside it, renamed over it,
-/// so a watcher (Envoy) never reads half a file.
+/// so a watcher (Envoy) never reads half a file. The temporary file's name is this process's
+/// and this write's own, so two writers never rename each other's half-written file.
 pub fn write_atomically(path: &Path, value: &Value) -> std::io::Result<()> {
-    let tmp: PathBuf = path.with_extension("json.tmp");
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = path.with_extension(format!("json.{}.{n}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)

@@ -964,6 +964,7 @@ pub async fn up(
         reason = supervise(&mut parts, wake_rx, admin_addr, &states_path) => Some(reason),
     };
     shutdown(&mut parts).await;
+    let _ = std::fs::remove_file(state.join(console::ADDRESS_FILE));
     match outcome {
         None => Ok(()),
         Some(reason) => Err(UpError::Start(format!("{reason}; stopped the mesh"))),

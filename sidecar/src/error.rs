@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 405: the path exists, the method does not.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 403 / PERMISSION_DENIED: not for this caller.
+    #[error("{0}")]
+    Forbidden(String),
     /// The server failed: 500 / INTERNAL.
     #[error("{0}")]
     Internal(String),
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +85,7 @@ impl ApiError {
                 tonic::Status::resource_exhausted(message)
             }
             ApiError::MethodNotAllowed(_) => tonic::Status::unimplemented(message),
+            ApiError::Forbidden(_) => tonic::Status::permission_denied(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -210,6 +210,13 @@ async fn dispatch(service: &Service, request: Request<Incoming>) -> Result<HttpR
             Ok(response)
         }
         Route::RecentEvents => {
+            // Payloads: only for a caller that names this loopback address (no page that
+            // rebinds a name of its own to 127.0.0.1 reads them).
+            if !names_loopback(request.headers()) {
+                return Err(ApiError::Forbidden(
+                    "recent payload events are served to loopback callers only".into(),
+                ));
+            }
             let recent = service.intake().and_then(|i| i.recent()).ok_or_else(|| {
                 ApiError::NotFound(
                     "this sidecar keeps no recent payload events (meshserve serve --log-recent N)"
@@ -442,6 +449,25 @@ fn ready_status(ready: bool) -> StatusCode {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
+}
+
+/// Whether the request's `Host` is a loopback address or `localhost` (with any port).
+fn names_loopback(headers: &HeaderMap) -> bool {
+    let Some(host) = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
@@ -694,5 +720,23 @@ mod tests {
         assert!(
             reject_load_parameters(&json!({"parameters": {"file:1/model.onnx": "..."}})).is_err()
         );
+    }
+
+    #[test]
+    fn recent_events_go_to_loopback_hosts_only() {
+        let host = |h: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::HOST, HeaderValue::from_str(h).unwrap());
+            names_loopback(&headers)
+        };
+        assert!(host("127.0.0.1:8080"));
+        assert!(host("localhost:1"));
+        assert!(host("LOCALHOST"));
+        assert!(host("[::1]:9000"));
+        assert!(host("127.8.9.10:80"));
+        assert!(!host("evil.example:8080"));
+        assert!(!host("10.0.0.1:8080"));
+        assert!(!host("127.0.0.1.evil.example"));
+        assert!(!names_loopback(&HeaderMap::new()));
     }
 }

@@ -186,7 +186,8 @@ pub fn encode_infer_request(
 }
 
 /// A KServe V1 body, `{"instances": [...]}`, as JSON text: bytes anywhere in `instances`
-/// (a `Uint8Array`, a Node `Buffer`, an `ArrayBuffer`) become `{"b64": "<base64>"}`.
+/// (a `Uint8Array`, a Node `Buffer`, an `ArrayBuffer`) become `{"b64": "<base64>"}`; other
+/// typed arrays (`Float32Array`, ...) become lists of numbers.
 #[wasm_bindgen(js_name = encodeV1Request)]
 pub fn encode_v1_request(instances: JsValue) -> Result<String, JsValue> {
     api::encode_v1_request(to_json(&instances, 0)?).map_err(thrown)
@@ -201,6 +202,14 @@ fn to_json(value: &JsValue, depth: usize) -> Result<Value, JsValue> {
     }
     if let Some(buffer) = value.dyn_ref::<ArrayBuffer>() {
         return Ok(api::b64(&Uint8Array::new(buffer).to_vec()));
+    }
+    // Other typed arrays (Float32Array, Int32Array, ...) are lists of numbers.
+    if ArrayBuffer::is_view(value) && !value.is_instance_of::<js_sys::DataView>() {
+        return Array::from(value)
+            .iter()
+            .map(|v| to_json(&v, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array);
     }
     if Array::is_array(value) {
         return Array::from(value)

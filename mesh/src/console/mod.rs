@@ -60,6 +60,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long "try it" waits for Envoy's answer (an explanation takes a while).
 const INFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client gets to send a request's body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most connections the console serves at once; more are closed as they come.
+const MAX_CONNECTIONS: usize = 64;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const CONSOLE_CSS: &str = include_str!("assets/console.css");
@@ -110,6 +114,9 @@ struct Console {
     /// The console's own address: the only `Host` (and `Origin`) it answers.
     address: SocketAddr,
     history: Mutex<History>,
+    /// Held while a canary change reads and rewrites the configuration: two changes from
+    /// the page (a double click) never interleave.
+    changing: Mutex<()>,
 }
 
 /// Binds the console on loopback (`port` 0: the OS picks), writes its address into the state
@@ -125,15 +132,21 @@ pub async fn start(port: u16, spec: ConsoleSpec) -> std::io::Result<SocketAddr> 
         spec,
         address,
         history: Mutex::new(History::default()),
+        changing: Mutex::new(()),
     });
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
+            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                continue;
+            };
             let console = Arc::clone(&console);
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |request| {
                     let console = Arc::clone(&console);
                     async move { Ok::<_, std::convert::Infallible>(console.answer(request).await) }
@@ -292,25 +305,36 @@ impl Console {
                 return error(StatusCode::BAD_GATEWAY, &format!("Envoy's admin API: {e}"));
             }
         };
-        let mut predict = HashMap::new();
+        // Every warm sidecar's metrics at once: one that hangs costs its timeout once.
+        let mut reads = tokio::task::JoinSet::new();
         for sidecar in &self.spec.sidecars {
             if states[&sidecar.isvc][&sidecar.revision] == "cold" {
                 continue;
             }
-            let metrics = fetch(
+            let (key, http) = (
+                (sidecar.isvc.clone(), sidecar.revision.clone()),
                 sidecar.http,
-                Method::GET,
-                "/metrics",
-                HeaderMap::new(),
-                Bytes::new(),
-                FETCH_TIMEOUT,
-            )
-            .await;
-            if let Ok(metrics) = metrics {
-                predict.insert(
-                    (sidecar.isvc.clone(), sidecar.revision.clone()),
-                    view::predict_buckets(&String::from_utf8_lossy(&metrics.body)),
-                );
+            );
+            reads.spawn(async move {
+                let metrics = fetch(
+                    http,
+                    Method::GET,
+                    "/metrics",
+                    HeaderMap::new(),
+                    Bytes::new(),
+                    FETCH_TIMEOUT,
+                )
+                .await;
+                (key, metrics)
+            });
+        }
+        let mut predict = HashMap::new();
+        while let Some(read) = reads.join_next().await {
+            if let Ok((key, Ok(metrics))) = read
+                && metrics.status == StatusCode::OK
+            {
+                let text = String::from_utf8_lossy(&metrics.body);
+                predict.insert(key, view::predict_buckets(&text));
             }
         }
         let now = Sample {
@@ -331,18 +355,25 @@ impl Console {
 
     /// `/api/events`: the newest payload events of every logging sidecar that is up.
     async fn events(&self) -> Answer {
-        let mut all = Vec::new();
+        let mut reads = tokio::task::JoinSet::new();
         for sidecar in self.spec.sidecars.iter().filter(|s| s.logs) {
-            let Ok(answer) = fetch(
-                sidecar.http,
-                Method::GET,
-                "/meshserve/events/recent",
-                HeaderMap::new(),
-                Bytes::new(),
-                FETCH_TIMEOUT,
-            )
-            .await
-            else {
+            let sidecar = sidecar.clone();
+            reads.spawn(async move {
+                let answer = fetch(
+                    sidecar.http,
+                    Method::GET,
+                    "/meshserve/events/recent",
+                    HeaderMap::new(),
+                    Bytes::new(),
+                    FETCH_TIMEOUT,
+                )
+                .await;
+                (sidecar, answer)
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(read) = reads.join_next().await {
+            let Ok((sidecar, Ok(answer))) = read else {
                 continue;
             };
             let Ok(doc) = serde_json::from_slice::<Value>(&answer.body) else {
@@ -389,7 +420,11 @@ impl Console {
             Ok(change) => change,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         };
-        match canary::apply(&self.spec.state, &isvc, name.as_deref(), &change) {
+        let applied = match self.changing.lock() {
+            Ok(_held) => canary::apply(&self.spec.state, &isvc, name.as_deref(), &change),
+            Err(_) => Err("an earlier change failed midway; restart meshserve up".into()),
+        };
+        match applied {
             Ok(split) => {
                 eprintln!("[console] {split}");
                 json_answer(StatusCode::OK, &json!({ "split": split }))
@@ -476,11 +511,19 @@ fn read_json(path: &Path) -> Result<Value, String> {
 
 /// A request's body, at most `limit` bytes; else the 413 to answer.
 async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Box<Answer>> {
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(Box::new(error(
+    let read = Limited::new(request.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(Box::new(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("the body is unreadable or over {limit} bytes"),
+        ))),
+        Err(_) => Err(Box::new(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
         ))),
     }
 }

@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// How long samples are kept (the oldest one in the window is the base).
 const KEEP: Duration = Duration::from_secs(60);
+/// The least time between two kept samples.
+const MIN_GAP: Duration = Duration::from_millis(500);
 
 /// Envoy's stats, from `GET /stats?format=json&usedonly`: counters and gauges by name, and
 /// each histogram's quantiles (for Envoy's `supported_quantiles`) over its last flush interval
@@ -162,10 +164,7 @@ pub fn quantile(buckets: &Buckets, q: f64) -> Option<f64> {
 
 /// `after` less `before`, bucket by bucket (a restarted sidecar's counts start again: then
 /// `after` alone).
-fn delta(after: &Buckets, before: Option<&Buckets>) -> Buckets {
-    let Some(before) = before else {
-        return after.clone();
-    };
+fn delta(after: &Buckets, before: &Buckets) -> Buckets {
     let diff: Buckets = after
         .iter()
         .map(|&(bound, count)| {
@@ -183,13 +182,17 @@ fn delta(after: &Buckets, before: Option<&Buckets>) -> Buckets {
     }
 }
 
-/// A revision's counts at one moment.
+/// A revision's counts at one moment, each since Envoy (or its sidecar) started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counts {
     /// Requests the router sent it.
     pub routed: u64,
-    /// The sidecar's predict histogram.
-    pub predict: Buckets,
+    /// 5xx answers: its clusters' (client traffic) and the router's own for it.
+    pub errors: u64,
+    /// 4xx answers from its clusters.
+    pub rejected: u64,
+    /// The sidecar's predict histogram, where its metrics were read.
+    pub predict: Option<Buckets>,
 }
 
 /// One reading of every revision, by `(InferenceService, revision)`.
@@ -206,8 +209,9 @@ pub struct History {
 }
 
 impl History {
-    /// Adds `now` and returns the sample to measure it against: the newest at least
-    /// [`WINDOW`] older, else the oldest there is.
+    /// Adds `now` (unless the newest sample is under [`MIN_GAP`] old: many pages polling add
+    /// no more samples than one) and returns the sample to measure it against: the newest at
+    /// least [`WINDOW`] older, else the oldest there is.
     pub fn push(&mut self, now: Sample) -> Option<Sample> {
         while self
             .samples
@@ -223,7 +227,13 @@ impl History {
             .find(|s| now.at.duration_since(s.at) >= WINDOW)
             .or_else(|| self.samples.front())
             .cloned();
-        self.samples.push_back(now);
+        let recent = self
+            .samples
+            .back()
+            .is_some_and(|s| now.at.duration_since(s.at) < MIN_GAP);
+        if !recent {
+            self.samples.push_back(now);
+        }
         base
     }
 }
@@ -268,7 +278,8 @@ fn routed_stat(isvc: &str, revision: &str) -> String {
     format!("wasmcustom.meshserve.requests.isvc.{isvc}.revision.{revision}.outcome.routed")
 }
 
-/// Each revision's counts now, from Envoy's stats and the sidecars' predict histograms.
+/// Each revision's counts now, from Envoy's stats and the predict histograms of the sidecars
+/// whose metrics were read.
 pub fn counts(
     config: &Value,
     stats: &EnvoyStats,
@@ -279,10 +290,29 @@ pub fn counts(
         let isvc = service["name"].as_str().unwrap_or_default();
         for revision in revisions(&service["predictor"]) {
             let name = revision.spec["name"].as_str().unwrap_or_default();
+            let clusters = ["cluster", "grpc_cluster"]
+                .map(|c| revision.spec[c].as_str().unwrap_or_default().to_owned());
+            let answered = |what: &str| -> u64 {
+                clusters
+                    .iter()
+                    .map(|c| stats.value(&format!("cluster.{c}.external.{what}")))
+                    .sum()
+            };
+            let replied = format!(
+                "wasmcustom.meshserve.requests.isvc.{isvc}.revision.{name}.outcome.replied_5"
+            );
+            let replied_5xx: u64 = stats
+                .values
+                .iter()
+                .filter(|(n, _)| n.starts_with(&replied))
+                .map(|(_, v)| v)
+                .sum();
             let key = (isvc.to_owned(), name.to_owned());
             let counts = Counts {
                 routed: stats.value(&routed_stat(isvc, name)),
-                predict: predict.get(&key).cloned().unwrap_or_default(),
+                errors: answered("upstream_rq_5xx") + replied_5xx,
+                rejected: answered("upstream_rq_4xx"),
+                predict: predict.get(&key).cloned(),
             };
             out.insert(key, counts);
         }
@@ -313,16 +343,21 @@ pub fn view(
                     r.spec["name"].as_str().unwrap_or_default().to_owned(),
                 )
             };
-            let recent = |r: &Revision<'_>| {
+            // A count over the window (since start without a base; a count that went down
+            // was reset by a restart: then what it has now).
+            let windowed = |r: &Revision<'_>, count: fn(&Counts) -> u64| {
                 let k = key(r);
-                let after = now.counts.get(&k).map_or(0, |c| c.routed);
-                let before = base.and_then(|b| b.counts.get(&k)).map_or(0, |c| c.routed);
-                after.saturating_sub(before)
+                let after = now.counts.get(&k).map_or(0, count);
+                match base.and_then(|b| b.counts.get(&k)).map(count) {
+                    Some(before) if before <= after => after - before,
+                    _ => after,
+                }
             };
+            let routed = |c: &Counts| c.routed;
             let split_total: u64 = revisions
                 .iter()
                 .filter(|r| r.role != "shadow")
-                .map(recent)
+                .map(|r| windowed(r, routed))
                 .sum();
             let rows: Vec<Value> = revisions
                 .iter()
@@ -331,33 +366,25 @@ pub fn view(
                     let name = k.1.as_str();
                     let cluster = r.spec["cluster"].as_str().unwrap_or_default();
                     let grpc = r.spec["grpc_cluster"].as_str().unwrap_or_default();
-                    let stat = |c: &str, s: &str| format!("cluster.{c}.external.{s}");
-                    let sum = |s: &str| stats.value(&stat(cluster, s)) + stats.value(&stat(grpc, s));
-                    let replied_5xx: u64 = stats
-                        .values
-                        .iter()
-                        .filter(|(n, _)| {
-                            n.strip_prefix(&format!(
-                                "wasmcustom.meshserve.requests.isvc.{isvc}.revision.{name}.outcome.replied_5"
-                            ))
-                            .is_some()
-                        })
-                        .map(|(_, v)| v)
-                        .sum();
                     let latency = stats.latency(&[
                         format!("cluster.{cluster}.external"),
                         format!("cluster.{grpc}.external"),
                     ]);
-                    let model = now.counts.get(&k).map(|c| {
-                        delta(&c.predict, base.and_then(|b| b.counts.get(&k)).map(|b| &b.predict))
-                    });
+                    // The model's time over the window: both readings need the sidecar's
+                    // metrics (none for a cold revision, or one that did not answer).
+                    let after = now.counts.get(&k).and_then(|c| c.predict.as_ref());
+                    let model = match base {
+                        None => after.cloned(),
+                        Some(b) => after.zip(b.counts.get(&k).and_then(|c| c.predict.as_ref()))
+                            .map(|(after, before)| delta(after, before)),
+                    };
                     let model_ms = |q| {
                         model
                             .as_ref()
                             .and_then(|m| quantile(m, q))
                             .map(|s| s * 1000.0)
                     };
-                    let in_window = recent(r);
+                    let in_window = windowed(r, routed);
                     json!({
                         "name": name,
                         "role": r.role,
@@ -370,8 +397,8 @@ pub fn view(
                         "latency_ms": latency.as_ref().map(|l| l.0.clone()),
                         "latency_span": latency.as_ref().map(|l| l.1),
                         "model_ms": model_ms(0.5).map(|p50| json!({"p50": p50, "p99": model_ms(0.99)})),
-                        "errors": sum("upstream_rq_5xx") + replied_5xx,
-                        "rejected": sum("upstream_rq_4xx"),
+                        "errors": windowed(r, |c| c.errors),
+                        "rejected": windowed(r, |c| c.rejected),
                     })
                 })
                 .collect();
@@ -405,15 +432,16 @@ mod tests {
                 "shadow": {"name": "v3", "cluster": "digits.v3", "grpc_cluster": "digits.v3.grpc", "percent": 50}}}]})
     }
 
-    fn stats(v1: u64, v2: u64) -> EnvoyStats {
+    /// The router's counts, and `f` times a set of failures.
+    fn stats(v1: u64, v2: u64, f: u64) -> EnvoyStats {
         let text = json!({"stats": [
             {"name": routed_stat("digits", "v1"), "value": v1},
             {"name": routed_stat("digits", "v2"), "value": v2},
-            {"name": "cluster.digits.v2.external.upstream_rq_5xx", "value": 2},
-            {"name": "cluster.digits.v2.grpc.external.upstream_rq_5xx", "value": 1},
-            {"name": "wasmcustom.meshserve.requests.isvc.digits.revision.v2.outcome.replied_503", "value": 4},
-            {"name": "wasmcustom.meshserve.requests.isvc.digits.revision.v2.outcome.replied_404", "value": 9},
-            {"name": "cluster.digits.v1.external.upstream_rq_4xx", "value": 3},
+            {"name": "cluster.digits.v2.external.upstream_rq_5xx", "value": 2 * f},
+            {"name": "cluster.digits.v2.grpc.external.upstream_rq_5xx", "value": f},
+            {"name": "wasmcustom.meshserve.requests.isvc.digits.revision.v2.outcome.replied_503", "value": 4 * f},
+            {"name": "wasmcustom.meshserve.requests.isvc.digits.revision.v2.outcome.replied_404", "value": 9 * f},
+            {"name": "cluster.digits.v1.external.upstream_rq_4xx", "value": 3 * f},
             {"name": "cluster.digits.v1.external.upstream_rq_completed", "value": 80},
             {"name": "cluster.digits.v2.grpc.external.upstream_rq_completed", "value": 20},
             {"histograms": {"supported_quantiles": [0, 50, 90, 99, 100], "computed_quantiles": [
@@ -428,9 +456,11 @@ mod tests {
         EnvoyStats::parse(&text.to_string()).unwrap()
     }
 
-    fn sample(at: Instant, stats: &EnvoyStats, predict: Buckets) -> Sample {
+    fn sample(at: Instant, stats: &EnvoyStats, predict: Option<Buckets>) -> Sample {
         let mut buckets = HashMap::new();
-        buckets.insert(("digits".to_owned(), "v1".to_owned()), predict);
+        if let Some(predict) = predict {
+            buckets.insert(("digits".to_owned(), "v1".to_owned()), predict);
+        }
         Sample {
             at,
             counts: counts(&config(), stats, &buckets),
@@ -442,14 +472,14 @@ mod tests {
         let start = Instant::now();
         let before = sample(
             start,
-            &stats(100, 10),
-            vec![(0.001, 4.0), (0.002, 4.0), (f64::INFINITY, 4.0)],
+            &stats(100, 10, 1),
+            Some(vec![(0.001, 4.0), (0.002, 4.0), (f64::INFINITY, 4.0)]),
         );
-        let now_stats = stats(180, 30);
+        let now_stats = stats(180, 30, 2);
         let now = sample(
             start + Duration::from_secs(10),
             &now_stats,
-            vec![(0.001, 8.0), (0.002, 12.0), (f64::INFINITY, 12.0)],
+            Some(vec![(0.001, 8.0), (0.002, 12.0), (f64::INFINITY, 12.0)]),
         );
         let states = json!({"digits": {"v2": "cold"}});
         let view = view(&config(), &states, &now_stats, &now, Some(&before));
@@ -476,6 +506,7 @@ mod tests {
         assert_eq!(rows[1]["observed_percent"], 20.0);
         assert_eq!(rows[1]["latency_span"], "interval");
         assert_eq!(rows[1]["latency_ms"]["p50"], 0.5);
+        // Over the window: the 5xx answers and the router's 503s, not its 404s.
         assert_eq!(rows[1]["errors"], 2 + 1 + 4);
         assert_eq!(rows[1]["model_ms"], Value::Null);
         assert_eq!(rows[2]["role"], "shadow");
@@ -486,13 +517,28 @@ mod tests {
     #[test]
     fn no_base_and_no_traffic_show_nothing_measured() {
         let now_stats = EnvoyStats::parse(r#"{"stats": []}"#).unwrap();
-        let now = sample(Instant::now(), &now_stats, Vec::new());
-        let view = view(&config(), &Value::Null, &now_stats, &now, None);
-        let row = &view["services"][0]["revisions"][0];
+        let now = sample(Instant::now(), &now_stats, None);
+        let shown = view(&config(), &Value::Null, &now_stats, &now, None);
+        let row = &shown["services"][0]["revisions"][0];
         assert_eq!(row["rate"], Value::Null);
         assert_eq!(row["observed_percent"], Value::Null);
         assert_eq!(row["latency_ms"], Value::Null);
         assert!(EnvoyStats::parse("not json").is_err());
+        // A base without the sidecar's metrics (it was cold, or did not answer) gives no model
+        // time, rather than its counts since start.
+        let start = Instant::now();
+        let before = sample(start, &now_stats, None);
+        let buckets = vec![(0.001, 8.0), (f64::INFINITY, 8.0)];
+        let now = sample(start + Duration::from_secs(10), &now_stats, Some(buckets));
+        let view_of = |base| view(&config(), &Value::Null, &now_stats, &now, base);
+        assert_eq!(
+            view_of(Some(&before))["services"][0]["revisions"][0]["model_ms"],
+            Value::Null
+        );
+        assert_eq!(
+            view_of(None)["services"][0]["revisions"][0]["model_ms"]["p50"],
+            0.5
+        );
     }
 
     #[test]
@@ -504,6 +550,13 @@ mod tests {
             counts: HashMap::new(),
         };
         assert!(history.push(at(0)).is_none());
+        // A second page polling at the same moment adds no sample.
+        let same = Sample {
+            at: start + Duration::from_millis(100),
+            counts: HashMap::new(),
+        };
+        assert_eq!(history.push(same).unwrap().at, start);
+        assert_eq!(history.samples.len(), 1);
         assert_eq!(history.push(at(4)).unwrap().at, start);
         assert_eq!(history.push(at(12)).unwrap().at, start);
         assert_eq!(
@@ -537,6 +590,6 @@ request_predict_seconds_count{model_name=\"a\",model_version=\"1\"} 4
         assert_eq!(quantile(&vec![(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
         // A restarted sidecar's counts start again.
         let after = vec![(0.001, 1.0), (f64::INFINITY, 1.0)];
-        assert_eq!(delta(&after, Some(&buckets)), after);
+        assert_eq!(delta(&after, &buckets), after);
     }
 }

@@ -51,18 +51,38 @@ function card(service) {
       el("span", { class: "name", text: "configured" }), configured,
       el("span", { class: "name", text: "observed" }), observed),
     table);
-  if (service.canary) node.append(canaryForm(service));
   $("services").append(node);
-  const entry = { node, rows, configured, observed };
+  const entry = { node, rows, configured, observed, byName: new Map(), names: "", canary: null, form: null };
   cards.set(service.name, entry);
   return entry;
 }
 
-function canaryForm(service) {
-  const id = service.name;
+// The canary controls follow the configuration: built for the service's canary, rebuilt when
+// another revision becomes it (a promote, or meshserve canary), gone when there is none.
+function syncCanary(entry, service) {
   const canary = service.revisions.find((r) => r.role === "canary");
+  const name = canary ? canary.name : null;
+  if (name !== entry.canary) {
+    entry.form?.remove();
+    entry.form = canary ? canaryForm(service, canary) : null;
+    if (entry.form) entry.node.append(entry.form);
+    entry.canary = name;
+    entry.percent = canary?.percent;
+  }
+  if (!canary) return;
+  // A change made elsewhere shows in the controls, unless they are being edited.
+  const number = entry.form.querySelector("input[type=number]");
+  const range = entry.form.querySelector("input[type=range]");
+  if (entry.percent !== canary.percent && ![number, range].includes(document.activeElement)) {
+    number.value = range.value = String(canary.percent);
+    entry.percent = canary.percent;
+  }
+}
+
+function canaryForm(service, canary) {
+  const id = service.name;
   const number = el("input", { type: "number", id: `percent-${id}`, min: "0", max: "100", step: "1",
-    value: String(canary.percent), "aria-describedby": `status-${id}` });
+    value: String(canary.percent), required: "", "aria-describedby": `status-${id}` });
   const range = el("input", { type: "range", id: `range-${id}`, min: "0", max: "100", step: "1",
     value: String(canary.percent), "aria-label": `Canary share of ${id}, slider` });
   number.addEventListener("input", () => { range.value = number.value; });
@@ -86,7 +106,6 @@ function canaryForm(service) {
       if (!res.ok) throw new Error(answer.error || res.statusText);
       status.textContent = `Applied, live: ${answer.split}`;
       if (body.action === "rollback") number.value = range.value = "0";
-      if (body.action === "promote") form.querySelectorAll("button, input").forEach((b) => { b.disabled = true; });
     } catch (e) {
       status.className = "canary-status bad";
       status.textContent = `Not applied: ${e.message}`;
@@ -94,7 +113,14 @@ function canaryForm(service) {
   };
   form.addEventListener("submit", (e) => {
     e.preventDefault();
-    send({ action: "percent", percent: Number(number.value) });
+    const percent = number.value.trim();
+    if (!/^\d{1,3}$/.test(percent) || Number(percent) > 100) {
+      status.className = "canary-status bad";
+      status.textContent = "Give a whole number from 0 to 100.";
+      number.focus();
+      return;
+    }
+    send({ action: "percent", percent: Number(percent) });
   });
   form.querySelector(`#promote-${CSS.escape(id)}`).addEventListener("click", () => send({ action: "promote" }));
   form.querySelector(`#rollback-${CSS.escape(id)}`).addEventListener("click", () => send({ action: "rollback" }));
@@ -113,39 +139,57 @@ function bar(node, revisions, key, label) {
     : `${label}: no requests in the window`);
 }
 
+const FIELDS = ["state", "percent", "observed", "rate", "latency", "model", "errors", "rejected"];
+
+function newRow(r) {
+  return el("tr", { "data-revision": r.name },
+    el("th", { scope: "row", text: r.name }),
+    el("td", {}, el("span", { class: `role ${r.role}`, text: r.role })),
+    ...FIELDS.map((f) => el("td", { class: f === "state" ? "" : "num", "data-field": f })));
+}
+
+// Writes a cell only when its text changes: a screen reader's place in the table stays put.
+function setCell(tr, field, text, className) {
+  const td = tr.querySelector(`[data-field="${field}"]`);
+  if (td.textContent !== text) td.textContent = text;
+  if (className !== undefined && td.className !== className) td.className = className;
+}
+
 function renderServices(view) {
   for (const service of view.services) {
     const entry = card(service);
-    // A change made elsewhere (meshserve canary) shows in the controls, unless being edited.
-    const canary = service.revisions.find((r) => r.role === "canary");
-    const number = document.getElementById(`percent-${service.name}`);
-    const range = document.getElementById(`range-${service.name}`);
-    if (canary && number && entry.percent !== canary.percent && ![number, range].includes(document.activeElement)) {
-      number.value = range.value = String(canary.percent);
-      entry.percent = canary.percent;
-    }
+    syncCanary(entry, service);
     bar(entry.configured, service.revisions, "percent", "Configured split");
     bar(entry.observed, service.revisions, "observed_percent", "Observed split");
-    entry.rows.replaceChildren(...service.revisions.map((r) => {
+    const names = service.revisions.map((r) => `${r.name}:${r.role}`).join(",");
+    if (names !== entry.names) {
+      entry.byName = new Map(service.revisions.map((r) => [r.name, newRow(r)]));
+      entry.rows.replaceChildren(...entry.byName.values());
+      entry.names = names;
+    }
+    for (const r of service.revisions) {
+      const tr = entry.byName.get(r.name);
       const latency = r.latency_ms
         ? `${envoyMs(r.latency_ms.p50)} / ${envoyMs(r.latency_ms.p90)} / ${envoyMs(r.latency_ms.p99)}${r.latency_span === "cumulative" ? " (since start)" : ""}`
         : "–";
-      const model = r.model_ms ? `${ms(r.model_ms.p50)} / ${ms(r.model_ms.p99)}` : "–";
-      const percent = r.role === "shadow" ? `copy of ${r.percent}%` : `${r.percent}%`;
-      return el("tr", { "data-revision": r.name },
-        el("th", { scope: "row", text: r.name }),
-        el("td", {}, el("span", { class: `role ${r.role}`, text: r.role })),
-        el("td", { class: `state-${r.state}`, "data-field": "state", text: r.state }),
-        el("td", { class: "num", "data-field": "percent", text: percent }),
-        el("td", { class: "num", "data-field": "observed",
-          text: r.observed_percent === null ? "–" : `${fixed(r.observed_percent)}%` }),
-        el("td", { class: "num", "data-field": "rate", text: fixed(r.rate) }),
-        el("td", { class: "num", "data-field": "latency", text: latency }),
-        el("td", { class: "num", "data-field": "model", text: model }),
-        el("td", { class: r.errors ? "num errors" : "num", "data-field": "errors", text: String(r.errors) }),
-        el("td", { class: "num", "data-field": "rejected", text: String(r.rejected) }));
-    }));
+      setCell(tr, "state", r.state, `state-${r.state}`);
+      setCell(tr, "percent", r.role === "shadow" ? `copy of ${r.percent}%` : `${r.percent}%`);
+      setCell(tr, "observed", r.observed_percent === null ? "–" : `${fixed(r.observed_percent)}%`);
+      setCell(tr, "rate", fixed(r.rate));
+      setCell(tr, "latency", latency);
+      setCell(tr, "model", r.model_ms ? `${ms(r.model_ms.p50)} / ${ms(r.model_ms.p99)}` : "–");
+      setCell(tr, "errors", String(r.errors), r.errors ? "num errors" : "num");
+      setCell(tr, "rejected", String(r.rejected));
+    }
   }
+}
+
+// Said once when the console loses the mesh, and once when it has it again.
+let connected = null;
+function connection(ok, text) {
+  if (ok === connected) return;
+  connected = ok;
+  $("connection").textContent = text;
 }
 
 async function poll() {
@@ -161,10 +205,12 @@ async function poll() {
     const updated = $("updated");
     updated.className = "updated";
     updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    connection(true, "The console reads the mesh.");
   } catch (e) {
     const updated = $("updated");
     updated.className = "updated stale";
     updated.textContent = `cannot read the mesh: ${e.message}`;
+    connection(false, `The console cannot read the mesh: ${e.message}`);
   } finally {
     setTimeout(poll, POLL_MS);
   }
@@ -277,11 +323,15 @@ function drawHeatmap(canvas, tensor, attributions) {
   const rows = attributions.length;
   const cols = attributions[0].length;
   const flat = attributions.flat(Infinity);
-  const peak = Math.max(...flat.map(Math.abs)) || 1;
+  let peak = 0;
+  for (const v of flat) peak = Math.max(peak, Math.abs(v));
+  peak = peak || 1;
   const { c, h, w, planar } = geometry(tensor);
   const data = tensor.data.map(Number);
-  const lo = Math.min(...data);
-  const span = (Math.max(...data) - lo) || 1;
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const v of data) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  const span = (hi - lo) || 1;
   const image = new ImageData(cols, rows);
   for (let y = 0; y < rows; y++) {
     for (let x = 0; x < cols; x++) {
@@ -317,8 +367,8 @@ function showAnswer(response, revision) {
       text: scores ? `${label}: ${Number(scores.data[i]).toFixed(4)}` : String(label),
     })));
   } else if (outputs.length) {
-    const values = outputs[0].data.map(Number);
-    const best = values.indexOf(Math.max(...values));
+    const values = outputs[0].data.map(Number).slice(0, 1000);
+    const best = values.reduce((b, v, i) => (v > values[b] ? i : b), 0);
     $("try-top").textContent = String(best);
     list.replaceChildren(...values.map((v, i) => el("li", { text: `${i}: ${v.toFixed(4)}` })));
   }
