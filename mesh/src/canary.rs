@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use crate::render::{FILTER_CONFIG_FILE, ROUTER_ECDS_FILE, check, write_atomically};
 
+/// Held (an advisory lock, `flock`) while a change reads and rewrites the configuration.
+pub const LOCK_FILE: &str = "canary.lock";
+
 /// The change to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -28,6 +31,23 @@ pub fn apply(
     canary: Option<&str>,
     change: &Change,
 ) -> Result<String, String> {
+    // One change at a time, across processes (the console and `meshserve canary`): each
+    // reads the files the other may be rewriting.
+    let lock_path = state.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            format!(
+                "{}: {e} (is `meshserve up` running with --state-dir {}?)",
+                lock_path.display(),
+                state.display()
+            )
+        })?;
+    lock.lock()
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
     let config_path = state.join(FILTER_CONFIG_FILE);
     let ecds_path = state.join(ROUTER_ECDS_FILE);
     let read = |path: &Path| -> Result<Value, String> {
@@ -184,6 +204,29 @@ mod tests {
             apply(dir.path(), "digits", Some("v2"), &Change::Promote).unwrap(),
             "digits: v2 100% (cold)"
         );
+    }
+
+    #[test]
+    fn concurrent_changes_never_lose_the_files() {
+        let dir = state();
+        std::thread::scope(|scope| {
+            for p in 0..8 {
+                let path = dir.path();
+                scope.spawn(move || {
+                    for _ in 0..10 {
+                        apply(path, "digits", None, &Change::Percent(p * 10)).unwrap();
+                    }
+                });
+            }
+        });
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(FILTER_CONFIG_FILE)).unwrap())
+                .unwrap();
+        let percent = config["services"][0]["predictor"]["canaries"][0]["percent"]
+            .as_i64()
+            .unwrap();
+        assert!((0..80).step_by(10).any(|p| p == percent), "{percent}");
+        assert!(check(&config).is_ok());
     }
 
     #[test]

@@ -114,9 +114,6 @@ struct Console {
     /// The console's own address: the only `Host` (and `Origin`) it answers.
     address: SocketAddr,
     history: Mutex<History>,
-    /// Held while a canary change reads and rewrites the configuration: two changes from
-    /// the page (a double click) never interleave.
-    changing: Mutex<()>,
 }
 
 /// Binds the console on loopback (`port` 0: the OS picks), writes its address into the state
@@ -132,7 +129,6 @@ pub async fn start(port: u16, spec: ConsoleSpec) -> std::io::Result<SocketAddr> 
         spec,
         address,
         history: Mutex::new(History::default()),
-        changing: Mutex::new(()),
     });
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -420,11 +416,9 @@ impl Console {
             Ok(change) => change,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         };
-        let applied = match self.changing.lock() {
-            Ok(_held) => canary::apply(&self.spec.state, &isvc, name.as_deref(), &change),
-            Err(_) => Err("an earlier change failed midway; restart meshserve up".into()),
-        };
-        match applied {
+        // `apply` takes the state directory's lock: one change at a time, this page's or
+        // `meshserve canary`'s.
+        match canary::apply(&self.spec.state, &isvc, name.as_deref(), &change) {
             Ok(split) => {
                 eprintln!("[console] {split}");
                 json_answer(StatusCode::OK, &json!({ "split": split }))
