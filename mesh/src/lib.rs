@@ -1,6 +1,7 @@
 //! meshserve's control plane: KServe InferenceServices in, everything that runs them out. Its
 //! modules, from the bottom up (each uses only those above it in this list):
 //!
+//! - [`http`]: the one HTTP client, to Envoy and the sidecars on loopback.
 //! - [`auth`]: JWT requirements from annotations, and the Envoy filters that enforce them.
 //! - [`isvc`]: one InferenceService, parsed and validated (the field at fault named);
 //!   [`graph`]: one InferenceGraph, likewise, and its steps resolved to the services;
@@ -24,6 +25,7 @@ pub mod compose;
 pub mod console;
 pub mod files;
 pub mod graph;
+pub mod http;
 pub mod istio;
 pub mod isvc;
 pub mod kube;

@@ -356,29 +356,9 @@ async fn start_sidecar(name: &str, extra: &[String]) -> Result<(Part, Upstream),
     }
 }
 
-/// One HTTP/1.1 GET over a fresh connection; the status code.
+/// One GET over a fresh connection, within 5 s: the status and the body.
 async fn http_get_full(addr: SocketAddr, path: &str, host: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let connect = tokio::net::TcpStream::connect(addr);
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    let read = stream.read_to_end(&mut response);
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
+    crate::http::get(addr, path, host, Duration::from_secs(5)).await
 }
 
 async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Option<u16> {

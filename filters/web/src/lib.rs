@@ -22,6 +22,7 @@ use serde_json::Value;
 use wasm_bindgen::prelude::*;
 
 use api::Failure;
+use meshserve_filter_core::transform::{Transformer, Wire};
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &str = r#"
@@ -96,7 +97,7 @@ fn header_length(value: Option<u32>) -> Option<usize> {
     value.map(|n| n as usize)
 }
 
-fn pipeline(value: &JsValue) -> Result<meshserve_filter_core::transform::Transformer, JsValue> {
+fn pipeline(value: &JsValue) -> Result<Transformer, JsValue> {
     api::transformer(&json_text(value, "pipeline")?).map_err(thrown)
 }
 
@@ -129,6 +130,24 @@ pub fn transform_batch(
     parsed(tensor.as_bytes())
 }
 
+/// [`api::preprocess`] or [`api::postprocess`].
+type PipelineHalf = fn(&Transformer, Wire, &[u8], Option<usize>) -> Result<Vec<u8>, Failure>;
+
+/// A body through one of the pipeline's two halves ([`api::preprocess`] or
+/// [`api::postprocess`]), JSON out.
+fn through_pipeline(
+    pipeline_json: &JsValue,
+    body: &JsValue,
+    protocol: Option<String>,
+    header: Option<u32>,
+    half: PipelineHalf,
+) -> Result<JsValue, JsValue> {
+    let transformer = pipeline(pipeline_json)?;
+    let wire = api::wire(protocol.as_deref()).map_err(thrown)?;
+    let body = bytes(body, "body")?;
+    parsed(&half(&transformer, wire, &body, header_length(header)).map_err(thrown)?)
+}
+
 /// The `/infer` request (JSON) the model gets for a client's body in `protocol` ("v1", the
 /// default, or "v2"): what `meshserve transform` prints for the same body.
 #[wasm_bindgen(unchecked_return_type = "object")]
@@ -138,11 +157,7 @@ pub fn preprocess(
     protocol: Option<String>,
     #[wasm_bindgen(js_name = headerLength)] header: Option<u32>,
 ) -> Result<JsValue, JsValue> {
-    let transformer = pipeline(&pipeline_json)?;
-    let wire = api::wire(protocol.as_deref()).map_err(thrown)?;
-    let body = bytes(&body, "body")?;
-    let out = api::preprocess(&transformer, wire, &body, header_length(header)).map_err(thrown)?;
-    parsed(&out)
+    through_pipeline(&pipeline_json, &body, protocol, header, api::preprocess)
 }
 
 /// The client's answer to a model's `/infer` response: the pipeline's response steps (top-k,
@@ -154,11 +169,7 @@ pub fn postprocess(
     protocol: Option<String>,
     #[wasm_bindgen(js_name = headerLength)] header: Option<u32>,
 ) -> Result<JsValue, JsValue> {
-    let transformer = pipeline(&pipeline_json)?;
-    let wire = api::wire(protocol.as_deref()).map_err(thrown)?;
-    let body = bytes(&body, "body")?;
-    let out = api::postprocess(&transformer, wire, &body, header_length(header)).map_err(thrown)?;
-    parsed(&out)
+    through_pipeline(&pipeline_json, &body, protocol, header, api::postprocess)
 }
 
 /// An `/infer` request body from its JSON form, checked as the server checks it; with

@@ -41,6 +41,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 
 use crate::canary::{self, Change};
+use crate::http::fetch;
 use crate::render::FILTER_CONFIG_FILE;
 use view::{EnvoyStats, History, Sample};
 
@@ -301,36 +302,19 @@ impl Console {
                 return error(StatusCode::BAD_GATEWAY, &format!("Envoy's admin API: {e}"));
             }
         };
-        // Every warm sidecar's metrics at once: one that hangs costs its timeout once.
-        let mut reads = tokio::task::JoinSet::new();
-        for sidecar in &self.spec.sidecars {
-            if states[&sidecar.isvc][&sidecar.revision] == "cold" {
-                continue;
-            }
-            let (key, http) = (
-                (sidecar.isvc.clone(), sidecar.revision.clone()),
-                sidecar.http,
-            );
-            reads.spawn(async move {
-                let metrics = fetch(
-                    http,
-                    Method::GET,
-                    "/metrics",
-                    HeaderMap::new(),
-                    Bytes::new(),
-                    FETCH_TIMEOUT,
-                )
-                .await;
-                (key, metrics)
-            });
-        }
+        let warm = self
+            .spec
+            .sidecars
+            .iter()
+            .filter(|s| states[&s.isvc][&s.revision] != "cold");
         let mut predict = HashMap::new();
-        while let Some(read) = reads.join_next().await {
-            if let Ok((key, Ok(metrics))) = read
-                && metrics.status == StatusCode::OK
-            {
+        for (sidecar, metrics) in each_sidecar(warm, "/metrics").await {
+            if metrics.status == StatusCode::OK {
                 let text = String::from_utf8_lossy(&metrics.body);
-                predict.insert(key, view::predict_buckets(&text));
+                predict.insert(
+                    (sidecar.isvc, sidecar.revision),
+                    view::predict_buckets(&text),
+                );
             }
         }
         let now = Sample {
@@ -351,27 +335,9 @@ impl Console {
 
     /// `/api/events`: the newest payload events of every logging sidecar that is up.
     async fn events(&self) -> Answer {
-        let mut reads = tokio::task::JoinSet::new();
-        for sidecar in self.spec.sidecars.iter().filter(|s| s.logs) {
-            let sidecar = sidecar.clone();
-            reads.spawn(async move {
-                let answer = fetch(
-                    sidecar.http,
-                    Method::GET,
-                    "/meshserve/events/recent",
-                    HeaderMap::new(),
-                    Bytes::new(),
-                    FETCH_TIMEOUT,
-                )
-                .await;
-                (sidecar, answer)
-            });
-        }
+        let logging = self.spec.sidecars.iter().filter(|s| s.logs);
         let mut all = Vec::new();
-        while let Some(read) = reads.join_next().await {
-            let Ok((sidecar, Ok(answer))) = read else {
-                continue;
-            };
+        for (sidecar, answer) in each_sidecar(logging, "/meshserve/events/recent").await {
             let Ok(doc) = serde_json::from_slice::<Value>(&answer.body) else {
                 continue;
             };
@@ -478,6 +444,36 @@ impl Console {
     }
 }
 
+/// `GET path` from each of `sidecars` at once (one that hangs costs its timeout once): the
+/// answers of those that answered.
+async fn each_sidecar<'a>(
+    sidecars: impl Iterator<Item = &'a Sidecar>,
+    path: &'static str,
+) -> Vec<(Sidecar, crate::http::Fetched)> {
+    let mut reads = tokio::task::JoinSet::new();
+    for sidecar in sidecars.cloned() {
+        reads.spawn(async move {
+            let answer = fetch(
+                sidecar.http,
+                Method::GET,
+                path,
+                HeaderMap::new(),
+                Bytes::new(),
+                FETCH_TIMEOUT,
+            )
+            .await;
+            (sidecar, answer)
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        if let Ok((sidecar, Ok(answer))) = read {
+            answers.push((sidecar, answer));
+        }
+    }
+    answers
+}
+
 /// A `/api/canary` request as the change to make: `(isvc, canary, change)`.
 fn canary_change(request: &Value) -> Result<(String, Option<String>, Change), String> {
     let isvc = request["isvc"]
@@ -520,58 +516,6 @@ async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Box<Ans
             ),
         ))),
     }
-}
-
-/// An answer from Envoy or a sidecar.
-struct Fetched {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// One HTTP/1.1 request over a fresh loopback connection, within `timeout`.
-async fn fetch(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: HeaderMap,
-    body: Bytes,
-    timeout: Duration,
-) -> Result<Fetched, String> {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, addr.to_string())
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        request.headers_mut().extend(headers);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (parts, incoming) = response.into_parts();
-        let body = Limited::new(incoming, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok(Fetched {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
 }
 
 #[cfg(test)]
